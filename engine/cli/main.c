@@ -1,0 +1,37 @@
+/* radrelay: HL7 v2 / MLLP interface engine for radiology AI. */
+#include <stdio.h>
+#include <string.h>
+
+#include "cli/cli.h"
+
+static void usage(FILE *f) {
+  fprintf(f,
+          "usage: radrelay COMMAND [ARGS]\n"
+          "\n"
+          "commands:\n"
+          "  run -c CONFIG             run the engine with a configuration file\n"
+          "  hl7 dump [--decoded] FILE...   print every value of every message\n"
+          "  hl7 get FILE PATH...      print values by path (e.g. PID-3[2].1)\n"
+          "  hl7 check [--strict] FILE...   parse and report errors with byte offsets\n"
+          "  hl7 ack [--code AA|AE|AR|CA|CE|CR] FILE   print the ACK for each message\n"
+          "  version                   versions of radrelay and its libraries\n");
+}
+
+int main(int argc, char **argv) {
+  if (argc < 2) {
+    usage(stderr);
+    return 2;
+  }
+  const char *cmd = argv[1];
+  if (strcmp(cmd, "hl7") == 0)
+    return rr_cmd_hl7(argc - 2, argv + 2);
+  if (strcmp(cmd, "version") == 0 || strcmp(cmd, "--version") == 0)
+    return rr_cmd_version(argc - 2, argv + 2);
+  if (strcmp(cmd, "help") == 0 || strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0) {
+    usage(stdout);
+    return 0;
+  }
+  fprintf(stderr, "radrelay: unknown command '%s'\n", cmd);
+  usage(stderr);
+  return 2;
+}
