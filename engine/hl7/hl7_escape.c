@@ -318,14 +318,12 @@ int rr_hl7_decode(const rr_hl7_msg_t *cm, const char *raw, size_t len, rr_buf_t 
     else if (blen == 1 && (c == 'H' || c == 'N'))
       ; /* highlighting on/off: no meaning in plain text */
     else if (c == 'X' && blen > 1 && (blen - 1) % 2 == 0) {
-      size_t i;
-      for (i = 1; i < blen && rc == 0; i += 2) {
-        int hi = hexval(body[i]), lo = hexval(body[i + 1]);
-        if (hi < 0 || lo < 0)
-          break;
-        rc = rr_buf_putc(&run, (char)(hi * 16 + lo));
-      }
-      if (i < blen && rc == 0) /* not hex after all: literal */
+      bool hex = true;
+      for (size_t i = 1; i < blen; i++)
+        hex &= hexval(body[i]) >= 0;
+      for (size_t i = 1; hex && i < blen && rc == 0; i += 2)
+        rc = rr_buf_putc(&run, (char)(hexval(body[i]) * 16 + hexval(body[i + 1])));
+      if (!hex) /* not hex after all: literal */
         rc = rr_buf_append(&run, e, blen + 2);
     } else if ((c == 'C' || c == 'M') && blen > 1) {
       run_cs_t next;

@@ -356,7 +356,7 @@ static void test_escapes(void) {
   static const struct { const char *in, *out; } cases[] = {
       {"a\\F\\b", "a|b"}, {"\\S\\\\T\\\\R\\\\E\\", "^&~\\"}, {"x\\X414243\\y", "xABCy"},
       {"l1\\.br\\l2", "l1\nl2"}, {"\\H\\bold\\N\\", "bold"}, {"a\\.sp2\\b", "a\n\nb"},
-      {"\\Z99\\", "\\Z99\\"}, {"open\\F", "open\\F"}, {"\\X4\\", "\\X4\\"}, {"\\Q\\", "\\Q\\"},
+      {"\\Z99\\", "\\Z99\\"}, {"open\\F", "open\\F"}, {"\\X4\\", "\\X4\\"}, {"\\X41ZZ\\", "\\X41ZZ\\"}, {"\\Q\\", "\\Q\\"},
       {"caf\\XE9\\", "caf\xc3\xa9"}, /* undeclared charset, not UTF-8: read as Latin-1 */
       {"\\C2D41\\\xe9t\xe9\\C2842\\", "\xc3\xa9t\xc3\xa9"}, {"\\.fi\\x", "x"},
       {"\\M2442\\\x24\x22", "\xe3\x81\x82"}, /* JIS X 0208 0x2422 = HIRAGANA A */
