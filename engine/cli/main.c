@@ -9,7 +9,9 @@ static void usage(FILE *f) {
           "usage: radrelay COMMAND [ARGS]\n"
           "\n"
           "commands:\n"
-          "  run -c CONFIG             run the engine with a configuration file\n"
+          "  run -c CONFIG [--log-level L]   run the engine with a configuration file\n"
+          "  check -c CONFIG           validate the configuration (exit status tells)\n"
+          "  send HOST:PORT FILE...    send every message of the files over MLLP, print ACKs\n"
           "  hl7 dump [--decoded] FILE...   print every value of every message\n"
           "  hl7 get FILE PATH...      print values by path (e.g. PID-3[2].1)\n"
           "  hl7 check [--strict] FILE...   parse and report errors with byte offsets\n"
@@ -27,6 +29,12 @@ int main(int argc, char **argv) {
     return rr_cmd_hl7(argc - 2, argv + 2);
   if (strcmp(cmd, "version") == 0 || strcmp(cmd, "--version") == 0)
     return rr_cmd_version(argc - 2, argv + 2);
+  if (strcmp(cmd, "run") == 0)
+    return rr_cmd_run(argc - 2, argv + 2);
+  if (strcmp(cmd, "check") == 0)
+    return rr_cmd_check(argc - 2, argv + 2);
+  if (strcmp(cmd, "send") == 0)
+    return rr_cmd_send(argc - 2, argv + 2);
   if (strcmp(cmd, "help") == 0 || strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0) {
     usage(stdout);
     return 0;

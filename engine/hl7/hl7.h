@@ -59,6 +59,8 @@ typedef struct rr_hl7_options {
   size_t max_segments;     /* default 100,000 */
   size_t max_field_length; /* bytes of one encoded field; default 64 MiB */
   rr_hl7_mode_t mode;      /* default lenient */
+  bool borrow;             /* parse in place: the input must stay valid and
+                              unchanged while the message is used (no copy) */
 } rr_hl7_options_t;
 
 /* HL7 table 0357, message error condition codes. */
@@ -118,7 +120,7 @@ rr_hl7_msg_t *rr_hl7_msg_new(void);
 void rr_hl7_msg_free(rr_hl7_msg_t *m);
 
 /* rr_hl7_parse: parses one ER7 message (starting with MSH) from data/len,
- * which is copied. opt may be NULL (defaults). On failure returns RR_EPARSE,
+ * which is copied unless opt->borrow. opt may be NULL (defaults). On failure returns RR_EPARSE,
  * RR_ELIMIT, RR_ECHARSET or RR_ENOMEM and fills *err (err may be NULL); the
  * segments parsed before the error stay readable, so an ACK can still echo
  * the header of a broken message. */

@@ -7,8 +7,8 @@
 #include "core/buf.h"
 #include "hl7/hl7.h"
 
-/* Bytes allocated past the end of the message copy so the vector scanner
- * may load whole 16-byte blocks; always zero. */
+/* Zero bytes kept after every text the codec owns (message copy, edits),
+ * so such text is always NUL-terminated for C string functions. */
 #define HL7_PAD 32
 
 typedef struct fld {
@@ -44,7 +44,7 @@ typedef struct arena_chunk {
 } arena_chunk_t;
 
 struct rr_hl7_msg {
-  rr_buf_t text;        /* copy of the input, HL7_PAD zero bytes after len */
+  rr_buf_t text;        /* copy of the input (unless borrowed), HL7_PAD zero bytes after */
   seg_t *segs;
   size_t nsegs, segcap;
   fld_t *ftab;          /* parse table all clean segments point into */
@@ -73,8 +73,7 @@ bool hl7_charset_known(const rr_hl7_msg_t *m);
 void hl7_msg_close_iconv(rr_hl7_msg_t *m);
 
 /* hl7_parse.c: splits the segment text [p, end) into fields appended to
- * *tab (growable, *n used, *cap allocated). end must be followed by at
- * least HL7_PAD readable bytes. Stops at CR/LF; *stop receives the end of
+ * *tab (growable, *n used, *cap allocated). Stops at CR/LF; *stop receives the end of
  * the segment text. */
 int hl7_split_fields(const rr_hl7_msg_t *m, const char *p, const char *end,
                      fld_t **tab, size_t *n, size_t *cap, size_t base_offset,

@@ -13,11 +13,92 @@
 #include <emmintrin.h>
 #endif
 
+/* Finds the first of a, b, c in [p, end); end when there is none.
+ *
+ * Short runs (most fields) are scanned inline with SSE2, 16 bytes at a time;
+ * a run still unfinished after 64 bytes (base64 payloads, report text) goes
+ * to a wider AVX2 loop when the CPU has one. Never reads past end. */
+typedef const char *(*scan_fn)(const char *p, const char *end, char a, char b, char c);
+
+static const char *scan3_tail(const char *p, const char *end, char a, char b, char c) {
+  while (p < end && *p != a && *p != b && *p != c)
+    p++;
+  return p;
+}
+
+#if defined(__SSE2__)
+static const char *scan3_sse2(const char *p, const char *end, char a, char b, char c) {
+  const __m128i va = _mm_set1_epi8(a), vb = _mm_set1_epi8(b), vc = _mm_set1_epi8(c);
+  for (; end - p >= 16; p += 16) {
+    __m128i x = _mm_loadu_si128((const __m128i *)(const void *)p);
+    __m128i hit = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(x, va), _mm_cmpeq_epi8(x, vb)),
+                               _mm_cmpeq_epi8(x, vc));
+    unsigned mask = (unsigned)_mm_movemask_epi8(hit);
+    if (mask)
+      return p + __builtin_ctz(mask);
+  }
+  return scan3_tail(p, end, a, b, c);
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+__attribute__((target("avx2"))) static const char *scan3_avx2(const char *p, const char *end,
+                                                               char a, char b, char c) {
+  const __m256i va = _mm256_set1_epi8(a), vb = _mm256_set1_epi8(b), vc = _mm256_set1_epi8(c);
+  for (; end - p >= 64; p += 64) {
+    __m256i x0 = _mm256_loadu_si256((const __m256i *)(const void *)p);
+    __m256i x1 = _mm256_loadu_si256((const __m256i *)(const void *)(p + 32));
+    __m256i h0 = _mm256_or_si256(_mm256_or_si256(_mm256_cmpeq_epi8(x0, va), _mm256_cmpeq_epi8(x0, vb)),
+                                 _mm256_cmpeq_epi8(x0, vc));
+    __m256i h1 = _mm256_or_si256(_mm256_or_si256(_mm256_cmpeq_epi8(x1, va), _mm256_cmpeq_epi8(x1, vb)),
+                                 _mm256_cmpeq_epi8(x1, vc));
+    if (!_mm256_testz_si256(_mm256_or_si256(h0, h1), _mm256_or_si256(h0, h1))) {
+      uint64_t m0 = (uint32_t)_mm256_movemask_epi8(h0);
+      uint64_t m1 = (uint32_t)_mm256_movemask_epi8(h1);
+      return p + __builtin_ctzll(m0 | (m1 << 32));
+    }
+  }
+  return scan3_sse2(p, end, a, b, c);
+}
+
+static scan_fn pick_long_scan(void) {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") ? scan3_avx2 : scan3_sse2;
+}
+#else
+static scan_fn pick_long_scan(void) { return scan3_sse2; }
+#endif
+
+static scan_fn long_scan;
+
+static inline const char *scan3(const char *p, const char *end, char a, char b, char c) {
+  const __m128i va = _mm_set1_epi8(a), vb = _mm_set1_epi8(b), vc = _mm_set1_epi8(c);
+  for (int i = 0; i < 4 && end - p >= 16; i++, p += 16) {
+    __m128i x = _mm_loadu_si128((const __m128i *)(const void *)p);
+    __m128i hit = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(x, va), _mm_cmpeq_epi8(x, vb)),
+                               _mm_cmpeq_epi8(x, vc));
+    unsigned mask = (unsigned)_mm_movemask_epi8(hit);
+    if (mask)
+      return p + __builtin_ctz(mask);
+  }
+  if (end - p >= 16)
+    return long_scan(p, end, a, b, c);
+  return scan3_tail(p, end, a, b, c);
+}
+#else
+static scan_fn pick_long_scan(void) { return scan3_tail; }
+static scan_fn long_scan;
+static inline const char *scan3(const char *p, const char *end, char a, char b, char c) {
+  return scan3_tail(p, end, a, b, c);
+}
+#endif
+
 void rr_hl7_options_default(rr_hl7_options_t *o) {
   o->max_message_size = (size_t)64 << 20;
   o->max_segments = 100000;
   o->max_field_length = (size_t)64 << 20;
   o->mode = RR_HL7_LENIENT;
+  o->borrow = false;
 }
 
 void hl7_set_error(rr_hl7_error_t *err, int code, int hl7_code, size_t offset,
@@ -35,6 +116,9 @@ void hl7_set_error(rr_hl7_error_t *err, int code, int hl7_code, size_t offset,
 }
 
 rr_hl7_msg_t *rr_hl7_msg_new(void) {
+  /* Every thread computes the same value: a benign race, no lock needed. */
+  if (!__atomic_load_n(&long_scan, __ATOMIC_ACQUIRE))
+    __atomic_store_n(&long_scan, pick_long_scan(), __ATOMIC_RELEASE);
   rr_hl7_msg_t *m = calloc(1, sizeof *m);
   if (!m)
     return NULL;
@@ -61,33 +145,6 @@ void rr_hl7_msg_free(rr_hl7_msg_t *m) {
 const rr_hl7_delims_t *rr_hl7_delims(const rr_hl7_msg_t *m) { return &m->d; }
 
 const char *rr_hl7_charset(const rr_hl7_msg_t *m) { return m->cs_name; }
-
-/* Finds the first of a, b, c in [p, end); end when there is none. Reads whole
- * 16-byte blocks, so up to 15 bytes past end must be readable (HL7_PAD). */
-#if defined(__SSE2__)
-static inline const char *scan3(const char *p, const char *end, char a, char b, char c) {
-  const __m128i va = _mm_set1_epi8(a);
-  const __m128i vb = _mm_set1_epi8(b);
-  const __m128i vc = _mm_set1_epi8(c);
-  for (; p < end; p += 16) {
-    __m128i x = _mm_loadu_si128((const __m128i *)(const void *)p);
-    __m128i hit = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(x, va), _mm_cmpeq_epi8(x, vb)),
-                               _mm_cmpeq_epi8(x, vc));
-    unsigned mask = (unsigned)_mm_movemask_epi8(hit);
-    if (mask) {
-      p += __builtin_ctz(mask);
-      return p < end ? p : end;
-    }
-  }
-  return end;
-}
-#else
-static inline const char *scan3(const char *p, const char *end, char a, char b, char c) {
-  while (p < end && *p != a && *p != b && *p != c)
-    p++;
-  return p;
-}
-#endif
 
 bool hl7_segment_id_ok(const char *p, size_t len, bool strict) {
   if (len != 3)
@@ -275,15 +332,17 @@ int rr_hl7_parse(rr_hl7_msg_t *m, const char *data, size_t len, const rr_hl7_opt
                   "message of %zu bytes exceeds the limit of %zu", len, m->opt.max_message_size);
     return RR_ELIMIT;
   }
-  rr_buf_reset(&m->text);
-  if ((rc = rr_buf_reserve(&m->text, len + HL7_PAD)))
-    return rc;
-  if (len)
-    memcpy(m->text.data, data, len);
-  memset(m->text.data + len, 0, HL7_PAD);
-  m->text.len = len;
-
-  const char *base = m->text.data;
+  const char *base = data;
+  if (!m->opt.borrow) {
+    rr_buf_reset(&m->text);
+    if ((rc = rr_buf_reserve(&m->text, len + HL7_PAD)))
+      return rc;
+    if (len)
+      memcpy(m->text.data, data, len);
+    memset(m->text.data + len, 0, HL7_PAD);
+    m->text.len = len;
+    base = m->text.data;
+  }
   const char *p = base, *end = base + len;
   if (!strict)
     while (p < end && (*p == '\r' || *p == '\n' || *p == ' ' || *p == '\t'))

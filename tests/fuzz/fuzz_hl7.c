@@ -21,6 +21,7 @@ static void exercise(rr_hl7_msg_t *m, const char *d, size_t n, rr_hl7_mode_t mod
   rr_hl7_options_default(&o);
   o.mode = mode;
   o.max_segments = 2000;
+  o.borrow = mode == RR_HL7_STRICT; /* in place: overreads of the input show */
   rr_hl7_error_t err;
   int rc = rr_hl7_parse(m, d, n, &o, &err);
   rr_buf_t b;

@@ -1,0 +1,45 @@
+/* Inbound channels: an MLLP source whose messages are journaled and
+ * acknowledged after the commit that keeps them.
+ *
+ * The engine (rr_engine_t) owns the loop's journal and commits every batch
+ * of messages that arrived in one loop iteration together (group commit),
+ * from a uv_check handle, i.e. right after the loop has read what the
+ * sockets had; then each ACK is written. Threading: loop thread only. */
+#ifndef RR_CHANNEL_H
+#define RR_CHANNEL_H
+
+#include <stdbool.h>
+#include <uv.h>
+
+#include "hl7/hl7.h"
+#include "mllp/listener.h"
+#include "store/journal.h"
+
+typedef struct rr_channel_config {
+  char name[64];
+  rr_mllp_listener_config_t listen; /* host points into host[] */
+  char host[64];
+  char **accept;      /* "ADT^A01", "ORM^*", ... NULL-terminated; NULL = everything */
+  rr_hl7_options_t hl7;
+} rr_channel_config_t;
+
+typedef struct rr_engine rr_engine_t;
+typedef struct rr_channel rr_channel_t;
+
+/* rr_engine_new: an engine on loop with the journal (borrowed; must outlive
+ * the engine). */
+int rr_engine_new(uv_loop_t *loop, rr_journal_t *journal, rr_engine_t **out);
+/* rr_engine_add_channel: starts the channel's listener. cfg is copied. */
+int rr_engine_add_channel(rr_engine_t *e, const rr_channel_config_t *cfg, rr_channel_t **out);
+/* rr_engine_stop: stops listening, commits what is queued (sending those
+ * ACKs), closes every connection. The loop then ends by itself. */
+void rr_engine_stop(rr_engine_t *e);
+/* rr_engine_free: after the loop has ended. NULL is a no-op. */
+void rr_engine_free(rr_engine_t *e);
+int rr_channel_port(const rr_channel_t *ch);
+
+/* rr_channel_accepts: whether type ("ADT^A01") matches the accept list;
+ * an entry "ADT^*" or "ADT" matches every ADT event. Pure. */
+bool rr_channel_accepts(char *const *accept, const char *type, const char *event);
+
+#endif

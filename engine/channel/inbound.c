@@ -1,0 +1,320 @@
+/* Inbound MLLP channel: parse, classify, journal, then acknowledge. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/time.h>
+
+#include "channel/channel.h"
+#include "core/error.h"
+#include "core/log.h"
+
+struct rr_channel {
+  rr_engine_t *engine;
+  rr_channel_t *next;
+  rr_channel_config_t cfg;
+  rr_mllp_listener_t *listener;
+  rr_hl7_msg_t *msg; /* reused for every message */
+  uint64_t received, accepted, errored, rejected;
+};
+
+struct rr_engine {
+  uv_loop_t *loop;
+  uv_check_t commit;
+  rr_journal_t *journal;
+  rr_channel_t *channels;
+  uint64_t ack_seq;
+  int64_t start_ms;
+  int stopping;
+};
+
+/* A reply waiting for the commit. */
+typedef struct pending_ack {
+  rr_mllp_conn_t *conn;
+  rr_channel_t *ch;
+  size_t len;     /* the ACK: data[0..len) */
+  size_t nak_len; /* the NAK for a failed commit: data[len..len+nak_len) */
+  char data[];
+} pending_ack_t;
+
+static int64_t wall_ms(void) {
+  struct timeval tv;
+  gettimeofday(&tv, NULL);
+  return (int64_t)tv.tv_sec * 1000 + tv.tv_usec / 1000;
+}
+
+bool rr_channel_accepts(char *const *accept, const char *type, const char *event) {
+  if (!accept)
+    return true;
+  for (; *accept; accept++) {
+    const char *a = *accept;
+    size_t tl = strlen(type);
+    if (strncmp(a, type, tl) != 0)
+      continue;
+    if (a[tl] == '\0' || strcmp(a + tl, "^*") == 0)
+      return true;
+    if (a[tl] == '^' && strcmp(a + tl + 1, event) == 0)
+      return true;
+  }
+  return false;
+}
+
+/* Copies the decoded value at path into out (empty when absent). */
+static void value(const rr_hl7_msg_t *m, const char *path, char *out, size_t cap) {
+  rr_buf_t b;
+  rr_buf_init(&b, cap - 1);
+  out[0] = '\0';
+  if (rr_hl7_get_s(m, path, &b) == 0 && b.len)
+    snprintf(out, cap, "%s", b.data);
+  rr_buf_close(&b);
+}
+
+/* MRN: the PID-3 repetition typed MR, else the first one. */
+static void find_mrn(const rr_hl7_msg_t *m, char *out, size_t cap) {
+  char path[32], type[16];
+  for (unsigned r = 1; r <= 10; r++) {
+    snprintf(path, sizeof path, "PID-3[%u].5", r);
+    value(m, path, type, sizeof type);
+    if (strcmp(type, "MR") == 0) {
+      snprintf(path, sizeof path, "PID-3[%u].1", r);
+      value(m, path, out, cap);
+      return;
+    }
+  }
+  value(m, "PID-3[1].1", out, cap);
+}
+
+static void find_study_uid(const rr_hl7_msg_t *m, char *out, size_t cap) {
+  value(m, "ZDS-1.1", out, cap);
+  if (!*out)
+    value(m, "IPC-3.1", out, cap);
+  for (unsigned k = 1; !*out && k < 200; k++) {
+    char path[32], code[32];
+    snprintf(path, sizeof path, "OBX[%u]-3.1", k);
+    rr_hl7_slice_t s;
+    if (rr_hl7_get_raw_s(m, path, &s) != 0)
+      break;
+    value(m, path, code, sizeof code);
+    if (strcmp(code, "113014") == 0) {
+      snprintf(path, sizeof path, "OBX[%u]-5", k);
+      value(m, path, out, cap);
+    }
+  }
+}
+
+static void send_ack(void *ud, int status, int64_t id) {
+  pending_ack_t *p = ud;
+  rr_channel_t *ch = p->ch;
+  (void)id;
+  if (status == 0) {
+    rr_mllp_conn_reply(p->conn, p->data, p->len);
+  } else {
+    /* Not kept: answer "rejected, resend later" (AR/CR with ERR 207). */
+    rr_mllp_conn_reply(p->conn, p->data + p->len, p->nak_len);
+    rr_log(RR_LOG_ERROR, "channel", "event=not_stored channel=%s conn=%llu error=\"%s\"",
+           ch->cfg.name, (unsigned long long)rr_mllp_conn_id(p->conn), rr_strerror(status));
+  }
+  rr_mllp_conn_release(p->conn);
+  free(p);
+}
+
+static void on_frame(void *ud, rr_mllp_conn_t *c, const char *data, size_t len, uint64_t offset) {
+  rr_channel_t *ch = ud;
+  rr_engine_t *e = ch->engine;
+  rr_hl7_msg_t *m = ch->msg;
+  rr_hl7_error_t err;
+  ch->received++;
+  /* The frame outlives this call, and so does nothing of the message. */
+  rr_hl7_options_t opt = ch->cfg.hl7;
+  opt.borrow = true;
+  int prc = rr_hl7_parse(m, data, len, &opt, &err);
+
+  char type[32], event[32], ctl[128], app[128], fac[128], mrn[128], acc[128], uid[128];
+  value(m, "MSH-9.1", type, sizeof type);
+  value(m, "MSH-9.2", event, sizeof event);
+  value(m, "MSH-10", ctl, sizeof ctl);
+  value(m, "MSH-3.1", app, sizeof app);
+  value(m, "MSH-4.1", fac, sizeof fac);
+  mrn[0] = acc[0] = uid[0] = '\0';
+  if (prc == 0) {
+    find_mrn(m, mrn, sizeof mrn);
+    value(m, "OBR-18.1", acc, sizeof acc);
+    if (!*acc)
+      value(m, "IPC-1.1", acc, sizeof acc);
+    if (!*acc)
+      value(m, "ORC-3.1", acc, sizeof acc);
+    find_study_uid(m, uid, sizeof uid);
+  }
+
+  const char *status = "accepted";
+  rr_hl7_ack_kind_t kind = RR_HL7_ACCEPT;
+  char etext[200] = "";
+  rr_hl7_error_t ack_err = {0};
+  size_t nerr = 0;
+  if (prc) {
+    status = "error";
+    kind = RR_HL7_ERROR;
+    ack_err = err;
+    ack_err.offset += 0;
+    nerr = 1;
+    snprintf(etext, sizeof etext, "%s", err.text);
+    rr_log(RR_LOG_WARN, "channel",
+           "event=parse_error channel=%s conn=%llu peer=%s control_id=%s offset=%llu hl7_code=%d "
+           "detail=\"%s\"",
+           ch->cfg.name, (unsigned long long)rr_mllp_conn_id(c), rr_mllp_conn_peer(c), ctl,
+           (unsigned long long)(offset + 1 + err.offset), err.hl7_code, err.text);
+  } else if (!rr_channel_accepts(ch->cfg.accept, type, event)) {
+    status = "rejected";
+    kind = RR_HL7_REJECT;
+    ack_err.hl7_code = RR_HL7_E_UNSUPPORTED_MESSAGE_TYPE;
+    memcpy(ack_err.segment_id, "MSH", 4);
+    ack_err.occurrence = 1;
+    ack_err.field = 9;
+    snprintf(ack_err.text, sizeof ack_err.text, "channel %s does not take %s^%s", ch->cfg.name,
+             type, event);
+    snprintf(etext, sizeof etext, "%s", ack_err.text);
+    nerr = 1;
+    rr_log(RR_LOG_WARN, "channel", "event=rejected channel=%s conn=%llu control_id=%s type=%s^%s",
+           ch->cfg.name, (unsigned long long)rr_mllp_conn_id(c), ctl, type, event);
+  }
+  rr_hl7_ack_code_t code = rr_hl7_ack_code_for(m, kind);
+
+  char ack_id[48], ts[32];
+  int64_t now = wall_ms();
+  snprintf(ack_id, sizeof ack_id, "RR%llX%06llu", (unsigned long long)e->start_ms,
+           (unsigned long long)(++e->ack_seq % 1000000));
+  rr_hl7_ts_format(now / 1000, (int)(now % 1000), 0, ts);
+  rr_buf_t ack;
+  rr_buf_init(&ack, 1 << 20);
+  rr_hl7_ack_options_t ao = {ack_id, ts, nerr ? etext : NULL, nerr ? &ack_err : NULL, nerr};
+  int rc = rr_hl7_ack_build(m, code, &ao, &ack);
+  size_t ack_len = ack.len;
+  rr_hl7_error_t store_err = {0};
+  store_err.hl7_code = RR_HL7_E_INTERNAL;
+  snprintf(store_err.text, sizeof store_err.text, "message store unavailable, resend later");
+  rr_hl7_ack_options_t no = {ack_id, ts, store_err.text, &store_err, 1};
+  rr_hl7_ack_code_t nak_code = rr_hl7_ack_mode(m).enhanced ? RR_HL7_CR : RR_HL7_AR;
+  if (rc == 0)
+    rc = rr_hl7_ack_build(m, nak_code, &no, &ack);
+  pending_ack_t *p = rc ? NULL : malloc(sizeof *p + ack.len);
+  if (!p) {
+    rr_buf_close(&ack);
+    rr_mllp_conn_close(c);
+    return;
+  }
+  p->conn = c;
+  p->ch = ch;
+  p->len = ack_len;
+  p->nak_len = ack.len - ack_len;
+  memcpy(p->data, ack.data, ack.len);
+  rr_buf_close(&ack);
+
+  char fulltype[72];
+  snprintf(fulltype, sizeof fulltype, "%s%s%s", type, *event ? "^" : "", event);
+  rr_journal_entry_t je = {
+      .channel = ch->cfg.name, .peer = rr_mllp_conn_peer(c), .received_ms = now,
+      .sending_app = *app ? app : NULL, .sending_facility = *fac ? fac : NULL,
+      .message_type = *type ? fulltype : NULL, .control_id = *ctl ? ctl : NULL,
+      .mrn = *mrn ? mrn : NULL, .accession = *acc ? acc : NULL, .study_uid = *uid ? uid : NULL,
+      .status = status, .error = *etext ? etext : NULL, .raw = data, .raw_len = len,
+      .ack = p->data, .ack_len = p->len};
+  rr_mllp_conn_hold(c);
+  if (rr_journal_add(e->journal, &je, send_ack, p) != 0) {
+    rr_mllp_conn_release(c);
+    free(p);
+    rr_mllp_conn_close(c);
+    return;
+  }
+  if (kind == RR_HL7_ACCEPT)
+    ch->accepted++;
+  else if (kind == RR_HL7_ERROR)
+    ch->errored++;
+  else
+    ch->rejected++;
+  rr_log(RR_LOG_DEBUG, "channel", "event=received channel=%s conn=%llu control_id=%s type=%s",
+         ch->cfg.name, (unsigned long long)rr_mllp_conn_id(c), ctl, fulltype);
+}
+
+/* Group commit: everything the loop read in this iteration, in one
+ * transaction, then the ACKs (Redis's before-sleep write barrier). */
+static void on_check(uv_check_t *h) {
+  rr_engine_t *e = h->data;
+  if (rr_journal_pending(e->journal))
+    rr_journal_commit(e->journal);
+}
+
+int rr_engine_new(uv_loop_t *loop, rr_journal_t *journal, rr_engine_t **out) {
+  rr_engine_t *e = calloc(1, sizeof *e);
+  if (!e)
+    return RR_ENOMEM;
+  e->loop = loop;
+  e->journal = journal;
+  e->start_ms = wall_ms();
+  uv_check_init(loop, &e->commit);
+  e->commit.data = e;
+  uv_check_start(&e->commit, on_check);
+  uv_unref((uv_handle_t *)&e->commit);
+  *out = e;
+  return 0;
+}
+
+int rr_engine_add_channel(rr_engine_t *e, const rr_channel_config_t *cfg, rr_channel_t **out) {
+  rr_channel_t *ch = calloc(1, sizeof *ch);
+  if (!ch)
+    return RR_ENOMEM;
+  ch->engine = e;
+  ch->cfg = *cfg;
+  ch->cfg.listen.name = ch->cfg.name;
+  ch->cfg.listen.host = ch->cfg.host;
+  ch->msg = rr_hl7_msg_new();
+  if (!ch->msg) {
+    free(ch);
+    return RR_ENOMEM;
+  }
+  int rc = rr_mllp_listener_start(e->loop, &ch->cfg.listen, on_frame, ch, &ch->listener);
+  if (rc) {
+    rr_hl7_msg_free(ch->msg);
+    free(ch);
+    return rc;
+  }
+  ch->next = e->channels;
+  e->channels = ch;
+  if (out)
+    *out = ch;
+  return 0;
+}
+
+int rr_channel_port(const rr_channel_t *ch) { return rr_mllp_listener_port(ch->listener); }
+
+static void on_check_closed(uv_handle_t *h) { (void)h; }
+
+void rr_engine_stop(rr_engine_t *e) {
+  if (e->stopping)
+    return;
+  e->stopping = 1;
+  /* Finish in-flight commits first, so every message read gets its answer. */
+  if (rr_journal_pending(e->journal))
+    rr_journal_commit(e->journal);
+  for (rr_channel_t *ch = e->channels; ch; ch = ch->next) {
+    rr_log(RR_LOG_INFO, "channel",
+           "event=stop channel=%s received=%llu accepted=%llu errored=%llu rejected=%llu",
+           ch->cfg.name, (unsigned long long)ch->received, (unsigned long long)ch->accepted,
+           (unsigned long long)ch->errored, (unsigned long long)ch->rejected);
+    rr_mllp_listener_stop(ch->listener);
+    ch->listener = NULL;
+  }
+  uv_close((uv_handle_t *)&e->commit, on_check_closed);
+}
+
+void rr_engine_free(rr_engine_t *e) {
+  if (!e)
+    return;
+  for (rr_channel_t *ch = e->channels, *n; ch; ch = n) {
+    n = ch->next;
+    rr_hl7_msg_free(ch->msg);
+    for (char **a = ch->cfg.accept; a && *a; a++)
+      free(*a);
+    free(ch->cfg.accept);
+    free(ch);
+  }
+  free(e);
+}

@@ -1,0 +1,160 @@
+/* radrelay run / check: load the configuration, open the store, serve. */
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "cli/cli.h"
+#include "cli/config.h"
+#include "core/error.h"
+#include "core/log.h"
+
+typedef struct run_state {
+  rr_engine_t *engine;
+  uv_signal_t sigint, sigterm;
+  int stopping;
+} run_state_t;
+
+static void on_signal(uv_signal_t *h, int signum) {
+  run_state_t *s = h->data;
+  if (s->stopping)
+    return;
+  s->stopping = 1;
+  rr_log(RR_LOG_INFO, "engine", "event=shutdown signal=%s", signum == SIGINT ? "INT" : "TERM");
+  rr_engine_stop(s->engine);
+  uv_close((uv_handle_t *)&s->sigint, NULL);
+  uv_close((uv_handle_t *)&s->sigterm, NULL);
+}
+
+/* mkdir -p of the folder holding path. */
+static int make_parent(const char *path) {
+  char d[4096];
+  snprintf(d, sizeof d, "%s", path);
+  char *slash = strrchr(d, '/');
+  if (!slash || slash == d)
+    return 0;
+  *slash = '\0';
+  for (char *p = d + 1; *p; p++) {
+    if (*p == '/') {
+      *p = '\0';
+      if (mkdir(d, 0750) != 0 && errno != EEXIST)
+        return -errno;
+      *p = '/';
+    }
+  }
+  if (mkdir(d, 0750) != 0 && errno != EEXIST)
+    return -errno;
+  return 0;
+}
+
+static const char *config_arg(int argc, char **argv, const char **level) {
+  const char *path = NULL;
+  for (int i = 0; i < argc; i++) {
+    if ((strcmp(argv[i], "-c") == 0 || strcmp(argv[i], "--config") == 0) && i + 1 < argc)
+      path = argv[++i];
+    else if (strcmp(argv[i], "--log-level") == 0 && i + 1 < argc && level)
+      *level = argv[++i];
+  }
+  return path;
+}
+
+static int load(int argc, char **argv, rr_config_t *cfg, const char **level) {
+  const char *path = config_arg(argc, argv, level);
+  if (!path) {
+    fprintf(stderr, "radrelay: -c CONFIG is required\n");
+    return 2;
+  }
+  rr_buf_t err;
+  rr_buf_init(&err, 1 << 20);
+  int rc = rr_config_load(path, cfg, &err);
+  if (rc) {
+    fputs(err.data ? err.data : "configuration invalid\n", stderr);
+    rr_buf_close(&err);
+    rr_config_free(cfg);
+    return 1;
+  }
+  rr_buf_close(&err);
+  return 0;
+}
+
+int rr_cmd_check(int argc, char **argv) {
+  rr_config_t cfg;
+  int st = load(argc, argv, &cfg, NULL);
+  if (st)
+    return st;
+  printf("configuration ok: store %s, %zu channel(s)\n", cfg.store_path, cfg.nchannels);
+  for (size_t i = 0; i < cfg.nchannels; i++)
+    printf("  channel %s: mllp %s:%d\n", cfg.channels[i].name, cfg.channels[i].host,
+           cfg.channels[i].listen.port);
+  rr_config_free(&cfg);
+  return 0;
+}
+
+int rr_cmd_run(int argc, char **argv) {
+  rr_config_t cfg;
+  const char *level = NULL;
+  int st = load(argc, argv, &cfg, &level);
+  if (st)
+    return st;
+  rr_log_set_level((rr_log_level_t)cfg.log_level);
+  if (level) {
+    int l = rr_log_parse_level(level);
+    if (l < 0) {
+      fprintf(stderr, "radrelay: unknown log level '%s'\n", level);
+      rr_config_free(&cfg);
+      return 2;
+    }
+    rr_log_set_level((rr_log_level_t)l);
+  }
+  signal(SIGPIPE, SIG_IGN);
+  int status = 1;
+  rr_journal_t *journal = NULL;
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  run_state_t s = {0};
+  char *emsg = NULL;
+  int rc = make_parent(cfg.store_path);
+  if (rc == 0)
+    rc = rr_journal_open(cfg.store_path, cfg.sync, &journal, &emsg);
+  if (rc) {
+    rr_log(RR_LOG_ERROR, "engine", "event=store_open_failed path=%s error=\"%s\"", cfg.store_path,
+           emsg ? emsg : rr_strerror(rc));
+    free(emsg);
+    goto out;
+  }
+  rr_log(RR_LOG_INFO, "engine", "event=store_open path=%s synchronous=%s", cfg.store_path,
+         cfg.sync == RR_JOURNAL_SYNC_FULL ? "full" : cfg.sync == RR_JOURNAL_SYNC_NORMAL ? "normal" : "off");
+  if ((rc = rr_engine_new(&loop, journal, &s.engine)))
+    goto out;
+  for (size_t i = 0; i < cfg.nchannels; i++) {
+    rr_channel_t *ch;
+    rc = rr_engine_add_channel(s.engine, &cfg.channels[i], &ch);
+    if (rc) {
+      rr_log(RR_LOG_ERROR, "engine", "event=listen_failed channel=%s host=%s port=%d error=%s",
+             cfg.channels[i].name, cfg.channels[i].host, cfg.channels[i].listen.port,
+             uv_err_name(rc));
+      rr_engine_stop(s.engine);
+      uv_run(&loop, UV_RUN_DEFAULT);
+      goto out;
+    }
+    cfg.channels[i].accept = NULL; /* handed to the channel */
+    rr_log(RR_LOG_INFO, "engine", "event=ready channel=%s port=%d", cfg.channels[i].name,
+           rr_channel_port(ch));
+  }
+  uv_signal_init(&loop, &s.sigint);
+  uv_signal_init(&loop, &s.sigterm);
+  s.sigint.data = s.sigterm.data = &s;
+  uv_signal_start(&s.sigint, on_signal, SIGINT);
+  uv_signal_start(&s.sigterm, on_signal, SIGTERM);
+  uv_run(&loop, UV_RUN_DEFAULT);
+  rr_log(RR_LOG_INFO, "engine", "event=stopped");
+  status = 0;
+out:
+  rr_engine_free(s.engine);
+  rr_journal_close(journal);
+  uv_loop_close(&loop);
+  rr_config_free(&cfg);
+  return status;
+}

@@ -1,0 +1,364 @@
+/* Configuration loading with precise error messages. */
+#include "cli/config.h"
+
+#include <dirent.h>
+#include <jansson.h>
+#include <libgen.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/error.h"
+#include "core/log.h"
+
+typedef struct ctx {
+  const char *file;
+  rr_buf_t *err;
+  int bad;
+} ctx_t;
+
+static void problem(ctx_t *c, const char *path, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void problem(ctx_t *c, const char *path, const char *fmt, ...) {
+  char msg[512];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(msg, sizeof msg, fmt, ap);
+  va_end(ap);
+  rr_buf_printf(c->err, "%s: %s: %s\n", c->file, path, msg);
+  c->bad++;
+}
+
+/* ${VAR} / ${VAR:-default} substitution. Unset without default is an error. */
+static int substitute(ctx_t *c, const char *path, const char *in, char *out, size_t cap) {
+  size_t w = 0;
+  for (const char *p = in; *p;) {
+    if (p[0] == '$' && p[1] == '{') {
+      const char *end = strchr(p, '}');
+      if (!end) {
+        problem(c, path, "unterminated ${ in \"%s\"", in);
+        return -1;
+      }
+      char name[128];
+      size_t n = (size_t)(end - p - 2);
+      if (n >= sizeof name)
+        n = sizeof name - 1;
+      memcpy(name, p + 2, n);
+      name[n] = '\0';
+      const char *def = NULL;
+      char *colon = strstr(name, ":-");
+      if (colon) {
+        *colon = '\0';
+        def = colon + 2;
+      }
+      const char *v = getenv(name);
+      if (!v || (!*v && def))
+        v = def;
+      if (!v) {
+        problem(c, path, "environment variable %s is not set", name);
+        return -1;
+      }
+      size_t vl = strlen(v);
+      if (w + vl >= cap) {
+        problem(c, path, "value too long after substitution");
+        return -1;
+      }
+      memcpy(out + w, v, vl);
+      w += vl;
+      p = end + 1;
+    } else {
+      if (w + 1 >= cap) {
+        problem(c, path, "value too long");
+        return -1;
+      }
+      out[w++] = *p++;
+    }
+  }
+  out[w] = '\0';
+  return 0;
+}
+
+static int get_string(ctx_t *c, json_t *obj, const char *key, const char *path, char *out,
+                      size_t cap, const char *def) {
+  json_t *v = json_object_get(obj, key);
+  char p[256];
+  snprintf(p, sizeof p, "%s.%s", path, key);
+  if (!v) {
+    if (!def) {
+      problem(c, p, "required");
+      return -1;
+    }
+    snprintf(out, cap, "%s", def);
+    return 0;
+  }
+  if (!json_is_string(v)) {
+    problem(c, p, "must be a string");
+    return -1;
+  }
+  return substitute(c, p, json_string_value(v), out, cap);
+}
+
+/* Integers may be given as numbers or as strings (for ${VAR}). */
+static int get_uint(ctx_t *c, json_t *obj, const char *key, const char *path, uint64_t min,
+                    uint64_t max, uint64_t *out) {
+  json_t *v = json_object_get(obj, key);
+  char p[256];
+  snprintf(p, sizeof p, "%s.%s", path, key);
+  if (!v)
+    return 0; /* keep the default */
+  unsigned long long n;
+  if (json_is_integer(v) && json_integer_value(v) >= 0) {
+    n = (unsigned long long)json_integer_value(v);
+  } else if (json_is_string(v)) {
+    char buf[64], *end;
+    if (substitute(c, p, json_string_value(v), buf, sizeof buf))
+      return -1;
+    n = strtoull(buf, &end, 10);
+    if (!*buf || *end) {
+      problem(c, p, "\"%s\" is not a whole number", buf);
+      return -1;
+    }
+  } else {
+    problem(c, p, "must be a whole number");
+    return -1;
+  }
+  if (n < min || n > max) {
+    problem(c, p, "%llu is out of range %llu..%llu", n, (unsigned long long)min,
+            (unsigned long long)max);
+    return -1;
+  }
+  *out = n;
+  return 0;
+}
+
+static void unknown_keys(ctx_t *c, json_t *obj, const char *path, const char *const *known) {
+  const char *k;
+  json_t *v;
+  json_object_foreach(obj, k, v) {
+    int ok = 0;
+    for (const char *const *q = known; *q; q++)
+      ok |= strcmp(*q, k) == 0;
+    if (!ok) {
+      char p[256];
+      snprintf(p, sizeof p, "%s.%s", path, k);
+      problem(c, p, "unknown key");
+    }
+  }
+}
+
+static int load_channel(const char *file, rr_channel_config_t *ch, rr_buf_t *err) {
+  ctx_t c = {file, err, 0};
+  json_error_t je;
+  json_t *root = json_load_file(file, JSON_REJECT_DUPLICATES, &je);
+  memset(ch, 0, sizeof *ch);
+  if (!root) {
+    rr_buf_printf(err, "%s: line %d column %d: %s\n", file, je.line, je.column, je.text);
+    return RR_EINVAL;
+  }
+  if (!json_is_object(root)) {
+    problem(&c, "$", "must be an object");
+    json_decref(root);
+    return RR_EINVAL;
+  }
+  static const char *const top[] = {"name", "description", "source", "accept", "hl7", NULL};
+  unknown_keys(&c, root, "$", top);
+  get_string(&c, root, "name", "$", ch->name, sizeof ch->name, NULL);
+  rr_mllp_listener_config_default(&ch->listen);
+  rr_hl7_options_default(&ch->hl7);
+  json_t *src = json_object_get(root, "source");
+  if (!json_is_object(src)) {
+    problem(&c, "$.source", src ? "must be an object" : "required");
+  } else {
+    static const char *const keys[] = {"type", "host", "port", "max_connections", "max_per_peer",
+                                       "max_inflight", "idle_timeout_ms", "frame_timeout_ms",
+                                       "max_frame_bytes", NULL};
+    unknown_keys(&c, src, "$.source", keys);
+    char type[32];
+    if (get_string(&c, src, "type", "$.source", type, sizeof type, NULL) == 0 &&
+        strcmp(type, "mllp") != 0)
+      problem(&c, "$.source.type", "\"%s\" is not a source type (mllp)", type);
+    get_string(&c, src, "host", "$.source", ch->host, sizeof ch->host, "127.0.0.1");
+    uint64_t v = 2575;
+    if (get_uint(&c, src, "port", "$.source", 0, 65535, &v) == 0)
+      ch->listen.port = (int)v;
+    v = ch->listen.max_connections;
+    if (get_uint(&c, src, "max_connections", "$.source", 1, 100000, &v) == 0)
+      ch->listen.max_connections = (unsigned)v;
+    v = ch->listen.max_per_peer;
+    if (get_uint(&c, src, "max_per_peer", "$.source", 1, 100000, &v) == 0)
+      ch->listen.max_per_peer = (unsigned)v;
+    v = ch->listen.max_inflight;
+    if (get_uint(&c, src, "max_inflight", "$.source", 1, 100000, &v) == 0)
+      ch->listen.max_inflight = (unsigned)v;
+    get_uint(&c, src, "idle_timeout_ms", "$.source", 0, UINT32_MAX, &ch->listen.idle_timeout_ms);
+    get_uint(&c, src, "frame_timeout_ms", "$.source", 0, UINT32_MAX, &ch->listen.frame_timeout_ms);
+    v = ch->listen.framing.max_frame;
+    if (get_uint(&c, src, "max_frame_bytes", "$.source", 64, (uint64_t)1 << 30, &v) == 0)
+      ch->listen.framing.max_frame = (size_t)v;
+  }
+  json_t *acc = json_object_get(root, "accept");
+  if (acc && !json_is_array(acc)) {
+    problem(&c, "$.accept", "must be an array of message types such as \"ADT^A01\"");
+  } else if (acc) {
+    size_t n = json_array_size(acc);
+    ch->accept = calloc(n + 1, sizeof *ch->accept);
+    for (size_t i = 0; ch->accept && i < n; i++) {
+      json_t *t = json_array_get(acc, i);
+      if (!json_is_string(t)) {
+        char p[64];
+        snprintf(p, sizeof p, "$.accept[%zu]", i);
+        problem(&c, p, "must be a string");
+        continue;
+      }
+      ch->accept[i] = strdup(json_string_value(t));
+    }
+  }
+  json_t *h = json_object_get(root, "hl7");
+  if (h && !json_is_object(h)) {
+    problem(&c, "$.hl7", "must be an object");
+  } else if (h) {
+    static const char *const keys[] = {"strict", "max_message_bytes", "max_segments",
+                                       "max_field_bytes", NULL};
+    unknown_keys(&c, h, "$.hl7", keys);
+    json_t *st = json_object_get(h, "strict");
+    if (st && !json_is_boolean(st))
+      problem(&c, "$.hl7.strict", "must be true or false");
+    else if (st)
+      ch->hl7.mode = json_is_true(st) ? RR_HL7_STRICT : RR_HL7_LENIENT;
+    uint64_t v = ch->hl7.max_message_size;
+    if (get_uint(&c, h, "max_message_bytes", "$.hl7", 64, (uint64_t)1 << 30, &v) == 0)
+      ch->hl7.max_message_size = (size_t)v;
+    v = ch->hl7.max_segments;
+    if (get_uint(&c, h, "max_segments", "$.hl7", 1, 10000000, &v) == 0)
+      ch->hl7.max_segments = (size_t)v;
+    v = ch->hl7.max_field_length;
+    if (get_uint(&c, h, "max_field_bytes", "$.hl7", 1, (uint64_t)1 << 30, &v) == 0)
+      ch->hl7.max_field_length = (size_t)v;
+  }
+  json_decref(root);
+  return c.bad ? RR_EINVAL : 0;
+}
+
+static int cmp_str(const void *a, const void *b) {
+  return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+int rr_config_load(const char *path, rr_config_t *cfg, rr_buf_t *err) {
+  memset(cfg, 0, sizeof *cfg);
+  ctx_t c = {path, err, 0};
+  json_error_t je;
+  json_t *root = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
+  if (!root) {
+    rr_buf_printf(err, "%s: line %d column %d: %s\n", path, je.line, je.column, je.text);
+    return RR_EINVAL;
+  }
+  char dir[PATH_MAX];
+  snprintf(dir, sizeof dir, "%s", path);
+  char *base = dirname(dir);
+  char chdir_[PATH_MAX] = "", store[PATH_MAX] = "", sync[16] = "", level[16] = "";
+  static const char *const top[] = {"store", "channels", "log", NULL};
+  if (!json_is_object(root)) {
+    problem(&c, "$", "must be an object");
+    goto out;
+  }
+  unknown_keys(&c, root, "$", top);
+  json_t *st = json_object_get(root, "store");
+  if (!json_is_object(st)) {
+    problem(&c, "$.store", st ? "must be an object" : "required");
+  } else {
+    static const char *const keys[] = {"path", "synchronous", NULL};
+    unknown_keys(&c, st, "$.store", keys);
+    get_string(&c, st, "path", "$.store", store, sizeof store, NULL);
+    if (get_string(&c, st, "synchronous", "$.store", sync, sizeof sync, "full") == 0) {
+      if (strcmp(sync, "full") == 0)
+        cfg->sync = RR_JOURNAL_SYNC_FULL;
+      else if (strcmp(sync, "normal") == 0)
+        cfg->sync = RR_JOURNAL_SYNC_NORMAL;
+      else if (strcmp(sync, "off") == 0)
+        cfg->sync = RR_JOURNAL_SYNC_OFF;
+      else
+        problem(&c, "$.store.synchronous", "\"%s\" is not one of full, normal, off", sync);
+    }
+  }
+  get_string(&c, root, "channels", "$", chdir_, sizeof chdir_, "channels");
+  cfg->log_level = RR_LOG_INFO;
+  json_t *lg = json_object_get(root, "log");
+  if (lg && !json_is_object(lg)) {
+    problem(&c, "$.log", "must be an object");
+  } else if (lg) {
+    static const char *const keys[] = {"level", NULL};
+    unknown_keys(&c, lg, "$.log", keys);
+    if (get_string(&c, lg, "level", "$.log", level, sizeof level, "info") == 0) {
+      cfg->log_level = rr_log_parse_level(level);
+      if (cfg->log_level < 0)
+        problem(&c, "$.log.level", "\"%s\" is not one of debug, info, warn, error", level);
+    }
+  }
+  if (c.bad)
+    goto out;
+  /* Relative paths are relative to the configuration file. */
+  if (store[0] == '/')
+    snprintf(cfg->store_path, sizeof cfg->store_path, "%s", store);
+  else
+    snprintf(cfg->store_path, sizeof cfg->store_path, "%s/%s", base, store);
+  char chpath[PATH_MAX];
+  if (chdir_[0] == '/')
+    snprintf(chpath, sizeof chpath, "%s", chdir_);
+  else
+    snprintf(chpath, sizeof chpath, "%s/%s", base, chdir_);
+  DIR *d = opendir(chpath);
+  if (!d) {
+    problem(&c, "$.channels", "cannot open folder %s", chpath);
+    goto out;
+  }
+  char *names[256];
+  size_t n = 0;
+  struct dirent *e;
+  char self[PATH_MAX];
+  if (!realpath(path, self))
+    self[0] = '\0';
+  while ((e = readdir(d)) && n < 256) {
+    size_t l = strlen(e->d_name);
+    if (l <= 5 || strcmp(e->d_name + l - 5, ".json") != 0 || e->d_name[0] == '.')
+      continue;
+    char f[PATH_MAX + 256], real[PATH_MAX];
+    snprintf(f, sizeof f, "%s/%s", chpath, e->d_name);
+    if (realpath(f, real) && strcmp(real, self) == 0)
+      continue; /* the engine file may sit beside its channels */
+    names[n++] = strdup(e->d_name);
+  }
+  closedir(d);
+  qsort(names, n, sizeof *names, cmp_str);
+  cfg->channels = calloc(n ? n : 1, sizeof *cfg->channels);
+  for (size_t i = 0; i < n; i++) {
+    char f[PATH_MAX + 256];
+    snprintf(f, sizeof f, "%s/%s", chpath, names[i]);
+    if (cfg->channels && load_channel(f, &cfg->channels[cfg->nchannels], err) == 0)
+      cfg->nchannels++;
+    else
+      c.bad++;
+    free(names[i]);
+  }
+  if (n == 0)
+    problem(&c, "$.channels", "no channel files (*.json) in %s", chpath);
+  for (size_t i = 0; i < cfg->nchannels; i++)
+    for (size_t k = 0; k < i; k++)
+      if (strcmp(cfg->channels[i].name, cfg->channels[k].name) == 0)
+        problem(&c, "$.channels", "two channels are named \"%s\"", cfg->channels[i].name);
+out:
+  json_decref(root);
+  return c.bad ? RR_EINVAL : 0;
+}
+
+void rr_config_free(rr_config_t *cfg) {
+  for (size_t i = 0; i < cfg->nchannels; i++) {
+    for (char **a = cfg->channels[i].accept; a && *a; a++)
+      free(*a);
+    free(cfg->channels[i].accept);
+  }
+  free(cfg->channels);
+  cfg->channels = NULL;
+  cfg->nchannels = 0;
+}

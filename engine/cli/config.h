@@ -1,0 +1,26 @@
+/* Engine configuration: the engine file and one file per channel, JSON.
+ * Errors name the file, the JSON path and what is wrong. */
+#ifndef RR_CLI_CONFIG_H
+#define RR_CLI_CONFIG_H
+
+#include "channel/channel.h"
+#include "store/journal.h"
+
+typedef struct rr_config {
+  char store_path[1024];
+  rr_journal_sync_t sync;
+  int log_level;
+  rr_channel_config_t *channels; /* owned, nchannels entries */
+  size_t nchannels;
+} rr_config_t;
+
+/* rr_config_load: reads path and every *.json in its channels folder. On
+ * failure returns a negative code and writes one line per problem into err
+ * ("file: $.json.path: what is wrong"). ${VAR} and ${VAR:-default} are
+ * substituted in string values. */
+int rr_config_load(const char *path, rr_config_t *cfg, rr_buf_t *err);
+/* rr_config_free: frees what rr_config_load allocated, except the accept
+ * lists handed to channels (set to NULL once handed over). */
+void rr_config_free(rr_config_t *cfg);
+
+#endif
