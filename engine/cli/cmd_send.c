@@ -153,9 +153,13 @@ static int send_one(void *ud, rr_hl7_item_kind_t kind, const char *data, size_t 
   }
   int ok = code.len == 2 && (memcmp(code.p, "AA", 2) == 0 || memcmp(code.p, "CA", 2) == 0);
   ok ? s->positive++ : s->negative++;
+  rr_buf_t t;
+  rr_buf_init(&t, 1 << 16);
+  if (text.len && rr_hl7_decode(s->ack, text.p, text.len, &t) != 0)
+    rr_buf_append(&t, text.p, text.len);
   if (!s->quiet)
-    printf("%s\t%.*s%s%.*s\n", ctl, (int)code.len, code.p, text.len ? "\t" : "", (int)text.len,
-           text.p);
+    printf("%s\t%.*s%s%s\n", ctl, (int)code.len, code.p, t.len ? "\t" : "", t.len ? t.data : "");
+  rr_buf_close(&t);
   if (s->verbose) {
     for (size_t i = 0; i < s->reply.len; i++)
       putchar(s->reply.data[i] == '\r' ? '\n' : s->reply.data[i]);
