@@ -133,10 +133,19 @@ size_t rr_hl7_path_format(const rr_hl7_path_t *p, char *out, size_t cap) {
 
 /* ---- pieces ------------------------------------------------------------- */
 
+/* memchr for the short runs typical inside a field, without a call. */
+static inline const char *find_sep(const char *p, const char *end, char sep) {
+  const char *stop = end - p > 48 ? p + 48 : end;
+  for (; p < stop; p++)
+    if (*p == sep)
+      return p;
+  return p < end ? memchr(p, sep, (size_t)(end - p)) : NULL;
+}
+
 bool rr_hl7_piece(const char *s, size_t len, char sep, unsigned idx, rr_hl7_slice_t *out) {
   const char *p = s, *end = s + len;
   for (unsigned i = 1; i < idx; i++) {
-    const char *q = memchr(p, sep, (size_t)(end - p));
+    const char *q = find_sep(p, end, sep);
     if (!q) {
       out->p = end;
       out->len = 0;
@@ -144,7 +153,7 @@ bool rr_hl7_piece(const char *s, size_t len, char sep, unsigned idx, rr_hl7_slic
     }
     p = q + 1;
   }
-  const char *q = memchr(p, sep, (size_t)(end - p));
+  const char *q = find_sep(p, end, sep);
   out->p = p;
   out->len = (size_t)((q ? q : end) - p);
   return true;
@@ -187,54 +196,41 @@ int rr_hl7_field_raw(const rr_hl7_msg_t *m, size_t i, unsigned f, rr_hl7_slice_t
   return 0;
 }
 
-static int grow_segments(rr_hl7_msg_t *m) {
-  if (m->nsegs < m->segcap)
-    return 0;
-  size_t nc = m->segcap ? m->segcap * 2 : 32;
-  seg_t *t = realloc(m->segs, nc * sizeof *t);
-  if (!t)
-    return RR_ENOMEM;
-  m->segs = t;
-  m->segcap = nc;
-  return 0;
-}
-
 int rr_hl7_segment_insert(rr_hl7_msg_t *m, size_t i, const char *raw, size_t len) {
   if (i > m->nsegs || m->nsegs == 0)
     return RR_EINVAL;
   if (m->nsegs >= m->opt.max_segments)
     return RR_ELIMIT;
-  int rc = grow_segments(m);
-  if (rc)
-    return rc;
+  if (memchr(raw, '\r', len) || memchr(raw, '\n', len))
+    return RR_EPARSE; /* one segment, no terminator inside */
   char *copy = arena_dup(m, raw, len);
   if (!copy)
     return RR_ENOMEM;
-  fld_t *tab = NULL;
-  size_t n = 0, cap = 0;
-  const char *stop = copy;
-  rc = hl7_split_fields(m, copy, copy + len, &tab, &n, &cap, 0, &stop, NULL);
-  if (rc == 0 && stop != copy + len)
-    rc = RR_EPARSE; /* a segment terminator inside the text */
+  /* Index it at the end of the tables, then move it into place with its
+   * fields copied out of the parse table. */
+  size_t nsegs = m->nsegs, nf = m->nf;
+  int rc = hl7_index(m, copy, len, 0, NULL);
+  if (rc == 0 && m->nsegs != nsegs + 1)
+    rc = RR_EPARSE;
   if (rc == 0 && hl7_is_header(copy))
     rc = RR_EINVAL; /* MSH/BHS/FHS cannot be inserted */
   fld_t *fields = NULL;
+  size_t n = m->nf - nf;
   if (rc == 0 && !(fields = hl7_arena_alloc(m, n * sizeof *fields)))
     rc = RR_ENOMEM;
   if (rc == 0) {
-    memcpy(fields, tab, n * sizeof *fields);
-    memmove(&m->segs[i + 1], &m->segs[i], (m->nsegs - i) * sizeof *m->segs);
-    seg_t *sg = &m->segs[i];
-    memset(sg, 0, sizeof *sg);
-    memcpy(sg->name, copy, 3);
-    sg->fields = fields;
-    sg->nfields = (uint32_t)n;
-    sg->cap = (uint32_t)n;
-    sg->raw = copy;
-    sg->raw_len = len;
-    m->nsegs++;
+    memcpy(fields, m->ftab + nf, n * sizeof *fields);
+    seg_t sg = m->segs[nsegs];
+    sg.fields = fields;
+    sg.cap = (uint32_t)n;
+    sg.offset = 0;
+    memmove(&m->segs[i + 1], &m->segs[i], (nsegs - i) * sizeof *m->segs);
+    m->segs[i] = sg;
+  } else {
+    m->nsegs = nsegs;
   }
-  free(tab);
+  m->nf = nf;
+  hl7_fix_fields(m); /* the parse table may have moved */
   return rc;
 }
 

@@ -72,12 +72,14 @@ void hl7_charset_setup(rr_hl7_msg_t *m, const char *raw, size_t len);
 bool hl7_charset_known(const rr_hl7_msg_t *m);
 void hl7_msg_close_iconv(rr_hl7_msg_t *m);
 
-/* hl7_parse.c: splits the segment text [p, end) into fields appended to
- * *tab (growable, *n used, *cap allocated). Stops at CR/LF; *stop receives the end of
- * the segment text. */
-int hl7_split_fields(const rr_hl7_msg_t *m, const char *p, const char *end,
-                     fld_t **tab, size_t *n, size_t *cap, size_t base_offset,
-                     const char **stop, rr_hl7_error_t *err);
+/* hl7_index.c: appends the segments and fields of the ER7 text [base,
+ * base+len) to m->segs / m->ftab (segments record their first field's index
+ * in ->first; the caller points ->fields into ftab once it stops growing).
+ * off0 is base's offset in the input, for error offsets. */
+int hl7_index(rr_hl7_msg_t *m, const char *base, size_t len, size_t off0, rr_hl7_error_t *err);
+void hl7_index_init(void);
+/* hl7_parse.c */
+void hl7_fix_fields(rr_hl7_msg_t *m);
 bool hl7_segment_id_ok(const char *p, size_t len, bool strict);
 void hl7_set_error(rr_hl7_error_t *err, int code, int hl7_code, size_t offset,
                    const char *fmt, ...) __attribute__((format(printf, 5, 6)));
