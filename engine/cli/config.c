@@ -241,6 +241,12 @@ static int load_channel(const char *file, rr_channel_config_t *ch, rr_buf_t *err
   return c.bad ? RR_EINVAL : 0;
 }
 
+/* p when absolute, else dir/p. Non-zero when it does not fit. */
+static int join_path(const char *dir, const char *p, char *out, size_t cap) {
+  int n = p[0] == '/' ? snprintf(out, cap, "%s", p) : snprintf(out, cap, "%s/%s", dir, p);
+  return n < 0 || (size_t)n >= cap;
+}
+
 static int cmp_str(const void *a, const void *b) {
   return strcmp(*(char *const *)a, *(char *const *)b);
 }
@@ -299,15 +305,15 @@ int rr_config_load(const char *path, rr_config_t *cfg, rr_buf_t *err) {
   if (c.bad)
     goto out;
   /* Relative paths are relative to the configuration file. */
-  if (store[0] == '/')
-    snprintf(cfg->store_path, sizeof cfg->store_path, "%s", store);
-  else
-    snprintf(cfg->store_path, sizeof cfg->store_path, "%s/%s", base, store);
   char chpath[PATH_MAX];
-  if (chdir_[0] == '/')
-    snprintf(chpath, sizeof chpath, "%s", chdir_);
-  else
-    snprintf(chpath, sizeof chpath, "%s/%s", base, chdir_);
+  if (join_path(base, store, cfg->store_path, sizeof cfg->store_path)) {
+    problem(&c, "$.store.path", "path too long");
+    goto out;
+  }
+  if (join_path(base, chdir_, chpath, sizeof chpath)) {
+    problem(&c, "$.channels", "path too long");
+    goto out;
+  }
   DIR *d = opendir(chpath);
   if (!d) {
     problem(&c, "$.channels", "cannot open folder %s", chpath);

@@ -7,7 +7,7 @@
 #include "store/journal.h"
 
 typedef struct rr_config {
-  char store_path[1024];
+  char store_path[4096];
   rr_journal_sync_t sync;
   int log_level;
   rr_channel_config_t *channels; /* owned, nchannels entries */
