@@ -33,6 +33,8 @@ typedef struct pending_ack {
   rr_channel_t *ch;
   size_t len;     /* the ACK: data[0..len) */
   size_t nak_len; /* the NAK for a failed commit: data[len..len+nak_len) */
+  bool send_ack;  /* MSH-15 (enhanced mode) asks for this answer */
+  bool send_nak;
   char data[];
 } pending_ack_t;
 
@@ -106,10 +108,16 @@ static void send_ack(void *ud, int status, int64_t id) {
   rr_channel_t *ch = p->ch;
   (void)id;
   if (status == 0) {
-    rr_mllp_conn_reply(p->conn, p->data, p->len);
+    if (p->send_ack)
+      rr_mllp_conn_reply(p->conn, p->data, p->len);
+    else
+      rr_mllp_conn_done(p->conn);
   } else {
     /* Not kept: answer "rejected, resend later" (AR/CR with ERR 207). */
-    rr_mllp_conn_reply(p->conn, p->data + p->len, p->nak_len);
+    if (p->send_nak)
+      rr_mllp_conn_reply(p->conn, p->data + p->len, p->nak_len);
+    else
+      rr_mllp_conn_done(p->conn);
     rr_log(RR_LOG_ERROR, "channel", "event=not_stored channel=%s conn=%llu error=\"%s\"",
            ch->cfg.name, (unsigned long long)rr_mllp_conn_id(p->conn), rr_strerror(status));
   }
@@ -203,6 +211,8 @@ static void on_frame(void *ud, rr_mllp_conn_t *c, const char *data, size_t len, 
   }
   p->conn = c;
   p->ch = ch;
+  p->send_ack = rr_hl7_ack_wanted(m, code);
+  p->send_nak = rr_hl7_ack_wanted(m, nak_code);
   p->len = ack_len;
   p->nak_len = ack.len - ack_len;
   memcpy(p->data, ack.data, ack.len);
@@ -216,7 +226,7 @@ static void on_frame(void *ud, rr_mllp_conn_t *c, const char *data, size_t len, 
       .message_type = *type ? fulltype : NULL, .control_id = *ctl ? ctl : NULL,
       .mrn = *mrn ? mrn : NULL, .accession = *acc ? acc : NULL, .study_uid = *uid ? uid : NULL,
       .status = status, .error = *etext ? etext : NULL, .raw = data, .raw_len = len,
-      .ack = p->data, .ack_len = p->len};
+      .ack = p->send_ack ? p->data : NULL, .ack_len = p->send_ack ? p->len : 0};
   rr_mllp_conn_hold(c);
   if (rr_journal_add(e->journal, &je, send_ack, p) != 0) {
     rr_mllp_conn_release(c);

@@ -173,7 +173,7 @@ static int load_channel(const char *file, rr_channel_config_t *ch, rr_buf_t *err
   } else {
     static const char *const keys[] = {"type", "host", "port", "max_connections", "max_per_peer",
                                        "max_inflight", "idle_timeout_ms", "frame_timeout_ms",
-                                       "max_frame_bytes", NULL};
+                                       "drain_timeout_ms", "max_frame_bytes", NULL};
     unknown_keys(&c, src, "$.source", keys);
     char type[32];
     if (get_string(&c, src, "type", "$.source", type, sizeof type, NULL) == 0 &&
@@ -194,6 +194,7 @@ static int load_channel(const char *file, rr_channel_config_t *ch, rr_buf_t *err
       ch->listen.max_inflight = (unsigned)v;
     get_uint(&c, src, "idle_timeout_ms", "$.source", 0, UINT32_MAX, &ch->listen.idle_timeout_ms);
     get_uint(&c, src, "frame_timeout_ms", "$.source", 0, UINT32_MAX, &ch->listen.frame_timeout_ms);
+    get_uint(&c, src, "drain_timeout_ms", "$.source", 0, UINT32_MAX, &ch->listen.drain_timeout_ms);
     v = ch->listen.framing.max_frame;
     if (get_uint(&c, src, "max_frame_bytes", "$.source", 64, (uint64_t)1 << 30, &v) == 0)
       ch->listen.framing.max_frame = (size_t)v;
@@ -341,10 +342,17 @@ int rr_config_load(const char *path, rr_config_t *cfg, rr_buf_t *err) {
   for (size_t i = 0; i < n; i++) {
     char f[PATH_MAX + 256];
     snprintf(f, sizeof f, "%s/%s", chpath, names[i]);
-    if (cfg->channels && load_channel(f, &cfg->channels[cfg->nchannels], err) == 0)
+    if (cfg->channels && load_channel(f, &cfg->channels[cfg->nchannels], err) == 0) {
       cfg->nchannels++;
-    else
+    } else {
       c.bad++;
+      if (cfg->channels) { /* a half-loaded channel keeps nothing */
+        for (char **a = cfg->channels[cfg->nchannels].accept; a && *a; a++)
+          free(*a);
+        free(cfg->channels[cfg->nchannels].accept);
+        cfg->channels[cfg->nchannels].accept = NULL;
+      }
+    }
     free(names[i]);
   }
   if (n == 0)

@@ -220,7 +220,8 @@ static int delimiter(ix_t *x, size_t q) {
     if (!hl7_segment_id_ok(b + x->seg_start, idlen, x->strict)) {
       hl7_set_error(x->err, RR_EPARSE, RR_HL7_E_SEGMENT_SEQUENCE, x->off0 + x->seg_start,
                     "invalid segment ID at byte %zu", x->off0 + x->seg_start);
-      locate(x, b + x->seg_start, idlen);
+      if (x->err) /* position only: the ID itself is what is wrong */
+        x->err->segment = (unsigned)(m->nsegs + 1);
       return RR_EPARSE;
     }
     if ((rc = push_field(m, b + x->seg_start, 3)))

@@ -17,7 +17,7 @@ struct rr_mllp_conn {
   uint64_t last_byte_ms;      /* last read */
   uint64_t frame_started_ms;  /* when the current frame's first byte came */
   unsigned refs;              /* the open handle counts as one */
-  unsigned inflight;
+  unsigned inflight;           /* frames whose reply is not yet written */
   int closing;
   int draining; /* shutting down: no more reads */
   int reading;
@@ -28,7 +28,7 @@ struct rr_mllp_conn {
 struct rr_mllp_listener {
   uv_loop_t *loop;
   uv_tcp_t server;
-  uv_timer_t sweep;
+  uv_timer_t sweep;            /* timeouts; after stop, the drain deadline */
   rr_mllp_listener_config_t cfg;
   char name[64];
   rr_mllp_frame_cb cb;
@@ -57,11 +57,19 @@ void rr_mllp_listener_config_default(rr_mllp_listener_config_t *c) {
   c->max_inflight = 64;
   c->idle_timeout_ms = 600000;
   c->frame_timeout_ms = 30000;
+  c->drain_timeout_ms = 5000;
   rr_mllp_options_default(&c->framing);
 }
 
+static void on_handle_closed(uv_handle_t *h);
+
 static void maybe_free_listener(rr_mllp_listener_t *l) {
-  if (l->stopping && l->open_handles == 0 && l->nconns == 0)
+  if (!l->stopping)
+    return;
+  /* Every connection gone before the drain deadline: stop waiting for it. */
+  if (l->nconns == 0 && !uv_is_closing((uv_handle_t *)&l->sweep))
+    uv_close((uv_handle_t *)&l->sweep, on_handle_closed);
+  if (l->open_handles == 0 && l->nconns == 0)
     free(l);
 }
 
@@ -187,6 +195,10 @@ static void on_write(uv_write_t *req, int status) {
   write_req_t *w = (write_req_t *)req;
   if (status < 0 && status != UV_ECANCELED)
     conn_close(w->c, uv_err_name(status));
+  /* The frame counts as in flight until its reply has left: a peer that
+   * does not read its ACKs stops being read from, instead of growing our
+   * write queue without bound. */
+  rr_mllp_conn_done(w->c);
   rr_buf_close(&w->buf);
   rr_mllp_conn_release(w->c);
   free(w);
@@ -200,16 +212,20 @@ void rr_mllp_conn_done(rr_mllp_conn_t *c) {
 }
 
 int rr_mllp_conn_reply(rr_mllp_conn_t *c, const char *payload, size_t len) {
-  rr_mllp_conn_done(c);
-  if (c->closing)
+  if (c->closing) {
+    rr_mllp_conn_done(c);
     return UV_ECANCELED;
+  }
   write_req_t *w = calloc(1, sizeof *w);
-  if (!w)
+  if (!w) {
+    rr_mllp_conn_done(c);
     return RR_ENOMEM;
+  }
   rr_buf_init(&w->buf, len + 16);
   int rc = rr_mllp_frame(c->l ? &c->l->cfg.framing : NULL, payload, len, &w->buf);
   if (rc) {
     free(w);
+    rr_mllp_conn_done(c);
     return rc;
   }
   w->c = c;
@@ -220,6 +236,7 @@ int rr_mllp_conn_reply(rr_mllp_conn_t *c, const char *payload, size_t len) {
     rr_buf_close(&w->buf);
     free(w);
     rr_mllp_conn_release(c);
+    rr_mllp_conn_done(c);
     conn_close(c, uv_err_name(rc));
   }
   return rc;
@@ -403,12 +420,29 @@ static void conn_shutdown(rr_mllp_conn_t *c) {
   conn_close(c, "shutdown");
 }
 
+/* The drain deadline passed: whoever still has replies queued (a peer that
+ * does not read) is cut off, so shutdown always ends. */
+static void on_drain_deadline(uv_timer_t *t) {
+  rr_mllp_listener_t *l = t->data;
+  for (rr_mllp_conn_t *c = l->conns, *next; c; c = next) {
+    next = c->next;
+    conn_close(c, "shutdown_deadline");
+  }
+  uv_close((uv_handle_t *)&l->sweep, on_handle_closed);
+}
+
 void rr_mllp_listener_stop(rr_mllp_listener_t *l) {
   if (!l || l->stopping)
     return;
   l->stopping = 1;
   uv_close((uv_handle_t *)&l->server, on_handle_closed);
-  uv_close((uv_handle_t *)&l->sweep, on_handle_closed);
   for (rr_mllp_conn_t *c = l->conns; c; c = c->next)
     conn_shutdown(c);
+  if (l->nconns) {
+    uv_timer_stop(&l->sweep);
+    uv_timer_start(&l->sweep, on_drain_deadline, l->cfg.drain_timeout_ms, 0);
+    uv_ref((uv_handle_t *)&l->sweep);
+  } else {
+    uv_close((uv_handle_t *)&l->sweep, on_handle_closed);
+  }
 }

@@ -23,6 +23,8 @@ typedef struct rr_mllp_listener_config {
   unsigned max_inflight;     /* frames awaiting a reply before reading pauses; default 64 */
   uint64_t idle_timeout_ms;  /* close after this long without a byte; 0 = never; default 600000 */
   uint64_t frame_timeout_ms; /* a started frame must end within this; default 30000 */
+  uint64_t drain_timeout_ms; /* on stop, replies still unwritten after this are dropped
+                                and their connections cut; default 5000 */
   rr_mllp_options_t framing;
 } rr_mllp_listener_config_t;
 

@@ -1,0 +1,696 @@
+#!/usr/bin/python3
+"""End-to-end tests of `radrelay run` over MLLP, with a third-party client.
+
+    /usr/bin/python3 tests/integration/test_engine_mllp.py \
+        --radrelay build/radrelay --data tests/data/hl7 [unittest args...]
+
+The radrelay binary comes from --radrelay or $RADRELAY, the HL7 corpus from
+--data (or $RR_DATA_HL7). Every test starts the real binary with its own
+engine and channel files in a temporary folder (ephemeral ports, store in
+that folder), waits for `event=ready` of every channel, talks to it with
+python-hl7's hl7.client.MLLPClient (Debian's python3-hl7) or with raw
+sockets, stops it, and then reads the SQLite journal with the sqlite3 module.
+
+Synchronisation is by condition with a deadline (wait_for / Engine.wait_log),
+never by sleeping for a fixed time. $RR_KILL_TRIALS sets how many times the
+kill -9 durability test kills the engine (default 3); $RR_IT_VERBOSE=1 makes
+it print how many messages each trial acknowledged and journaled. Extra
+arguments go to unittest (e.g. EngineTest.test_7_kill9_loses_nothing_acknowledged).
+
+Runs on the python3 that python3-hl7 is installed for (/usr/bin/python3);
+stdlib unittest only. Ends with the line "N passed, M failed"; exit status 0
+when everything passed, 1 otherwise, 2 on a usage error.
+"""
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import sqlite3
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+import zlib
+
+import hl7
+import hl7.client
+
+RADRELAY = None  # set from the command line
+DATA = None
+
+SB, EB, CR = b"\x0b", b"\x1c", b"\x0d"
+HOST = "127.0.0.1"
+IO_TIMEOUT = 30.0  # seconds any single socket operation may block
+BIG_FILE = "oru_r01_ed_big.hl7"
+
+
+# ---- helpers ----------------------------------------------------------------
+
+def wait_for(predicate, timeout, what="condition"):
+    """Polls predicate until it returns a true value (returned) or timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = predicate()
+        if v:
+            return v
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.005)  # poll interval, not a synchronisation point
+
+
+def frame(payload):
+    return SB + payload + EB + CR
+
+
+def unframe(data):
+    """The payload of exactly one MLLP frame."""
+    if not (data.startswith(SB) and data.endswith(EB + CR)):
+        raise AssertionError(f"not one MLLP frame: {data[:80]!r}...{data[-8:]!r}")
+    payload = data[1:-2]
+    if SB in payload or EB in payload:
+        raise AssertionError(f"more than one frame in one reply: {data!r}")
+    return payload
+
+
+def read_frame(sock):
+    """Reads one MLLP frame from a raw socket; EOFError on a closed stream."""
+    buf = b""
+    while not buf.endswith(EB + CR):
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise EOFError(f"connection closed after {len(buf)} bytes of a reply")
+        buf += chunk
+    return unframe(buf)
+
+
+def set_os_timeouts(sock, seconds):
+    """SO_RCVTIMEO/SO_SNDTIMEO: bounds a blocking socket's calls without
+    putting Python's socket object in timeout mode (where send() may send
+    only part of a large buffer, which MLLPClient.send does not handle)."""
+    tv = struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
+def mllp_client(port):
+    c = hl7.client.MLLPClient(HOST, port)
+    set_os_timeouts(c.socket, IO_TIMEOUT)
+    return c
+
+
+def client_exchange(client, payload):
+    """Sends payload with MLLPClient.send_message and returns the ACK payload.
+    MLLPClient returns what one recv() gave; read on if the frame is not
+    complete yet."""
+    data = client.send_message(payload)
+    while not data.endswith(EB + CR):
+        more = client.socket.recv(65536)
+        if not more:
+            raise EOFError(f"connection closed after {len(data)} bytes of a reply: {data!r}")
+        data += more
+    return unframe(data)
+
+
+def normalize(raw):
+    """Segment terminators to CR (the corpus has LF and CRLF files)."""
+    return raw.replace(b"\r\n", b"\r").replace(b"\n", b"\r")
+
+
+def split_messages(raw):
+    """The messages of a file: a batch file's FHS/BHS/BTS/FTS are dropped."""
+    segs = [s for s in normalize(raw).split(CR) if s]
+    msgs, cur = [], None
+    for s in segs:
+        if s[:3] == b"MSH":
+            cur = [s]
+            msgs.append(cur)
+        elif s[:3] in (b"FHS", b"BHS", b"BTS", b"FTS"):
+            cur = None
+        elif cur is not None:
+            cur.append(s)
+        else:
+            raise AssertionError(f"segment outside a message: {s[:40]!r}")
+    return [CR.join(m) + CR for m in msgs]
+
+
+def msh(raw):
+    """python-hl7's MSH segment of a message (only the MSH is parsed: the
+    corpus has a 2.5 MB message). msh(raw)[n] is MSH-n."""
+    first = raw.split(CR, 1)[0]
+    return hl7.parse(first.decode("latin-1") + "\r").segment("MSH")
+
+
+def fld(seg, n):
+    """Field n of a python-hl7 segment as str; "" past the last field."""
+    return str(seg[n]) if len(seg) > n else ""
+
+
+def comp(field, c=1):
+    """Component c (1-based) of a python-hl7 field's first repetition, as
+    str ("" when absent). python-hl7 keeps a field without delimiters as a
+    plain string and one with components as Field[Repetition[Component]]."""
+    if isinstance(field, str):
+        return field if c == 1 else ""
+    rep = field[0] if len(field) else ""
+    if isinstance(rep, str):
+        return rep if c == 1 else ""
+    return str(rep[c - 1]) if len(rep) >= c else ""
+
+
+def parse_ack(payload):
+    """The ACK as a python-hl7 message (fails the test if it does not parse)."""
+    try:
+        return hl7.parse(payload.decode("latin-1"))
+    except Exception as e:  # noqa: BLE001 - any failure is a test failure
+        raise AssertionError(f"ACK does not parse with python-hl7 ({e!r}): {payload!r}")
+
+
+def msa(ack):
+    s = ack.segment("MSA")
+    return str(s[1]), str(s[2])
+
+
+def err_code(ack):
+    """The HL7 error code (table 0357) of the ACK's first ERR segment:
+    ERR-3.1 (v2.5 and later) or ERR-1.4.1 (ELD, before v2.5)."""
+    err = ack.segment("ERR")
+    if fld(err, 3):
+        return comp(err[3], 1)
+    eld = err[1] if len(err) > 1 else ""
+    code = comp(eld, 4) if isinstance(eld, str) else eld[0][3] if len(eld[0]) > 3 else ""
+    return code if isinstance(code, str) else str(code[0])
+
+
+def make_msg(control_id, mtype="ADT^A01", version="2.5.1", extra=b"", enhanced=False):
+    tail = "|||AL|NE" if enhanced else ""
+    m = (f"MSH|^~\\&|RR_TEST_SND|RR_TEST_FAC|RADRELAY|RR_TEST_RCV|20240315083000||{mtype}|"
+         f"{control_id}|P|{version}{tail}\r"
+         f"EVN||20240315082955\r"
+         f"PID|1||MRN{zlib.crc32(control_id.encode()) % 10**8:08d}^^^RR_TEST_FAC^MR||ZZTEST^PATIENT||19700101|M\r"
+         ).encode()
+    return m + extra
+
+
+LOG_KV = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
+
+
+def log_fields(line):
+    return {k: v.strip('"') for k, v in LOG_KV.findall(line)}
+
+
+class Engine:
+    """One `radrelay run` process with its own configuration folder."""
+
+    def __init__(self, workdir, channels, synchronous="full", store="store/radrelay.db"):
+        self.dir = workdir
+        self.store = os.path.join(workdir, store)
+        self.config = os.path.join(workdir, "radrelay.json")
+        chdir = os.path.join(workdir, "channels")
+        os.makedirs(chdir, exist_ok=True)
+        self.names = []
+        for ch in channels:
+            with open(os.path.join(chdir, ch["name"] + ".json"), "w") as f:
+                json.dump(ch, f, indent=2)
+            self.names.append(ch["name"])
+        with open(self.config, "w") as f:
+            json.dump({"store": {"path": store, "synchronous": synchronous},
+                       "channels": "channels", "log": {"level": "info"}}, f, indent=2)
+        self.proc = None
+        self.lines = []
+        self.cond = threading.Condition()
+        self.ports = {}
+
+    # -- process --
+    def start(self, timeout=15):
+        self.lines = []
+        self.ports = {}
+        self.proc = subprocess.Popen([RADRELAY, "run", "-c", self.config],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        self.reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
+        self.reader.start()
+
+        def ready():
+            for line in self.snapshot():
+                if "event=ready" in line:
+                    f = log_fields(line)
+                    self.ports[f.get("channel")] = int(f.get("port", "0"))
+            if self.proc.poll() is not None:
+                raise AssertionError(f"radrelay exited with {self.proc.returncode} before "
+                                     f"ready:\n{self.tail()}")
+            return all(n in self.ports for n in self.names)
+
+        wait_for(ready, timeout, f"event=ready of {self.names}")
+        for n in self.names:
+            assert self.ports[n] > 0, f"channel {n} reports port {self.ports[n]}"
+        return self
+
+    def _read(self, proc):
+        for raw in proc.stderr:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            with self.cond:
+                self.lines.append(line)
+                self.cond.notify_all()
+        proc.stderr.close()
+
+    def port(self, name=None):
+        return self.ports[name or self.names[0]]
+
+    def snapshot(self):
+        with self.cond:
+            return list(self.lines)
+
+    def tail(self, n=40):
+        return "\n".join(self.snapshot()[-n:])
+
+    def logged(self, *needles):
+        """Log lines containing every needle."""
+        return [l for l in self.snapshot() if all(x in l for x in needles)]
+
+    def wait_log(self, *needles, timeout=10):
+        return wait_for(lambda: self.logged(*needles), timeout,
+                        f"a log line with {needles}")
+
+    def sanitizer_reports(self):
+        return [l for l in self.snapshot()
+                if "AddressSanitizer" in l or "LeakSanitizer" in l or "runtime error:" in l]
+
+    def stop(self, timeout=10):
+        """SIGTERM; returns the exit status (None if it had to be killed)."""
+        if not self.proc or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            rc = None
+        self.reader.join(10)
+        return rc
+
+    def kill9(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self.reader.join(10)
+
+    def cleanup(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    # -- journal --
+    def rows(self, where="1", args=()):
+        db = sqlite3.connect(self.store)
+        db.row_factory = sqlite3.Row
+        try:
+            return [dict(r) for r in db.execute(
+                f"SELECT * FROM messages WHERE {where} ORDER BY id", args)]
+        finally:
+            db.close()
+
+
+class EngineTest(unittest.TestCase):
+    maxDiff = 4000
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory(prefix="rr-it-")
+        self.engines = []
+
+    def tearDown(self):
+        for e in self.engines:
+            e.cleanup()
+        self.tmp.cleanup()
+
+    def engine(self, channels, **kw):
+        e = Engine(self.tmp.name, channels, **kw)
+        self.engines.append(e)
+        return e
+
+    @staticmethod
+    def channel(name="orders", accept=("ADT^A01",), **source):
+        src = {"type": "mllp", "host": HOST, "port": 0}
+        src.update(source)
+        return {"name": name, "source": src, "accept": list(accept), "hl7": {"strict": False}}
+
+    def stop_ok(self, e):
+        rc = e.stop()
+        self.assertEqual(rc, 0, f"radrelay did not exit 0 on SIGTERM:\n{e.tail()}")
+        self.assertTrue(e.logged("event=stopped"), f"no event=stopped:\n{e.tail()}")
+        self.assertEqual(e.sanitizer_reports(), [])
+
+    def assert_positive(self, ack_payload, control_id, code="AA"):
+        ack = parse_ack(ack_payload)
+        self.assertEqual(msa(ack), (code, control_id), ack_payload)
+        return ack
+
+    # ---- 1 ----------------------------------------------------------------
+    def test_1_corpus_over_one_connection(self):
+        msgs = []  # (file, bytes)
+        for name in sorted(os.listdir(DATA)):
+            if name.endswith(".hl7"):
+                with open(os.path.join(DATA, name), "rb") as f:
+                    for i, m in enumerate(split_messages(f.read())):
+                        msgs.append((f"{name}#{i + 1}", m))
+        self.assertGreaterEqual(len(msgs), 20, "corpus too small")
+        # MLLPClient copes with the 2.5 MB message: it is sent like the rest.
+        self.assertTrue(any(label.startswith(BIG_FILE) for label, _ in msgs), BIG_FILE)
+        types = sorted({f"{comp(msh(m)[9], 1)}^{comp(msh(m)[9], 2)}" for _, m in msgs})
+        e = self.engine([self.channel("corpus", types)]).start()
+        with mllp_client(e.port()) as client:
+            for label, m in msgs:
+                with self.subTest(message=label):
+                    h = msh(m)
+                    ack = parse_ack(client_exchange(client, m))
+                    enhanced = bool(fld(h, 15) or fld(h, 16))
+                    self.assertEqual(msa(ack), ("CA" if enhanced else "AA", fld(h, 10)))
+                    a = ack.segment("MSH")
+                    self.assertEqual((fld(a, 3), fld(a, 4)), (fld(h, 5), fld(h, 6)), "MSH-3/4")
+                    self.assertEqual((fld(a, 5), fld(a, 6)), (fld(h, 3), fld(h, 4)), "MSH-5/6")
+                    self.assertEqual(fld(a, 12), fld(h, 12), "MSH-12")
+                    self.assertEqual(comp(a[9], 1), "ACK", "MSH-9")
+        self.stop_ok(e)
+        rows = e.rows()
+        self.assertEqual(len(rows), len(msgs), "one journal row per message")
+        for (label, m), r in zip(msgs, rows):
+            with self.subTest(row=label):
+                self.assertEqual(r["status"], "accepted")
+                self.assertEqual(r["raw"], m, "raw must be the bytes sent")
+                self.assertEqual(r["control_id"], str(msh(m)[10]))
+                self.assertEqual(r["channel"], "corpus")
+                self.assertIsNone(r["error"])
+
+    # ---- 2 ----------------------------------------------------------------
+    def test_2_parse_error_gets_AE_and_connection_lives(self):
+        e = self.engine([self.channel("orders")]).start()
+        good1 = make_msg("GOOD-0001")
+        bad = (b"MSH|^~\\&|RR_TEST_SND|RR_TEST_FAC|RADRELAY|RR_TEST_RCV|20240315083000||"
+               b"ADT^A01|BAD-0001|P|2.5.1\rPIDX|1\r")
+        good2 = make_msg("GOOD-0002")
+        with mllp_client(e.port()) as client:
+            self.assert_positive(client_exchange(client, good1), "GOOD-0001")
+            ack = parse_ack(client_exchange(client, bad))
+            self.assertEqual(msa(ack), ("AE", "BAD-0001"))
+            self.assertTrue(ack.segments("ERR"), "AE without an ERR segment")
+            self.assertEqual(err_code(ack), "100")
+            self.assert_positive(client_exchange(client, good2), "GOOD-0002")
+        # Offset in the connection's byte stream: after the first frame, the
+        # start byte, then the MSH segment.
+        expect_off = len(frame(good1)) + 1 + bad.index(b"\rPIDX") + 1
+        line = e.wait_log("event=parse_error", "channel=orders")[0]
+        f = log_fields(line)
+        self.assertIn("offset", f, line)
+        self.assertEqual(int(f["offset"]), expect_off, line)
+        self.stop_ok(e)
+        rows = e.rows()
+        self.assertEqual([(r["control_id"], r["status"]) for r in rows],
+                         [("GOOD-0001", "accepted"), ("BAD-0001", "error"),
+                          ("GOOD-0002", "accepted")])
+        self.assertEqual(rows[1]["raw"], bad)
+        self.assertTrue(rows[1]["error"])
+
+    # ---- 3 ----------------------------------------------------------------
+    def test_3_unaccepted_type_gets_AR_200(self):
+        e = self.engine([self.channel("orders", ["ADT^A01", "ORM^O01"])]).start()
+        m = make_msg("REJ-0001", mtype="ORU^R01^ORU_R01")
+        with mllp_client(e.port()) as client:
+            ack = parse_ack(client_exchange(client, m))
+            self.assertEqual(msa(ack), ("AR", "REJ-0001"))
+            self.assertTrue(ack.segments("ERR"), "AR without an ERR segment")
+            self.assertEqual(err_code(ack), "200")
+            # The connection goes on.
+            self.assert_positive(client_exchange(client, make_msg("OK-0001")), "OK-0001")
+        self.stop_ok(e)
+        rows = e.rows()
+        self.assertEqual([(r["control_id"], r["status"]) for r in rows],
+                         [("REJ-0001", "rejected"), ("OK-0001", "accepted")])
+        self.assertEqual(rows[0]["raw"], m)
+
+    # ---- 4 ----------------------------------------------------------------
+    def test_4_junk_before_start_byte(self):
+        e = self.engine([self.channel("orders")]).start()
+        m = make_msg("JUNK-0001")
+        with socket.create_connection((HOST, e.port()), timeout=IO_TIMEOUT) as s:
+            s.sendall(b"GET / HTTP/1.0\x00\xff garbage " + frame(m))
+            self.assert_positive(read_frame(s), "JUNK-0001")
+        line = e.wait_log("event=junk", "channel=orders")[0]
+        self.assertIn("level=warn", line)
+        self.stop_ok(e)
+        self.assertEqual([r["raw"] for r in e.rows()], [m])
+
+    # ---- 5 ----------------------------------------------------------------
+    def test_5_oversized_frame_closes_connection(self):
+        e = self.engine([self.channel("orders", max_frame_bytes=4096)]).start()
+        head = make_msg("BIG-0001")
+        big = head + b"NTE|1||" + b"X" * (10000 - len(head) - 8) + CR
+        self.assertEqual(len(big), 10000)
+        with socket.create_connection((HOST, e.port()), timeout=IO_TIMEOUT) as s:
+            try:
+                s.sendall(frame(big))
+                got = s.recv(65536)
+                while got:  # the engine must close without an ACK
+                    self.assertNotIn(b"MSA", got, "oversized frame was acknowledged")
+                    got = s.recv(65536)
+            except (ConnectionResetError, BrokenPipeError):
+                pass  # closed while we were still writing: as good
+        e.wait_log("event=oversize", "channel=orders")
+        e.wait_log("event=close", "reason=frame_too_large")
+        with mllp_client(e.port()) as client:
+            self.assert_positive(client_exchange(client, make_msg("SMALL-0001")), "SMALL-0001")
+        self.stop_ok(e)
+        self.assertEqual([r["control_id"] for r in e.rows()], ["SMALL-0001"])
+
+    # ---- 6 ----------------------------------------------------------------
+    def test_6_fifty_concurrent_connections(self):
+        nconn, per = 50, 20
+        e = self.engine([self.channel("orders")]).start()
+        port = e.port()
+        problems, done = [], []
+        lock = threading.Lock()
+        go = threading.Event()
+
+        def worker(t):
+            try:
+                with mllp_client(port) as client:
+                    go.wait(IO_TIMEOUT)
+                    for i in range(per):
+                        cid = f"C{t:02d}-{i:03d}"
+                        ack = parse_ack(client_exchange(client, make_msg(cid)))
+                        if msa(ack) != ("AA", cid):
+                            raise AssertionError(f"{cid}: {msa(ack)}")
+                        with lock:
+                            done.append(cid)
+            except Exception as ex:  # noqa: BLE001 - reported below
+                with lock:
+                    problems.append(f"connection {t}: {ex!r}")
+
+        threads = [threading.Thread(target=worker, args=(t,), daemon=True) for t in range(nconn)]
+        for t in threads:
+            t.start()
+        # All connections open before anyone sends, so they really overlap.
+        wait_for(lambda: len(e.logged("event=accept", "channel=orders")) >= nconn or problems,
+                 15, f"{nconn} accepted connections")
+        go.set()
+        for t in threads:
+            t.join(60)
+        self.assertFalse(any(t.is_alive() for t in threads), "a client thread hung")
+        self.assertEqual(problems, [])
+        self.assertEqual(len(done), nconn * per)
+        self.stop_ok(e)
+        rows = e.rows()
+        self.assertEqual(len(rows), nconn * per)
+        self.assertEqual(sorted(r["control_id"] for r in rows), sorted(done))
+        self.assertTrue(all(r["status"] == "accepted" for r in rows))
+
+    # ---- 7 ----------------------------------------------------------------
+    def test_7_kill9_loses_nothing_acknowledged(self):
+        trials = int(os.environ.get("RR_KILL_TRIALS", "3"))
+        min_acks = 300
+        e = self.engine([self.channel("orders")], synchronous="full")
+        all_acked = []
+        for trial in range(trials):
+            e.start()
+            acked, problems = [], []
+            stop = threading.Event()
+
+            def sender(port=e.port(), trial=trial, acked=acked, problems=problems, stop=stop):
+                try:
+                    with socket.create_connection((HOST, port), timeout=IO_TIMEOUT) as s:
+                        n = 0
+                        while not stop.is_set():
+                            cid = f"K{trial}-{n:06d}"
+                            s.sendall(frame(make_msg(cid)))
+                            ack = parse_ack(read_frame(s))
+                            if msa(ack) != ("AA", cid):
+                                problems.append(f"{cid}: {msa(ack)}")
+                                return
+                            acked.append(cid)
+                            n += 1
+                except (OSError, EOFError):
+                    pass  # the engine was killed under us
+                except Exception as ex:  # noqa: BLE001
+                    problems.append(repr(ex))
+
+            th = threading.Thread(target=sender, daemon=True)
+            th.start()
+            wait_for(lambda: len(acked) >= min_acks or problems or not th.is_alive(), 30,
+                     f"{min_acks} ACKs (trial {trial + 1})")
+            e.kill9()
+            stop.set()
+            th.join(IO_TIMEOUT)
+            self.assertFalse(th.is_alive(), "sender did not notice the kill")
+            self.assertEqual(problems, [])
+            self.assertGreaterEqual(len(acked), min_acks, e.tail())
+            db = sqlite3.connect(e.store)
+            try:
+                self.assertEqual(db.execute("PRAGMA integrity_check").fetchall(), [("ok",)])
+                stored = {r[0] for r in db.execute("SELECT control_id FROM messages")}
+            finally:
+                db.close()
+            all_acked += acked
+            lost = [c for c in all_acked if c not in stored]
+            self.assertEqual(lost, [], f"trial {trial + 1}: acknowledged but not journaled")
+            if os.environ.get("RR_IT_VERBOSE"):
+                print(f"\n  trial {trial + 1}: {len(acked)} acknowledged, "
+                      f"{len([c for c in stored if c.startswith(f'K{trial}-')])} journaled",
+                      end=" ", flush=True)
+        # A last clean start proves the store is still usable.
+        e.start()
+        self.stop_ok(e)
+
+    # ---- 8 ----------------------------------------------------------------
+    def test_8_sigterm_with_idle_client(self):
+        e = self.engine([self.channel("orders")]).start()
+        with socket.create_connection((HOST, e.port()), timeout=IO_TIMEOUT) as s:
+            s.sendall(frame(make_msg("IDLE-0001")))
+            self.assert_positive(read_frame(s), "IDLE-0001")
+            e.wait_log("event=accept", "channel=orders")
+            t0 = time.monotonic()
+            e.proc.send_signal(signal.SIGTERM)
+            try:
+                rc = e.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.fail(f"radrelay still running 10 s after SIGTERM:\n{e.tail()}")
+            elapsed = time.monotonic() - t0
+            e.reader.join(10)
+            self.assertEqual(rc, 0, e.tail())
+            self.assertLess(elapsed, 10)
+            self.assertTrue(e.logged("event=stopped"), e.tail())
+            self.assertEqual(e.sanitizer_reports(), [])
+            self.assertEqual(s.recv(100), b"", "the idle connection is closed")
+        self.assertEqual([r["control_id"] for r in e.rows()], ["IDLE-0001"])
+
+    # ---- 9 ----------------------------------------------------------------
+    def test_9_check_names_file_and_json_path(self):
+        bad = self.channel("orders")
+        bad["source"]["port"] = "abc"
+        bad["source"]["bogus"] = 1
+        e = Engine(self.tmp.name, [bad])
+        chfile = os.path.join(self.tmp.name, "channels", "orders.json")
+        p = subprocess.run([RADRELAY, "check", "-c", e.config], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, timeout=30)
+        out = (p.stdout + p.stderr).decode("utf-8", "replace")
+        self.assertNotEqual(p.returncode, 0, out)
+        self.assertNotIn("Sanitizer", out)
+        for jpath in ("$.source.port", "$.source.bogus"):
+            lines = [l for l in out.splitlines() if jpath in l]
+            self.assertTrue(lines, f"no line names {jpath}:\n{out}")
+            named = lines[0].split(": " + jpath)[0]
+            self.assertTrue(os.path.exists(named) and os.path.samefile(named, chfile),
+                            f"{lines[0]!r} does not name {chfile}")
+        # And the good version of the same file passes.
+        good = self.channel("orders")
+        with open(chfile, "w") as f:
+            json.dump(good, f)
+        p = subprocess.run([RADRELAY, "check", "-c", e.config], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, timeout=30)
+        self.assertEqual(p.returncode, 0, (p.stdout + p.stderr).decode("utf-8", "replace"))
+
+    # ---- 10 ---------------------------------------------------------------
+    def test_10_peer_that_never_reads_acks(self):
+        """A sender that never reads its ACKs is read from no faster than its
+        ACKs leave (bounded memory), and SIGTERM still ends within the drain
+        deadline."""
+        e = self.engine([self.channel("orders", drain_timeout_ms=1000)],
+                        synchronous="off").start()
+        s = socket.create_connection((HOST, e.port()), timeout=IO_TIMEOUT)
+        s.settimeout(0.5)
+        burst = frame(make_msg("STUCK-0001")) * 500
+        sent = 0
+        try:
+            while sent < 400000:   # the engine stops reading long before this
+                s.sendall(burst)
+                sent += 500
+        except socket.timeout:
+            pass
+        self.assertLess(sent, 400000, "the engine kept reading from a peer that reads nothing")
+        rss_kb = int([l for l in open(f"/proc/{e.proc.pid}/status")
+                      if l.startswith("VmRSS")][0].split()[1])
+        # ASan keeps freed memory in quarantine (256 MB by default).
+        with open(RADRELAY, "rb") as f:
+            sanitized = b"__asan_init" in f.read()
+        limit_mb = 700 if sanitized else 200
+        self.assertLess(rss_kb, limit_mb * 1024, f"engine RSS {rss_kb} kB")
+        t0 = time.monotonic()
+        e.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = e.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.fail(f"radrelay still running 15 s after SIGTERM:\n{e.tail()}")
+        e.reader.join(10)
+        s.close()
+        self.assertEqual(rc, 0, e.tail())
+        self.assertLess(time.monotonic() - t0, 15)
+        self.assertTrue(e.logged("reason=shutdown_deadline"), e.tail())
+
+    # ---- 11 ---------------------------------------------------------------
+    def test_11_enhanced_mode_never_gets_no_commit_ack(self):
+        """MSH-15 NE: the message is kept but no commit ACK is sent; MSH-15 AL
+        on the same connection then gets its CA."""
+        e = self.engine([self.channel("orders")]).start()
+        ne = make_msg("ENH-NE-1").replace(b"|P|2.5.1\r", b"|P|2.5.1|||NE|NE\r", 1)
+        with socket.create_connection((HOST, e.port()), timeout=IO_TIMEOUT) as s:
+            s.sendall(frame(ne))
+            s.sendall(frame(make_msg("ENH-AL-2", enhanced=True)))
+            self.assert_positive(read_frame(s), "ENH-AL-2", code="CA")
+        self.stop_ok(e)
+        rows = e.rows()
+        self.assertEqual([r["control_id"] for r in rows], ["ENH-NE-1", "ENH-AL-2"])
+        self.assertIsNone(rows[0]["ack"])
+
+
+def main():
+    global RADRELAY, DATA
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--radrelay", default=os.environ.get("RADRELAY"))
+    ap.add_argument("--data", default=os.environ.get("RR_DATA_HL7"))
+    args, rest = ap.parse_known_args()
+    if not args.radrelay or not os.access(args.radrelay, os.X_OK):
+        print(f"radrelay binary not found: --radrelay PATH or RADRELAY "
+              f"(got {args.radrelay!r})", file=sys.stderr)
+        return 2
+    if not args.data or not os.path.isdir(args.data):
+        print(f"corpus folder not found: --data DIR (got {args.data!r})", file=sys.stderr)
+        return 2
+    RADRELAY = os.path.abspath(args.radrelay)
+    DATA = os.path.abspath(args.data)
+    t0 = time.monotonic()
+    prog = unittest.main(module=__name__, argv=[sys.argv[0], "-v"] + rest, exit=False)
+    r = prog.result
+    # A failing subTest is reported under the test it belongs to: count tests.
+    bad = {getattr(t, "test_case", t).id() for t, _ in r.failures + r.errors}
+    bad |= {t.id() for t in r.unexpectedSuccesses}
+    skipped = {t.id() for t, _ in r.skipped} - bad
+    passed = r.testsRun - len(bad) - len(skipped)
+    print(f"took {time.monotonic() - t0:.1f}s", flush=True)
+    print(f"{passed} passed, {len(bad)} failed", flush=True)
+    return 0 if not bad and r.testsRun > 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
