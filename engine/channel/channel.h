@@ -1,10 +1,11 @@
 /* Inbound channels: an MLLP source whose messages are journaled and
  * acknowledged after the commit that keeps them.
  *
- * The engine (rr_engine_t) owns the loop's journal and commits every batch
- * of messages that arrived in one loop iteration together (group commit),
- * from a uv_check handle, i.e. right after the loop has read what the
- * sockets had; then each ACK is written. Threading: loop thread only. */
+ * The engine (rr_engine_t) hands the journal what arrived in one loop
+ * iteration from a uv_check handle, i.e. right after the loop has read what
+ * the sockets had; the journal commits it on a worker thread (group commit,
+ * pipelined with the next batch) and each ACK is written after its commit.
+ * Threading: loop thread only. */
 #ifndef RR_CHANNEL_H
 #define RR_CHANNEL_H
 
@@ -31,8 +32,9 @@ typedef struct rr_channel rr_channel_t;
 int rr_engine_new(uv_loop_t *loop, rr_journal_t *journal, rr_engine_t **out);
 /* rr_engine_add_channel: starts the channel's listener. cfg is copied. */
 int rr_engine_add_channel(rr_engine_t *e, const rr_channel_config_t *cfg, rr_channel_t **out);
-/* rr_engine_stop: stops listening, commits what is queued (sending those
- * ACKs), closes every connection. The loop then ends by itself. */
+/* rr_engine_stop: stops accepting and reading, lets the commits in flight
+ * finish (sending those ACKs), then closes every connection. Asynchronous:
+ * the loop ends by itself when all is closed. */
 void rr_engine_stop(rr_engine_t *e);
 /* rr_engine_free: after the loop has ended. NULL is a no-op. */
 void rr_engine_free(rr_engine_t *e);

@@ -14,7 +14,7 @@ struct rr_channel {
   rr_channel_config_t cfg;
   rr_mllp_listener_t *listener;
   rr_hl7_msg_t *msg; /* reused for every message */
-  uint64_t received, accepted, errored, rejected;
+  uint64_t received, accepted, errored, rejected, duplicates;
 };
 
 struct rr_engine {
@@ -158,6 +158,40 @@ static void on_frame(void *ud, rr_mllp_conn_t *c, const char *data, size_t len, 
   char etext[200] = "";
   rr_hl7_error_t ack_err = {0};
   size_t nerr = 0;
+  rr_journal_dup_t dup = {0};
+  if (*ctl && rr_journal_find(e->journal, *app ? app : NULL, *fac ? fac : NULL, ctl, data, len,
+                              &dup) != 0)
+    dup.found = false; /* the lookup failed: treat as new, the journal keeps both */
+  if (dup.found && dup.same_content) {
+    /* A resend: the stored answer again, byte for byte, in order behind
+     * what this connection sent before; not processed a second time. */
+    ch->duplicates++;
+    rr_log(RR_LOG_INFO, "channel", "event=duplicate channel=%s conn=%llu control_id=%s first_id=%lld",
+           ch->cfg.name, (unsigned long long)rr_mllp_conn_id(c), ctl, (long long)dup.id);
+    pending_ack_t *p = malloc(sizeof *p + dup.ack_len);
+    if (!p) {
+      free(dup.ack);
+      rr_mllp_conn_close(c);
+      return;
+    }
+    p->conn = c;
+    p->ch = ch;
+    p->len = dup.ack_len;
+    p->nak_len = 0;
+    p->send_ack = dup.ack != NULL;
+    p->send_nak = false;
+    if (dup.ack_len)
+      memcpy(p->data, dup.ack, dup.ack_len);
+    free(dup.ack);
+    rr_mllp_conn_hold(c);
+    if (rr_journal_add_barrier(e->journal, send_ack, p) != 0) {
+      rr_mllp_conn_release(c);
+      free(p);
+      rr_mllp_conn_close(c);
+    }
+    return;
+  }
+  free(dup.ack);
   if (prc) {
     status = "error";
     kind = RR_HL7_ERROR;
@@ -170,6 +204,21 @@ static void on_frame(void *ud, rr_mllp_conn_t *c, const char *data, size_t len, 
            "detail=\"%s\"",
            ch->cfg.name, (unsigned long long)rr_mllp_conn_id(c), rr_mllp_conn_peer(c), ctl,
            (unsigned long long)(offset + 1 + err.offset), err.hl7_code, err.text);
+  } else if (dup.found) {
+    /* Same sender and control id, different content: refused, kept. */
+    status = "rejected";
+    kind = RR_HL7_REJECT;
+    ack_err.hl7_code = RR_HL7_E_DUPLICATE_KEY;
+    memcpy(ack_err.segment_id, "MSH", 4);
+    ack_err.occurrence = 1;
+    ack_err.field = 10;
+    snprintf(ack_err.text, sizeof ack_err.text,
+             "control id already used by message %lld with different content", (long long)dup.id);
+    snprintf(etext, sizeof etext, "%s", ack_err.text);
+    nerr = 1;
+    rr_log(RR_LOG_WARN, "channel",
+           "event=duplicate_conflict channel=%s conn=%llu control_id=%s first_id=%lld",
+           ch->cfg.name, (unsigned long long)rr_mllp_conn_id(c), ctl, (long long)dup.id);
   } else if (!rr_channel_accepts(ch->cfg.accept, type, event)) {
     status = "rejected";
     kind = RR_HL7_REJECT;
@@ -249,7 +298,7 @@ static void on_frame(void *ud, rr_mllp_conn_t *c, const char *data, size_t len, 
 static void on_check(uv_check_t *h) {
   rr_engine_t *e = h->data;
   if (rr_journal_pending(e->journal))
-    rr_journal_commit(e->journal);
+    rr_journal_kick(e->journal);
 }
 
 int rr_engine_new(uv_loop_t *loop, rr_journal_t *journal, rr_engine_t **out) {
@@ -297,22 +346,33 @@ int rr_channel_port(const rr_channel_t *ch) { return rr_mllp_listener_port(ch->l
 
 static void on_check_closed(uv_handle_t *h) { (void)h; }
 
-void rr_engine_stop(rr_engine_t *e) {
-  if (e->stopping)
-    return;
-  e->stopping = 1;
-  /* Finish in-flight commits first, so every message read gets its answer. */
-  if (rr_journal_pending(e->journal))
-    rr_journal_commit(e->journal);
+/* Second step of a shutdown: every message read has been committed and its
+ * answer queued; now close the connections (after those writes). */
+static void on_journal_idle(void *ud) {
+  rr_engine_t *e = ud;
   for (rr_channel_t *ch = e->channels; ch; ch = ch->next) {
     rr_log(RR_LOG_INFO, "channel",
-           "event=stop channel=%s received=%llu accepted=%llu errored=%llu rejected=%llu",
+           "event=stop channel=%s received=%llu accepted=%llu errored=%llu rejected=%llu "
+           "duplicates=%llu",
            ch->cfg.name, (unsigned long long)ch->received, (unsigned long long)ch->accepted,
-           (unsigned long long)ch->errored, (unsigned long long)ch->rejected);
+           (unsigned long long)ch->errored, (unsigned long long)ch->rejected,
+           (unsigned long long)ch->duplicates);
     rr_mllp_listener_stop(ch->listener);
     ch->listener = NULL;
   }
   uv_close((uv_handle_t *)&e->commit, on_check_closed);
+}
+
+void rr_engine_stop(rr_engine_t *e) {
+  if (e->stopping)
+    return;
+  e->stopping = 1;
+  /* First: no new connections, no more reads. Then finish the commits in
+   * flight, so every message read gets its answer. */
+  for (rr_channel_t *ch = e->channels; ch; ch = ch->next)
+    rr_mllp_listener_quiesce(ch->listener);
+  rr_journal_set_idle_cb(e->journal, on_journal_idle, e);
+  rr_journal_kick(e->journal);
 }
 
 void rr_engine_free(rr_engine_t *e) {

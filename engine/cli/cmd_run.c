@@ -117,7 +117,7 @@ int rr_cmd_run(int argc, char **argv) {
   char *emsg = NULL;
   int rc = make_parent(cfg.store_path);
   if (rc == 0)
-    rc = rr_journal_open(cfg.store_path, cfg.sync, &journal, &emsg);
+    rc = rr_journal_open(&loop, cfg.store_path, cfg.sync, &journal, &emsg);
   if (rc) {
     rr_log(RR_LOG_ERROR, "engine", "event=store_open_failed path=%s error=\"%s\"", cfg.store_path,
            emsg ? emsg : rr_strerror(rc));

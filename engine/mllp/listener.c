@@ -37,6 +37,7 @@ struct rr_mllp_listener {
   unsigned nconns;
   uint64_t next_id;
   int open_handles;
+  int quiet;    /* no longer accepting or reading */
   int stopping;
   int port;
 };
@@ -431,11 +432,22 @@ static void on_drain_deadline(uv_timer_t *t) {
   uv_close((uv_handle_t *)&l->sweep, on_handle_closed);
 }
 
+void rr_mllp_listener_quiesce(rr_mllp_listener_t *l) {
+  if (!l || l->quiet)
+    return;
+  l->quiet = 1;
+  uv_close((uv_handle_t *)&l->server, on_handle_closed);
+  for (rr_mllp_conn_t *c = l->conns; c; c = c->next) {
+    c->draining = 1;
+    set_reading(c);
+  }
+}
+
 void rr_mllp_listener_stop(rr_mllp_listener_t *l) {
   if (!l || l->stopping)
     return;
+  rr_mllp_listener_quiesce(l);
   l->stopping = 1;
-  uv_close((uv_handle_t *)&l->server, on_handle_closed);
   for (rr_mllp_conn_t *c = l->conns; c; c = c->next)
     conn_shutdown(c);
   if (l->nconns) {

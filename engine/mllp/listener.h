@@ -41,6 +41,9 @@ int rr_mllp_listener_start(uv_loop_t *loop, const rr_mllp_listener_config_t *cfg
                            rr_mllp_frame_cb cb, void *ud, rr_mllp_listener_t **out);
 /* rr_mllp_listener_port: the bound port. */
 int rr_mllp_listener_port(const rr_mllp_listener_t *l);
+/* rr_mllp_listener_quiesce: stops accepting connections and reading from
+ * the open ones; replies can still be written. First step of a shutdown. */
+void rr_mllp_listener_quiesce(rr_mllp_listener_t *l);
 /* rr_mllp_listener_stop: stops accepting, closes every connection, frees the
  * listener once libuv has closed its handles. NULL is a no-op. */
 void rr_mllp_listener_stop(rr_mllp_listener_t *l);

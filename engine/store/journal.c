@@ -1,4 +1,4 @@
-/* SQLite journal with group commit. */
+/* SQLite journal: pipelined group commit on a libuv worker thread. */
 #include "store/journal.h"
 
 #include <sqlite3.h>
@@ -11,17 +11,32 @@
 
 typedef struct pending {
   rr_journal_entry_t e; /* strings and blobs point into blob */
+  bool barrier;
   rr_journal_done_cb cb;
   void *ud;
-  int64_t id;
+  int64_t id;           /* written by the worker */
   char *blob;
 } pending_t;
 
+typedef struct batch {
+  pending_t *v;
+  size_t n, cap;
+} batch_t;
+
 struct rr_journal {
-  sqlite3 *db;
-  sqlite3_stmt *insert, *begin, *commit, *rollback;
-  pending_t *q;
-  size_t nq, capq;
+  uv_loop_t *loop;
+  sqlite3 *wdb;  /* writer: the worker's while a batch is in flight */
+  sqlite3 *rdb;  /* reader: loop thread */
+  sqlite3_stmt *insert, *begin, *commit, *rollback; /* on wdb */
+  sqlite3_stmt *find, *find_raw, *count;            /* on rdb */
+  batch_t queue;  /* collecting (loop thread) */
+  batch_t flight; /* being committed */
+  bool busy;
+  int flight_rc;
+  char flight_err[256];
+  uv_work_t work;
+  void (*idle_cb)(void *ud);
+  void *idle_ud;
 };
 
 static const char schema[] =
@@ -36,7 +51,7 @@ static const char schema[] =
     " error TEXT,"
     " raw BLOB NOT NULL,"
     " ack BLOB);"
-    "CREATE INDEX IF NOT EXISTS messages_control ON messages(sending_app, sending_facility, control_id);"
+    "CREATE INDEX IF NOT EXISTS messages_control ON messages(control_id, sending_app, sending_facility);"
     "CREATE INDEX IF NOT EXISTS messages_mrn ON messages(mrn) WHERE mrn IS NOT NULL;"
     "CREATE INDEX IF NOT EXISTS messages_accession ON messages(accession) WHERE accession IS NOT NULL;"
     "CREATE INDEX IF NOT EXISTS messages_study ON messages(study_uid) WHERE study_uid IS NOT NULL;"
@@ -44,7 +59,7 @@ static const char schema[] =
     "PRAGMA user_version=1;";
 
 static int fail(sqlite3 *db, const char *what, char **errmsg) {
-  if (errmsg) {
+  if (errmsg && !*errmsg) {
     const char *m = db ? sqlite3_errmsg(db) : "out of memory";
     size_t n = strlen(what) + strlen(m) + 4;
     *errmsg = malloc(n);
@@ -54,39 +69,56 @@ static int fail(sqlite3 *db, const char *what, char **errmsg) {
   return RR_EIO;
 }
 
-int rr_journal_open(const char *path, rr_journal_sync_t sync, rr_journal_t **out, char **errmsg) {
+static int prepare(sqlite3 *db, const char *sql, sqlite3_stmt **st, char **errmsg) {
+  if (sqlite3_prepare_v3(db, sql, -1, SQLITE_PREPARE_PERSISTENT, st, NULL) != SQLITE_OK)
+    return fail(db, sql, errmsg);
+  return 0;
+}
+
+int rr_journal_open(uv_loop_t *loop, const char *path, rr_journal_sync_t sync,
+                    rr_journal_t **out, char **errmsg) {
   rr_journal_t *j = calloc(1, sizeof *j);
   int rc = RR_ENOMEM;
   if (errmsg)
     *errmsg = NULL;
   if (!j)
     goto out;
-  if (sqlite3_open_v2(path, &j->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX,
-                      NULL) != SQLITE_OK) {
-    rc = fail(j->db, "open", errmsg);
+  j->loop = loop;
+  const int wflags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX;
+  if (sqlite3_open_v2(path, &j->wdb, wflags, NULL) != SQLITE_OK) {
+    rc = fail(j->wdb, "open", errmsg);
     goto out;
   }
   static const char *const syncs[] = {"PRAGMA synchronous=FULL", "PRAGMA synchronous=NORMAL",
                                       "PRAGMA synchronous=OFF"};
-  const char *setup[] = {"PRAGMA journal_mode=WAL", syncs[sync], "PRAGMA foreign_keys=ON",
-                         "PRAGMA busy_timeout=5000", schema};
+  const char *setup[] = {"PRAGMA busy_timeout=5000", "PRAGMA journal_mode=WAL", syncs[sync],
+                         schema};
   for (size_t i = 0; i < sizeof setup / sizeof setup[0]; i++) {
-    if (sqlite3_exec(j->db, setup[i], NULL, NULL, NULL) != SQLITE_OK) {
-      rc = fail(j->db, setup[i], errmsg);
+    if (sqlite3_exec(j->wdb, setup[i], NULL, NULL, NULL) != SQLITE_OK) {
+      rc = fail(j->wdb, setup[i], errmsg);
       goto out;
     }
   }
-  if (sqlite3_prepare_v2(j->db,
-                         "INSERT INTO messages(channel, peer, received_ms, sending_app,"
-                         " sending_facility, message_type, control_id, mrn, accession, study_uid,"
-                         " status, error, raw, ack) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                         -1, &j->insert, NULL) != SQLITE_OK ||
-      sqlite3_prepare_v2(j->db, "BEGIN IMMEDIATE", -1, &j->begin, NULL) != SQLITE_OK ||
-      sqlite3_prepare_v2(j->db, "COMMIT", -1, &j->commit, NULL) != SQLITE_OK ||
-      sqlite3_prepare_v2(j->db, "ROLLBACK", -1, &j->rollback, NULL) != SQLITE_OK) {
-    rc = fail(j->db, "prepare", errmsg);
+  if (sqlite3_open_v2(path, &j->rdb, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK ||
+      sqlite3_exec(j->rdb, "PRAGMA busy_timeout=5000", NULL, NULL, NULL) != SQLITE_OK) {
+    rc = fail(j->rdb, "open reader", errmsg);
     goto out;
   }
+  if ((rc = prepare(j->wdb,
+                    "INSERT INTO messages(channel, peer, received_ms, sending_app,"
+                    " sending_facility, message_type, control_id, mrn, accession, study_uid,"
+                    " status, error, raw, ack) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    &j->insert, errmsg)) ||
+      (rc = prepare(j->wdb, "BEGIN IMMEDIATE", &j->begin, errmsg)) ||
+      (rc = prepare(j->wdb, "COMMIT", &j->commit, errmsg)) ||
+      (rc = prepare(j->wdb, "ROLLBACK", &j->rollback, errmsg)) ||
+      (rc = prepare(j->rdb,
+                    "SELECT id, length(raw), ack FROM messages WHERE control_id = ?1"
+                    " AND sending_app IS ?2 AND sending_facility IS ?3 ORDER BY id LIMIT 1",
+                    &j->find, errmsg)) ||
+      (rc = prepare(j->rdb, "SELECT raw FROM messages WHERE id = ?", &j->find_raw, errmsg)) ||
+      (rc = prepare(j->rdb, "SELECT count(*) FROM messages", &j->count, errmsg)))
+    goto out;
   *out = j;
   return 0;
 out:
@@ -94,33 +126,56 @@ out:
   return rc;
 }
 
-static void report_all(rr_journal_t *j, int status) {
-  /* Callbacks may queue new entries: take the batch off the queue first. */
-  pending_t *q = j->q;
-  size_t n = j->nq;
-  j->q = NULL;
-  j->nq = j->capq = 0;
-  for (size_t i = 0; i < n; i++) {
-    if (q[i].cb)
-      q[i].cb(q[i].ud, status, status ? 0 : q[i].id);
-    free(q[i].blob);
-  }
-  free(q);
+static void free_batch(batch_t *b) {
+  for (size_t i = 0; i < b->n; i++)
+    free(b->v[i].blob);
+  free(b->v);
+  memset(b, 0, sizeof *b);
+}
+
+static void report(batch_t *b, int status) {
+  for (size_t i = 0; i < b->n; i++)
+    if (b->v[i].cb)
+      b->v[i].cb(b->v[i].ud, status, status || b->v[i].barrier ? 0 : b->v[i].id);
 }
 
 void rr_journal_close(rr_journal_t *j) {
   if (!j)
     return;
-  report_all(j, RR_EIO);
-  sqlite3_finalize(j->insert);
-  sqlite3_finalize(j->begin);
-  sqlite3_finalize(j->commit);
-  sqlite3_finalize(j->rollback);
-  sqlite3_close(j->db);
+  batch_t q = j->queue;
+  memset(&j->queue, 0, sizeof j->queue);
+  report(&q, RR_EIO);
+  free_batch(&q);
+  sqlite3_stmt *sts[] = {j->insert, j->begin, j->commit, j->rollback, j->find, j->find_raw, j->count};
+  for (size_t i = 0; i < sizeof sts / sizeof sts[0]; i++)
+    sqlite3_finalize(sts[i]);
+  sqlite3_close(j->rdb);
+  sqlite3_close(j->wdb);
   free(j);
 }
 
-size_t rr_journal_pending(const rr_journal_t *j) { return j->nq; }
+size_t rr_journal_pending(const rr_journal_t *j) { return j->queue.n; }
+
+bool rr_journal_idle(const rr_journal_t *j) { return !j->busy && j->queue.n == 0; }
+
+void rr_journal_set_idle_cb(rr_journal_t *j, void (*cb)(void *ud), void *ud) {
+  j->idle_cb = cb;
+  j->idle_ud = ud;
+}
+
+static pending_t *slot(batch_t *b) {
+  if (b->n == b->cap) {
+    size_t nc = b->cap ? b->cap * 2 : 64;
+    pending_t *t = realloc(b->v, nc * sizeof *t);
+    if (!t)
+      return NULL;
+    b->v = t;
+    b->cap = nc;
+  }
+  pending_t *p = &b->v[b->n];
+  memset(p, 0, sizeof *p);
+  return p;
+}
 
 /* Copies a string into the blob at *w; NULL stays NULL. */
 static const char *put_str(char **w, const char *s) {
@@ -134,14 +189,9 @@ static const char *put_str(char **w, const char *s) {
 }
 
 int rr_journal_add(rr_journal_t *j, const rr_journal_entry_t *e, rr_journal_done_cb cb, void *ud) {
-  if (j->nq == j->capq) {
-    size_t nc = j->capq ? j->capq * 2 : 64;
-    pending_t *t = realloc(j->q, nc * sizeof *t);
-    if (!t)
-      return RR_ENOMEM;
-    j->q = t;
-    j->capq = nc;
-  }
+  pending_t *p = slot(&j->queue);
+  if (!p)
+    return RR_ENOMEM;
   const char *strs[] = {e->channel, e->peer, e->sending_app, e->sending_facility, e->message_type,
                         e->control_id, e->mrn, e->accession, e->study_uid, e->status, e->error};
   size_t need = e->raw_len + e->ack_len + 1;
@@ -150,8 +200,6 @@ int rr_journal_add(rr_journal_t *j, const rr_journal_entry_t *e, rr_journal_done
   char *blob = malloc(need);
   if (!blob)
     return RR_ENOMEM;
-  pending_t *p = &j->q[j->nq];
-  memset(p, 0, sizeof *p);
   char *w = blob;
   p->e = *e;
   p->e.channel = put_str(&w, e->channel);
@@ -175,9 +223,22 @@ int rr_journal_add(rr_journal_t *j, const rr_journal_entry_t *e, rr_journal_done
   p->blob = blob;
   p->cb = cb;
   p->ud = ud;
-  j->nq++;
+  j->queue.n++;
   return 0;
 }
+
+int rr_journal_add_barrier(rr_journal_t *j, rr_journal_done_cb cb, void *ud) {
+  pending_t *p = slot(&j->queue);
+  if (!p)
+    return RR_ENOMEM;
+  p->barrier = true;
+  p->cb = cb;
+  p->ud = ud;
+  j->queue.n++;
+  return 0;
+}
+
+/* ---- worker side -------------------------------------------------------- */
 
 static int bind_text(sqlite3_stmt *st, int i, const char *s) {
   return s ? sqlite3_bind_text(st, i, s, -1, SQLITE_STATIC) : sqlite3_bind_null(st, i);
@@ -186,7 +247,6 @@ static int bind_text(sqlite3_stmt *st, int i, const char *s) {
 static int insert_one(rr_journal_t *j, pending_t *p) {
   sqlite3_stmt *st = j->insert;
   const rr_journal_entry_t *e = &p->e;
-  sqlite3_reset(st);
   bind_text(st, 1, e->channel);
   bind_text(st, 2, e->peer);
   sqlite3_bind_int64(st, 3, e->received_ms);
@@ -206,9 +266,10 @@ static int insert_one(rr_journal_t *j, pending_t *p) {
     sqlite3_bind_null(st, 14);
   int rc = sqlite3_step(st);
   sqlite3_reset(st);
+  sqlite3_clear_bindings(st);
   if (rc != SQLITE_DONE)
     return RR_EIO;
-  p->id = sqlite3_last_insert_rowid(j->db);
+  p->id = sqlite3_last_insert_rowid(j->wdb);
   return 0;
 }
 
@@ -218,31 +279,145 @@ static int step_once(sqlite3_stmt *st) {
   return rc == SQLITE_DONE ? 0 : RR_EIO;
 }
 
-int rr_journal_commit(rr_journal_t *j) {
-  if (j->nq == 0)
-    return 0;
+/* Worker thread: writes the in-flight batch in one transaction. */
+static void commit_work(uv_work_t *w) {
+  rr_journal_t *j = w->data;
+  batch_t *b = &j->flight;
   int rc = step_once(j->begin);
-  for (size_t i = 0; rc == 0 && i < j->nq; i++)
-    rc = insert_one(j, &j->q[i]);
+  for (size_t i = 0; rc == 0 && i < b->n; i++)
+    if (!b->v[i].barrier)
+      rc = insert_one(j, &b->v[i]);
   if (rc == 0)
     rc = step_once(j->commit);
   if (rc) {
-    rr_log(RR_LOG_ERROR, "journal", "event=commit_failed entries=%zu error=\"%s\"", j->nq,
-           sqlite3_errmsg(j->db));
-    if (!sqlite3_get_autocommit(j->db))
+    snprintf(j->flight_err, sizeof j->flight_err, "%s", sqlite3_errmsg(j->wdb));
+    if (!sqlite3_get_autocommit(j->wdb))
       step_once(j->rollback);
   }
-  report_all(j, rc);
-  return rc;
+  j->flight_rc = rc;
+}
+
+static void finish_flight(rr_journal_t *j) {
+  batch_t b = j->flight;
+  memset(&j->flight, 0, sizeof j->flight);
+  j->busy = false;
+  report(&b, j->flight_rc);
+  free_batch(&b);
+}
+
+static void commit_done(uv_work_t *w, int status) {
+  rr_journal_t *j = w->data;
+  if (status == UV_ECANCELED)
+    j->flight_rc = RR_EIO;
+  if (j->flight_rc)
+    rr_log(RR_LOG_ERROR, "journal", "event=commit_failed entries=%zu error=\"%s\"", j->flight.n,
+           j->flight_err);
+  finish_flight(j);
+  rr_journal_kick(j);
+}
+
+void rr_journal_kick(rr_journal_t *j) {
+  if (j->busy)
+    return;
+  if (j->queue.n == 0) {
+    if (j->idle_cb) {
+      void (*cb)(void *) = j->idle_cb;
+      j->idle_cb = NULL;
+      cb(j->idle_ud);
+    }
+    return;
+  }
+  j->flight = j->queue;
+  memset(&j->queue, 0, sizeof j->queue);
+  j->flight_rc = 0;
+  j->busy = true;
+  bool only_barriers = true;
+  for (size_t i = 0; i < j->flight.n && only_barriers; i++)
+    only_barriers = j->flight.v[i].barrier;
+  if (only_barriers) { /* nothing to write: answer now, in order */
+    finish_flight(j);
+    rr_journal_kick(j);
+    return;
+  }
+  j->work.data = j;
+  if (uv_queue_work(j->loop, &j->work, commit_work, commit_done) != 0) {
+    j->flight_rc = RR_EIO;
+    snprintf(j->flight_err, sizeof j->flight_err, "cannot queue work");
+    finish_flight(j);
+  }
+}
+
+/* ---- duplicates --------------------------------------------------------- */
+
+static bool same_str(const char *a, const char *b) {
+  return (!a && !b) || (a && b && strcmp(a, b) == 0);
+}
+
+static bool find_in(const batch_t *b, const char *app, const char *fac, const char *ctl,
+                    const void *raw, size_t raw_len, rr_journal_dup_t *out) {
+  for (size_t i = 0; i < b->n; i++) {
+    const rr_journal_entry_t *e = &b->v[i].e;
+    if (b->v[i].barrier || !e->control_id || strcmp(e->control_id, ctl) != 0 ||
+        !same_str(e->sending_app, app) || !same_str(e->sending_facility, fac))
+      continue;
+    out->found = true;
+    out->committed = false;
+    out->same_content = e->raw_len == raw_len && memcmp(e->raw, raw, raw_len) == 0;
+    if (e->ack && (out->ack = malloc(e->ack_len ? e->ack_len : 1)))
+      memcpy(out->ack, e->ack, e->ack_len), out->ack_len = e->ack_len;
+    return true;
+  }
+  return false;
+}
+
+int rr_journal_find(rr_journal_t *j, const char *app, const char *facility,
+                    const char *control_id, const void *raw, size_t raw_len,
+                    rr_journal_dup_t *out) {
+  memset(out, 0, sizeof *out);
+  if (!control_id || !*control_id)
+    return 0;
+  /* Oldest first: committed rows, then the batch in flight, then the queue. */
+  sqlite3_stmt *st = j->find;
+  bind_text(st, 1, control_id);
+  bind_text(st, 2, app);
+  bind_text(st, 3, facility);
+  int rc = sqlite3_step(st);
+  int result = 0;
+  if (rc == SQLITE_ROW) {
+    out->found = true;
+    out->committed = true;
+    out->id = sqlite3_column_int64(st, 0);
+    size_t len = (size_t)sqlite3_column_int64(st, 1);
+    if (sqlite3_column_type(st, 2) != SQLITE_NULL) {
+      const void *a = sqlite3_column_blob(st, 2);
+      size_t al = (size_t)sqlite3_column_bytes(st, 2);
+      if ((out->ack = malloc(al ? al : 1)))
+        memcpy(out->ack, a, al), out->ack_len = al;
+      else
+        result = RR_ENOMEM;
+    }
+    if (len == raw_len) {
+      sqlite3_stmt *rs = j->find_raw;
+      sqlite3_bind_int64(rs, 1, out->id);
+      if (sqlite3_step(rs) == SQLITE_ROW)
+        out->same_content = (size_t)sqlite3_column_bytes(rs, 0) == raw_len &&
+                            memcmp(sqlite3_column_blob(rs, 0), raw, raw_len) == 0;
+      sqlite3_reset(rs);
+    }
+  } else if (rc != SQLITE_DONE) {
+    result = RR_EIO;
+  }
+  sqlite3_reset(st);
+  sqlite3_clear_bindings(st);
+  if (!out->found && !find_in(&j->flight, app, facility, control_id, raw, raw_len, out))
+    find_in(&j->queue, app, facility, control_id, raw, raw_len, out);
+  return result;
 }
 
 int64_t rr_journal_count(rr_journal_t *j) {
-  sqlite3_stmt *st;
   int64_t n = -1;
-  if (sqlite3_prepare_v2(j->db, "SELECT count(*) FROM messages", -1, &st, NULL) != SQLITE_OK)
-    return -1;
-  if (sqlite3_step(st) == SQLITE_ROW)
-    n = sqlite3_column_int64(st, 0);
-  sqlite3_finalize(st);
+  if (sqlite3_step(j->count) == SQLITE_ROW)
+    n = sqlite3_column_int64(j->count, 0);
+  sqlite3_reset(j->count);
   return n;
 }

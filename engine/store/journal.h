@@ -1,15 +1,25 @@
 /* The message journal: every inbound message, its metadata and the ACK sent,
- * in SQLite (WAL). Writes are batched: rr_journal_add queues an entry, and
- * rr_journal_commit writes every queued entry in one transaction, then
- * reports each entry's outcome through its callback. An ACK that promises
- * the message is kept is sent from that callback, after the commit returned.
+ * in SQLite (WAL).
  *
- * Threading: a journal belongs to the loop thread that opened it. */
+ * Writes are batched and pipelined. rr_journal_add queues an entry;
+ * rr_journal_kick hands everything queued to a libuv worker thread, which
+ * writes it in one transaction; back on the loop thread each entry's
+ * callback runs, in queue order, after the COMMIT has returned. An ACK that
+ * promises the message is kept is sent from that callback. While one batch
+ * is being committed the next one collects, so under load batches grow and
+ * the fsync cost is shared.
+ *
+ * Threading: every function runs on the loop thread given to
+ * rr_journal_open; callbacks run there too, never synchronously from
+ * rr_journal_add. The worker owns the writer connection while a batch is in
+ * flight; the loop thread reads through a second connection. */
 #ifndef RR_STORE_JOURNAL_H
 #define RR_STORE_JOURNAL_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <uv.h>
 
 typedef struct rr_journal rr_journal_t;
 
@@ -29,29 +39,54 @@ typedef struct rr_journal_entry {
   const char *error;        /* diagnostic for error/rejected, may be NULL */
   const void *raw;
   size_t raw_len;
-  const void *ack;
+  const void *ack;          /* the answer sent, NULL when none is sent */
   size_t ack_len;
 } rr_journal_entry_t;
 
-/* Called once per entry after the commit (status 0) or its failure
- * (negative code; nothing of the batch was kept). id is the row id. */
+/* Called once per entry after its batch's commit (status 0) or the commit's
+ * failure (negative code; nothing of the batch was kept). id is the row id
+ * (0 for barriers and on failure). Loop thread. */
 typedef void (*rr_journal_done_cb)(void *ud, int status, int64_t id);
 
-/* rr_journal_open: opens or creates the store file and its schema.
- * On error returns a negative code and, when errmsg is not NULL, a
- * malloc'd description the caller frees. */
-int rr_journal_open(const char *path, rr_journal_sync_t sync, rr_journal_t **out, char **errmsg);
-/* rr_journal_close: commits nothing; queued entries are reported failed
- * (RR_EIO). NULL is a no-op. */
+/* What is known about an earlier message with the same sender and control
+ * id (rr_journal_find). */
+typedef struct rr_journal_dup {
+  bool found;
+  bool same_content; /* byte-identical raw message */
+  bool committed;    /* false: still queued or being committed */
+  int64_t id;
+  void *ack;         /* malloc'd copy of the ACK it got (NULL when none); caller frees */
+  size_t ack_len;
+} rr_journal_dup_t;
+
+/* rr_journal_open: opens or creates the store file and its schema. On error
+ * returns a negative code and, when errmsg is not NULL, a malloc'd
+ * description the caller frees. */
+int rr_journal_open(uv_loop_t *loop, const char *path, rr_journal_sync_t sync,
+                    rr_journal_t **out, char **errmsg);
+/* rr_journal_close: the journal must be idle (rr_journal_idle); queued
+ * entries are reported failed (RR_EIO). NULL is a no-op. */
 void rr_journal_close(rr_journal_t *j);
-/* rr_journal_add: queues an entry (copied). RR_ENOMEM; never calls back
- * synchronously. */
+/* rr_journal_add: queues an entry (copied). RR_ENOMEM. */
 int rr_journal_add(rr_journal_t *j, const rr_journal_entry_t *e, rr_journal_done_cb cb, void *ud);
-/* rr_journal_pending: entries queued and not yet committed. */
+/* rr_journal_add_barrier: queues a callback that runs after everything
+ * queued before it has been committed (keeps answers in order). */
+int rr_journal_add_barrier(rr_journal_t *j, rr_journal_done_cb cb, void *ud);
+/* rr_journal_kick: starts committing what is queued, unless a batch is
+ * already in flight (then it starts when that one is done). */
+void rr_journal_kick(rr_journal_t *j);
+/* rr_journal_idle: nothing queued and nothing in flight. */
+bool rr_journal_idle(const rr_journal_t *j);
+/* rr_journal_set_idle_cb: called (once per registration) when the journal
+ * becomes idle after a kick; for shutdown. */
+void rr_journal_set_idle_cb(rr_journal_t *j, void (*cb)(void *ud), void *ud);
 size_t rr_journal_pending(const rr_journal_t *j);
-/* rr_journal_commit: writes every queued entry in one transaction and calls
- * each callback, in queue order. Returns the commit's status. */
-int rr_journal_commit(rr_journal_t *j);
+/* rr_journal_find: an earlier message from (app, facility) with this
+ * control id, among queued, in-flight and committed ones; compares raw.
+ * The earliest such message wins. */
+int rr_journal_find(rr_journal_t *j, const char *app, const char *facility,
+                    const char *control_id, const void *raw, size_t raw_len,
+                    rr_journal_dup_t *out);
 /* rr_journal_count: rows in the journal (for tools and tests). */
 int64_t rr_journal_count(rr_journal_t *j);
 

@@ -88,6 +88,19 @@ def read_frame(sock):
     return unframe(buf)
 
 
+def read_frames(sock, n):
+    """Reads exactly n MLLP frames (they may arrive in one segment)."""
+    buf = b""
+    while buf.count(EB + CR) < n:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise EOFError(f"connection closed after {len(buf)} bytes of replies")
+        buf += chunk
+    frames = [unframe(f + EB + CR) for f in buf.split(EB + CR)[:-1]]
+    assert len(frames) == n, f"{len(frames)} frames, wanted {n}: {buf!r}"
+    return frames
+
+
 def set_os_timeouts(sock, seconds):
     """SO_RCVTIMEO/SO_SNDTIMEO: bounds a blocking socket's calls without
     putting Python's socket object in timeout mode (where send() may send
@@ -662,6 +675,39 @@ class EngineTest(unittest.TestCase):
         rows = e.rows()
         self.assertEqual([r["control_id"] for r in rows], ["ENH-NE-1", "ENH-AL-2"])
         self.assertIsNone(rows[0]["ack"])
+
+
+    # ---- 12 ---------------------------------------------------------------
+    def test_12_duplicates(self):
+        """A resend (same MSH-3/4 and MSH-10, same bytes) gets the stored ACK
+        back byte for byte and is not stored again, whether the first copy is
+        still being committed, committed, or from before a restart; the same
+        control id with other content gets AR with ERR 205 and is kept."""
+        e = self.engine([self.channel("orders")]).start()
+        first = make_msg("DUP-0001")
+        with socket.create_connection((HOST, e.port()), timeout=IO_TIMEOUT) as s:
+            s.sendall(frame(first) + frame(first))      # second one while the first commits
+            a1, a2 = read_frames(s, 2)
+            self.assertEqual(a1, a2)
+            self.assert_positive(a1, "DUP-0001")
+            s.sendall(frame(first))                      # first one committed by now
+            self.assertEqual(read_frame(s), a1)
+            other = first.replace(b"ZZTEST^PATIENT", b"ZZTEST^OTHER")
+            s.sendall(frame(other))
+            nak = parse_ack(read_frame(s))
+            self.assertEqual(msa(nak)[0], "AR")
+            self.assertEqual(err_code(nak), "205")
+        self.assertTrue(e.logged("event=duplicate_conflict"), e.tail())
+        self.stop_ok(e)
+        e.start()
+        with socket.create_connection((HOST, e.port()), timeout=IO_TIMEOUT) as s:
+            s.sendall(frame(first))
+            self.assertEqual(read_frame(s), a1, "the stored ACK after a restart")
+        self.stop_ok(e)
+        rows = e.rows()
+        self.assertEqual([(r["control_id"], r["status"]) for r in rows],
+                         [("DUP-0001", "accepted"), ("DUP-0001", "rejected")])
+        self.assertEqual(rows[0]["ack"], a1)
 
 
 def main():
