@@ -10,7 +10,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cli/schemas.h"
 #include "core/error.h"
+#include "core/json_schema.h"
 #include "core/log.h"
 
 typedef struct ctx {
@@ -80,6 +82,58 @@ static int substitute(ctx_t *c, const char *path, const char *in, char *out, siz
   return 0;
 }
 
+/* Substitutes ${VAR} in every string value of the tree, in place. */
+static void substitute_tree(ctx_t *c, json_t *node, const char *path) {
+  char p[512];
+  if (json_is_object(node)) {
+    const char *k;
+    json_t *v;
+    json_object_foreach(node, k, v) {
+      snprintf(p, sizeof p, "%s.%s", path, k);
+      substitute_tree(c, v, p);
+    }
+  } else if (json_is_array(node)) {
+    size_t i;
+    json_t *v;
+    json_array_foreach(node, i, v) {
+      snprintf(p, sizeof p, "%s[%zu]", path, i);
+      substitute_tree(c, v, p);
+    }
+  } else if (json_is_string(node) && strstr(json_string_value(node), "${")) {
+    char out[4096];
+    if (substitute(c, path, json_string_value(node), out, sizeof out) == 0)
+      json_string_set(node, out);
+  }
+}
+
+/* Loads a JSON file, substitutes ${VAR}, validates it against the embedded
+ * schema text. NULL (with problems in err) when anything is wrong. */
+static json_t *load_valid(const char *file, const char *schema_text, rr_buf_t *err) {
+  ctx_t c = {file, err, 0};
+  json_error_t je;
+  json_t *root = json_load_file(file, JSON_REJECT_DUPLICATES, &je);
+  if (!root) {
+    rr_buf_printf(err, "%s: line %d column %d: %s\n", file, je.line, je.column, je.text);
+    return NULL;
+  }
+  substitute_tree(&c, root, "$");
+  json_t *sj = json_loads(schema_text, 0, &je);
+  rr_json_schema_t *schema = NULL;
+  if (!sj || rr_json_schema_new(sj, &schema, err) != 0) {
+    rr_buf_printf(err, "%s: the built-in schema does not load\n", file);
+    c.bad++;
+  } else if (rr_json_schema_validate(schema, root, file, err) != 0) {
+    c.bad++;
+  }
+  rr_json_schema_free(schema);
+  json_decref(sj);
+  if (c.bad) {
+    json_decref(root);
+    return NULL;
+  }
+  return root;
+}
+
 static int get_string(ctx_t *c, json_t *obj, const char *key, const char *path, char *out,
                       size_t cap, const char *def) {
   json_t *v = json_object_get(obj, key);
@@ -97,7 +151,11 @@ static int get_string(ctx_t *c, json_t *obj, const char *key, const char *path, 
     problem(c, p, "must be a string");
     return -1;
   }
-  return substitute(c, p, json_string_value(v), out, cap);
+  if ((size_t)snprintf(out, cap, "%s", json_string_value(v)) >= cap) {
+    problem(c, p, "too long (at most %zu characters)", cap - 1);
+    return -1;
+  }
+  return 0;
 }
 
 /* Integers may be given as numbers or as strings (for ${VAR}). */
@@ -113,8 +171,7 @@ static int get_uint(ctx_t *c, json_t *obj, const char *key, const char *path, ui
     n = (unsigned long long)json_integer_value(v);
   } else if (json_is_string(v)) {
     char buf[64], *end;
-    if (substitute(c, p, json_string_value(v), buf, sizeof buf))
-      return -1;
+    snprintf(buf, sizeof buf, "%s", json_string_value(v));
     n = strtoull(buf, &end, 10);
     if (!*buf || *end) {
       problem(c, p, "\"%s\" is not a whole number", buf);
@@ -150,13 +207,10 @@ static void unknown_keys(ctx_t *c, json_t *obj, const char *path, const char *co
 
 static int load_channel(const char *file, rr_channel_config_t *ch, rr_buf_t *err) {
   ctx_t c = {file, err, 0};
-  json_error_t je;
-  json_t *root = json_load_file(file, JSON_REJECT_DUPLICATES, &je);
   memset(ch, 0, sizeof *ch);
-  if (!root) {
-    rr_buf_printf(err, "%s: line %d column %d: %s\n", file, je.line, je.column, je.text);
+  json_t *root = load_valid(file, rr_schema_channel, err);
+  if (!root)
     return RR_EINVAL;
-  }
   if (!json_is_object(root)) {
     problem(&c, "$", "must be an object");
     json_decref(root);
@@ -255,12 +309,9 @@ static int cmp_str(const void *a, const void *b) {
 int rr_config_load(const char *path, rr_config_t *cfg, rr_buf_t *err) {
   memset(cfg, 0, sizeof *cfg);
   ctx_t c = {path, err, 0};
-  json_error_t je;
-  json_t *root = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
-  if (!root) {
-    rr_buf_printf(err, "%s: line %d column %d: %s\n", path, je.line, je.column, je.text);
+  json_t *root = load_valid(path, rr_schema_engine, err);
+  if (!root)
     return RR_EINVAL;
-  }
   char dir[PATH_MAX];
   snprintf(dir, sizeof dir, "%s", path);
   char *base = dirname(dir);
