@@ -22,6 +22,8 @@ typedef struct rr_channel_config {
   char host[64];
   char **accept;      /* "ADT^A01", "ORM^*", ... NULL-terminated; NULL = everything */
   rr_hl7_options_t hl7;
+  int mllp_release;   /* 1: answer with HL7 ACKs; 2: with MLLP commit blocks
+                         (0x06 once stored, 0x15 when not) */
 } rr_channel_config_t;
 
 typedef struct rr_engine rr_engine_t;

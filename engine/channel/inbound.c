@@ -234,6 +234,7 @@ static void on_frame(void *ud, rr_mllp_conn_t *c, const char *data, size_t len, 
            ch->cfg.name, (unsigned long long)rr_mllp_conn_id(c), ctl, type, event);
   }
   rr_hl7_ack_code_t code = rr_hl7_ack_code_for(m, kind);
+  const bool r2 = ch->cfg.mllp_release == 2;
 
   char ack_id[48], ts[32];
   int64_t now = wall_ms();
@@ -243,7 +244,9 @@ static void on_frame(void *ud, rr_mllp_conn_t *c, const char *data, size_t len, 
   rr_buf_t ack;
   rr_buf_init(&ack, 1 << 20);
   rr_hl7_ack_options_t ao = {ack_id, ts, nerr ? etext : NULL, nerr ? &ack_err : NULL, nerr};
-  int rc = rr_hl7_ack_build(m, code, &ao, &ack);
+  /* MLLP release 2: the answer is a commit block, 0x06 once the message is
+   * stored (whatever its status), 0x15 when it could not be. */
+  int rc = r2 ? rr_buf_putc(&ack, 0x06) : rr_hl7_ack_build(m, code, &ao, &ack);
   size_t ack_len = ack.len;
   rr_hl7_error_t store_err = {0};
   store_err.hl7_code = RR_HL7_E_INTERNAL;
@@ -251,7 +254,7 @@ static void on_frame(void *ud, rr_mllp_conn_t *c, const char *data, size_t len, 
   rr_hl7_ack_options_t no = {ack_id, ts, store_err.text, &store_err, 1};
   rr_hl7_ack_code_t nak_code = rr_hl7_ack_mode(m).enhanced ? RR_HL7_CR : RR_HL7_AR;
   if (rc == 0)
-    rc = rr_hl7_ack_build(m, nak_code, &no, &ack);
+    rc = r2 ? rr_buf_putc(&ack, 0x15) : rr_hl7_ack_build(m, nak_code, &no, &ack);
   pending_ack_t *p = rc ? NULL : malloc(sizeof *p + ack.len);
   if (!p) {
     rr_buf_close(&ack);
@@ -260,8 +263,8 @@ static void on_frame(void *ud, rr_mllp_conn_t *c, const char *data, size_t len, 
   }
   p->conn = c;
   p->ch = ch;
-  p->send_ack = rr_hl7_ack_wanted(m, code);
-  p->send_nak = rr_hl7_ack_wanted(m, nak_code);
+  p->send_ack = r2 || rr_hl7_ack_wanted(m, code);
+  p->send_nak = r2 || rr_hl7_ack_wanted(m, nak_code);
   p->len = ack_len;
   p->nak_len = ack.len - ack_len;
   memcpy(p->data, ack.data, ack.len);

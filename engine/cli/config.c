@@ -227,7 +227,8 @@ static int load_channel(const char *file, rr_channel_config_t *ch, rr_buf_t *err
   } else {
     static const char *const keys[] = {"type", "host", "port", "max_connections", "max_per_peer",
                                        "max_inflight", "idle_timeout_ms", "frame_timeout_ms",
-                                       "drain_timeout_ms", "max_frame_bytes", NULL};
+                                       "drain_timeout_ms", "max_frame_bytes", "mllp_release",
+                                       NULL};
     unknown_keys(&c, src, "$.source", keys);
     char type[32];
     if (get_string(&c, src, "type", "$.source", type, sizeof type, NULL) == 0 &&
@@ -249,6 +250,9 @@ static int load_channel(const char *file, rr_channel_config_t *ch, rr_buf_t *err
     get_uint(&c, src, "idle_timeout_ms", "$.source", 0, UINT32_MAX, &ch->listen.idle_timeout_ms);
     get_uint(&c, src, "frame_timeout_ms", "$.source", 0, UINT32_MAX, &ch->listen.frame_timeout_ms);
     get_uint(&c, src, "drain_timeout_ms", "$.source", 0, UINT32_MAX, &ch->listen.drain_timeout_ms);
+    v = 1;
+    if (get_uint(&c, src, "mllp_release", "$.source", 1, 2, &v) == 0)
+      ch->mllp_release = (int)v;
     v = ch->listen.framing.max_frame;
     if (get_uint(&c, src, "max_frame_bytes", "$.source", 64, (uint64_t)1 << 30, &v) == 0)
       ch->listen.framing.max_frame = (size_t)v;

@@ -710,6 +710,25 @@ class EngineTest(unittest.TestCase):
         self.assertEqual(rows[0]["ack"], a1)
 
 
+    # ---- 13 ---------------------------------------------------------------
+    def test_13_mllp_release_2_commit_blocks(self):
+        """MLLP release 2: each stored message is answered with a 0x06 commit
+        block (a message that does not parse is stored too), a resend with
+        the same block."""
+        e = self.engine([self.channel("orders", mllp_release=2)]).start()
+        bad = make_msg("R2-0002").replace(b"\rPID|", b"\rPIDX|", 1)
+        with socket.create_connection((HOST, e.port()), timeout=IO_TIMEOUT) as s:
+            s.sendall(frame(make_msg("R2-0001")))
+            self.assertEqual(read_frame(s), b"\x06")
+            s.sendall(frame(bad))
+            self.assertEqual(read_frame(s), b"\x06")
+            s.sendall(frame(make_msg("R2-0001")))
+            self.assertEqual(read_frame(s), b"\x06")
+        self.stop_ok(e)
+        self.assertEqual([(r["control_id"], r["status"]) for r in e.rows()],
+                         [("R2-0001", "accepted"), ("R2-0002", "error")])
+
+
 def main():
     global RADRELAY, DATA
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
