@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 
 #include "cli/cli.h"
@@ -109,6 +110,12 @@ int rr_cmd_run(int argc, char **argv) {
     rr_log_set_level((rr_log_level_t)l);
   }
   signal(SIGPIPE, SIG_IGN);
+  /* Every connection is a descriptor: take what the hard limit allows. */
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+    rl.rlim_cur = rl.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &rl);
+  }
   int status = 1;
   rr_journal_t *journal = NULL;
   uv_loop_t loop;

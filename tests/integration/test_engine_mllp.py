@@ -729,6 +729,48 @@ class EngineTest(unittest.TestCase):
                          [("R2-0001", "accepted"), ("R2-0002", "error")])
 
 
+    # ---- 14 ---------------------------------------------------------------
+    def test_14_thousand_idle_connections(self):
+        """1,000 idle connections do not keep a normal client from being
+        served."""
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < 1100:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+        e = self.engine([self.channel("orders", max_connections=1100,
+                                      max_per_peer=1100)]).start()
+        idle = []
+        try:
+            for _ in range(1000):
+                idle.append(socket.create_connection((HOST, e.port()), timeout=IO_TIMEOUT))
+            wait_for(lambda: len([l for l in e.snapshot() if "event=accept" in l]) >= 1000,
+                     20, "1,000 accepted connections")
+            with socket.create_connection((HOST, e.port()), timeout=IO_TIMEOUT) as s:
+                s.sendall(frame(make_msg("BUSY-0001")))
+                self.assert_positive(read_frame(s), "BUSY-0001")
+        finally:
+            for s in idle:
+                s.close()
+        self.stop_ok(e)
+
+    # ---- 15 ---------------------------------------------------------------
+    def test_15_slow_sender_is_cut_off(self):
+        """A frame that does not end within frame_timeout_ms closes that
+        connection (logged with its offset); others are served meanwhile."""
+        e = self.engine([self.channel("orders", frame_timeout_ms=500)]).start()
+        slow = socket.create_connection((HOST, e.port()), timeout=IO_TIMEOUT)
+        slow.sendall(frame(make_msg("SLOW-0001"))[:40])   # a frame that never ends
+        with socket.create_connection((HOST, e.port()), timeout=IO_TIMEOUT) as s:
+            s.sendall(frame(make_msg("FAST-0001")))
+            self.assert_positive(read_frame(s), "FAST-0001")
+        slow.settimeout(10)
+        self.assertEqual(slow.recv(100), b"", "the slow sender is disconnected")
+        slow.close()
+        e.wait_log("event=frame_timeout", "channel=orders", "offset=0")
+        self.stop_ok(e)
+        self.assertEqual([r["control_id"] for r in e.rows()], ["FAST-0001"])
+
+
 def main():
     global RADRELAY, DATA
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
