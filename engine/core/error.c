@@ -11,6 +11,8 @@ const char *rr_strerror(int code) {
   case RR_ECHARSET: return "unsupported character set";
   case RR_EPATH: return "malformed path";
   case RR_EAGAIN: return "more input needed";
+  case RR_ETLS: return "TLS failure";
+  case RR_ETLSCLOSED: return "TLS session closed by the peer";
   default: break;
   }
   if (code < 0 && code > -4096) {
