@@ -24,6 +24,10 @@ typedef struct rr_channel_config {
   rr_hl7_options_t hl7;
   int mllp_release;   /* 1: answer with HL7 ACKs; 2: with MLLP commit blocks
                          (0x06 once stored, 0x15 when not) */
+  bool tls;           /* the source speaks TLS, with tls_cfg (strings below) */
+  rr_tls_config_t tls_cfg;
+  char tls_cert[1024], tls_key[1024], tls_ca[1024], tls_crl[1024];
+  char **tls_allow;   /* owned, tls_cfg.nallow entries */
 } rr_channel_config_t;
 
 typedef struct rr_engine rr_engine_t;
@@ -41,6 +45,11 @@ void rr_engine_stop(rr_engine_t *e);
 /* rr_engine_free: after the loop has ended. NULL is a no-op. */
 void rr_engine_free(rr_engine_t *e);
 int rr_channel_port(const rr_channel_t *ch);
+/* rr_engine_reload_tls: re-reads every channel's certificates, keys, CA and
+ * CRL files; new connections use them, open ones keep theirs. A channel
+ * whose files do not load keeps its old ones; the error is logged. Returns
+ * the number of channels that failed. */
+int rr_engine_reload_tls(rr_engine_t *e);
 
 /* rr_channel_accepts: whether type ("ADT^A01") matches the accept list;
  * an entry "ADT^*" or "ADT" matches every ADT event. Pure. */

@@ -13,6 +13,7 @@ struct rr_channel {
   rr_channel_t *next;
   rr_channel_config_t cfg;
   rr_mllp_listener_t *listener;
+  rr_tls_ctx_t *tls; /* NULL for plain TCP */
   rr_hl7_msg_t *msg; /* reused for every message */
   uint64_t received, accepted, errored, rejected, duplicates;
 };
@@ -319,6 +320,8 @@ int rr_engine_new(uv_loop_t *loop, rr_journal_t *journal, rr_engine_t **out) {
   return 0;
 }
 
+static void fix_tls_pointers(rr_channel_config_t *c);
+
 int rr_engine_add_channel(rr_engine_t *e, const rr_channel_config_t *cfg, rr_channel_t **out) {
   rr_channel_t *ch = calloc(1, sizeof *ch);
   if (!ch)
@@ -332,8 +335,22 @@ int rr_engine_add_channel(rr_engine_t *e, const rr_channel_config_t *cfg, rr_cha
     free(ch);
     return RR_ENOMEM;
   }
-  int rc = rr_mllp_listener_start(e->loop, &ch->cfg.listen, on_frame, ch, &ch->listener);
+  int rc = 0;
+  if (ch->cfg.tls) {
+    fix_tls_pointers(&ch->cfg);
+    rr_buf_t err;
+    rr_buf_init(&err, 1 << 16);
+    rc = rr_tls_ctx_new(&ch->cfg.tls_cfg, &ch->tls, &err);
+    if (rc)
+      rr_log(RR_LOG_ERROR, "tls", "event=tls_config_failed channel=%s error=\"%s\"", ch->cfg.name,
+             err.data ? err.data : rr_strerror(rc));
+    rr_buf_close(&err);
+    ch->cfg.listen.tls = ch->tls;
+  }
+  if (rc == 0)
+    rc = rr_mllp_listener_start(e->loop, &ch->cfg.listen, on_frame, ch, &ch->listener);
   if (rc) {
+    rr_tls_ctx_free(ch->tls);
     rr_hl7_msg_free(ch->msg);
     free(ch);
     return rc;
@@ -346,6 +363,36 @@ int rr_engine_add_channel(rr_engine_t *e, const rr_channel_config_t *cfg, rr_cha
 }
 
 int rr_channel_port(const rr_channel_t *ch) { return rr_mllp_listener_port(ch->listener); }
+
+/* The copied configuration's string pointers must point into the copy. */
+static void fix_tls_pointers(rr_channel_config_t *c) {
+  c->tls_cfg.role = RR_TLS_SERVER;
+  c->tls_cfg.cert_file = c->tls_cert[0] ? c->tls_cert : NULL;
+  c->tls_cfg.key_file = c->tls_key[0] ? c->tls_key : NULL;
+  c->tls_cfg.ca_file = c->tls_ca[0] ? c->tls_ca : NULL;
+  c->tls_cfg.crl_file = c->tls_crl[0] ? c->tls_crl : NULL;
+  c->tls_cfg.allow = (const char *const *)c->tls_allow;
+}
+
+int rr_engine_reload_tls(rr_engine_t *e) {
+  int failed = 0;
+  for (rr_channel_t *ch = e->channels; ch; ch = ch->next) {
+    if (!ch->tls)
+      continue;
+    rr_buf_t err;
+    rr_buf_init(&err, 1 << 16);
+    int rc = rr_tls_ctx_reload(ch->tls, &ch->cfg.tls_cfg, &err);
+    if (rc) {
+      failed++;
+      rr_log(RR_LOG_ERROR, "tls", "event=tls_reload_failed channel=%s error=\"%s\"", ch->cfg.name,
+             err.data ? err.data : rr_strerror(rc));
+    } else {
+      rr_log(RR_LOG_INFO, "tls", "event=tls_reloaded channel=%s", ch->cfg.name);
+    }
+    rr_buf_close(&err);
+  }
+  return failed;
+}
 
 static void on_check_closed(uv_handle_t *h) { (void)h; }
 
@@ -384,9 +431,13 @@ void rr_engine_free(rr_engine_t *e) {
   for (rr_channel_t *ch = e->channels, *n; ch; ch = n) {
     n = ch->next;
     rr_hl7_msg_free(ch->msg);
+    rr_tls_ctx_free(ch->tls);
     for (char **a = ch->cfg.accept; a && *a; a++)
       free(*a);
     free(ch->cfg.accept);
+    for (size_t i = 0; i < ch->cfg.tls_cfg.nallow; i++)
+      free(ch->cfg.tls_allow[i]);
+    free(ch->cfg.tls_allow);
     free(ch);
   }
   free(e);

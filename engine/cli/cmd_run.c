@@ -14,9 +14,17 @@
 
 typedef struct run_state {
   rr_engine_t *engine;
-  uv_signal_t sigint, sigterm;
+  uv_signal_t sigint, sigterm, sighup;
   int stopping;
 } run_state_t;
+
+/* SIGHUP: certificates and keys are read again, for new connections. */
+static void on_sighup(uv_signal_t *h, int signum) {
+  run_state_t *s = h->data;
+  (void)signum;
+  rr_log(RR_LOG_INFO, "engine", "event=reload signal=HUP");
+  rr_engine_reload_tls(s->engine);
+}
 
 static void on_signal(uv_signal_t *h, int signum) {
   run_state_t *s = h->data;
@@ -27,6 +35,7 @@ static void on_signal(uv_signal_t *h, int signum) {
   rr_engine_stop(s->engine);
   uv_close((uv_handle_t *)&s->sigint, NULL);
   uv_close((uv_handle_t *)&s->sigterm, NULL);
+  uv_close((uv_handle_t *)&s->sighup, NULL);
 }
 
 /* mkdir -p of the folder holding path. */
@@ -85,12 +94,37 @@ int rr_cmd_check(int argc, char **argv) {
   int st = load(argc, argv, &cfg, NULL);
   if (st)
     return st;
-  printf("configuration ok: store %s, %zu channel(s)\n", cfg.store_path, cfg.nchannels);
-  for (size_t i = 0; i < cfg.nchannels; i++)
-    printf("  channel %s: mllp %s:%d\n", cfg.channels[i].name, cfg.channels[i].host,
-           cfg.channels[i].listen.port);
+  /* Certificates and keys load as they would at start. */
+  int bad = 0;
+  for (size_t i = 0; i < cfg.nchannels; i++) {
+    rr_channel_config_t *ch = &cfg.channels[i];
+    if (!ch->tls)
+      continue;
+    rr_tls_config_t t = ch->tls_cfg;
+    t.role = RR_TLS_SERVER;
+    t.cert_file = ch->tls_cert[0] ? ch->tls_cert : NULL;
+    t.key_file = ch->tls_key[0] ? ch->tls_key : NULL;
+    t.ca_file = ch->tls_ca[0] ? ch->tls_ca : NULL;
+    t.crl_file = ch->tls_crl[0] ? ch->tls_crl : NULL;
+    t.allow = (const char *const *)ch->tls_allow;
+    rr_tls_ctx_t *ctx = NULL;
+    rr_buf_t err;
+    rr_buf_init(&err, 1 << 16);
+    if (rr_tls_ctx_new(&t, &ctx, &err) != 0) {
+      fprintf(stderr, "channel %s: $.source.tls: %s\n", ch->name, err.data ? err.data : "invalid");
+      bad++;
+    }
+    rr_tls_ctx_free(ctx);
+    rr_buf_close(&err);
+  }
+  if (!bad) {
+    printf("configuration ok: store %s, %zu channel(s)\n", cfg.store_path, cfg.nchannels);
+    for (size_t i = 0; i < cfg.nchannels; i++)
+      printf("  channel %s: mllp%s %s:%d\n", cfg.channels[i].name,
+             cfg.channels[i].tls ? "+tls" : "", cfg.channels[i].host, cfg.channels[i].listen.port);
+  }
   rr_config_free(&cfg);
-  return 0;
+  return bad ? 1 : 0;
 }
 
 int rr_cmd_run(int argc, char **argv) {
@@ -147,14 +181,18 @@ int rr_cmd_run(int argc, char **argv) {
       goto out;
     }
     cfg.channels[i].accept = NULL; /* handed to the channel */
+    cfg.channels[i].tls_allow = NULL;
     rr_log(RR_LOG_INFO, "engine", "event=ready channel=%s port=%d", cfg.channels[i].name,
            rr_channel_port(ch));
   }
   uv_signal_init(&loop, &s.sigint);
   uv_signal_init(&loop, &s.sigterm);
-  s.sigint.data = s.sigterm.data = &s;
+  uv_signal_init(&loop, &s.sighup);
+  s.sigint.data = s.sigterm.data = s.sighup.data = &s;
   uv_signal_start(&s.sigint, on_signal, SIGINT);
   uv_signal_start(&s.sigterm, on_signal, SIGTERM);
+  uv_signal_start(&s.sighup, on_sighup, SIGHUP);
+  uv_unref((uv_handle_t *)&s.sighup);
   uv_run(&loop, UV_RUN_DEFAULT);
   rr_log(RR_LOG_INFO, "engine", "event=stopped");
   status = 0;

@@ -16,9 +16,11 @@
 #include "core/error.h"
 #include "hl7/hl7.h"
 #include "mllp/mllp.h"
+#include "tls/tls.h"
 
 typedef struct send_ctx {
   int fd;
+  rr_tls_conn_t *tls; /* NULL: plain TCP */
   long timeout_ms;
   int verbose;
   int quiet;
@@ -99,6 +101,85 @@ static int write_all(int fd, const char *p, size_t n) {
   return 0;
 }
 
+/* ---- transport: plain or TLS over the blocking socket --------------------- */
+
+static int pump_out(send_ctx_t *s) {
+  const char *p;
+  size_t n;
+  for (rr_tls_pending_out(s->tls, &p, &n); n; rr_tls_pending_out(s->tls, &p, &n)) {
+    if (write_all(s->fd, p, n))
+      return -1;
+    rr_tls_consume_out(s->tls, n);
+  }
+  return 0;
+}
+
+static void tls_failed(send_ctx_t *s, int rc) {
+  if (rc == RR_ETLS)
+    fprintf(stderr, "radrelay send: TLS refused: %s\n", rr_tls_reason(s->tls));
+  else
+    fprintf(stderr, "radrelay send: TLS: %s\n", rr_strerror(rc));
+}
+
+/* Reads plaintext (or bytes, without TLS). 0 on EOF/error. */
+static ssize_t xrecv(send_ctx_t *s, char *buf, size_t cap) {
+  if (!s->tls)
+    return recv(s->fd, buf, cap, 0);
+  for (;;) {
+    size_t got = 0;
+    int rc = rr_tls_read(s->tls, buf, cap, &got);
+    pump_out(s);
+    if (rc == 0 && got)
+      return (ssize_t)got;
+    if (rc != 0 && rc != RR_EAGAIN) {
+      if (rc != RR_ETLSCLOSED)
+        tls_failed(s, rc);
+      return 0;
+    }
+    char raw[65536];
+    ssize_t n = recv(s->fd, raw, sizeof raw, 0);
+    if (n <= 0)
+      return n;
+    if ((rc = rr_tls_feed(s->tls, raw, (size_t)n)) != 0) {
+      tls_failed(s, rc);
+      return 0;
+    }
+  }
+}
+
+static int xsend(send_ctx_t *s, const char *p, size_t n) {
+  if (!s->tls)
+    return write_all(s->fd, p, n);
+  int rc = rr_tls_write(s->tls, p, n);
+  if (rc) {
+    tls_failed(s, rc);
+    return -1;
+  }
+  return pump_out(s);
+}
+
+static int tls_connect(send_ctx_t *s) {
+  int rc = rr_tls_handshake(s->tls);
+  while (!rr_tls_handshake_done(s->tls)) {
+    if (pump_out(s))
+      return -1;
+    if (rc != 0 && rc != RR_EAGAIN) {
+      tls_failed(s, rc);
+      return -1;
+    }
+    char raw[65536];
+    ssize_t n = recv(s->fd, raw, sizeof raw, 0);
+    if (n <= 0) {
+      fprintf(stderr, "radrelay send: connection closed during the TLS handshake\n");
+      return -1;
+    }
+    rc = rr_tls_feed(s->tls, raw, (size_t)n);
+    if (rc == 0)
+      rc = rr_tls_handshake(s->tls);
+  }
+  return pump_out(s);
+}
+
 static int send_one(void *ud, rr_hl7_item_kind_t kind, const char *data, size_t len, size_t off) {
   send_ctx_t *s = ud;
   (void)off;
@@ -120,12 +201,12 @@ static int send_one(void *ud, rr_hl7_item_kind_t kind, const char *data, size_t 
   if (rr_hl7_get_raw_s(s->m, "MSH-10", &v) == 0)
     snprintf(ctl, sizeof ctl, "%.*s", (int)v.len, v.p);
   rr_mllp_frame(NULL, body.data, body.len, &frame);
-  int rc = write_all(s->fd, frame.data, frame.len);
+  int rc = xsend(s, frame.data, frame.len);
   s->sent++;
   s->got = 0;
   char buf[65536];
   while (rc == 0 && !s->got) {
-    ssize_t n = recv(s->fd, buf, sizeof buf, 0);
+    ssize_t n = xrecv(s, buf, sizeof buf);
     if (n <= 0) {
       rc = -1;
       break;
@@ -171,8 +252,21 @@ int rr_cmd_send(int argc, char **argv) {
   send_ctx_t s = {0};
   s.timeout_ms = 10000;
   int i = 0;
+  int use_tls = 0;
+  rr_tls_config_t tc = {0};
+  tc.role = RR_TLS_CLIENT;
   for (; i < argc && argv[i][0] == '-'; i++) {
-    if (strcmp(argv[i], "-v") == 0)
+    if (strcmp(argv[i], "--tls") == 0)
+      use_tls = 1;
+    else if (strcmp(argv[i], "--ca") == 0 && i + 1 < argc)
+      tc.ca_file = argv[++i], use_tls = 1;
+    else if (strcmp(argv[i], "--cert") == 0 && i + 1 < argc)
+      tc.cert_file = argv[++i], use_tls = 1;
+    else if (strcmp(argv[i], "--key") == 0 && i + 1 < argc)
+      tc.key_file = argv[++i], use_tls = 1;
+    else if (strcmp(argv[i], "--server-name") == 0 && i + 1 < argc)
+      tc.server_name = argv[++i], use_tls = 1;
+    else if (strcmp(argv[i], "-v") == 0)
       s.verbose = 1;
     else if (strcmp(argv[i], "-q") == 0)
       s.quiet = 1;
@@ -184,12 +278,43 @@ int rr_cmd_send(int argc, char **argv) {
     }
   }
   if (argc - i < 2) {
-    fprintf(stderr, "usage: radrelay send [-v] [-q] [--timeout-ms N] HOST:PORT FILE...\n");
+    fprintf(stderr, "usage: radrelay send [-v] [-q] [--timeout-ms N] [--tls] [--ca FILE]\n"
+                    "         [--cert FILE --key FILE] [--server-name NAME] HOST:PORT FILE...\n");
     return 2;
   }
   s.fd = connect_to(argv[i], s.timeout_ms);
   if (s.fd < 0)
     return 1;
+  rr_tls_ctx_t *ctx = NULL;
+  if (use_tls) {
+    /* The server's name is checked against its certificate: by default the
+     * host part of HOST:PORT. */
+    char host[256];
+    snprintf(host, sizeof host, "%s", argv[i]);
+    char *colon = strrchr(host, ':');
+    if (colon)
+      *colon = '\0';
+    char *h = host[0] == '[' ? host + 1 : host;
+    char *rb = strchr(h, ']');
+    if (rb)
+      *rb = '\0';
+    if (!tc.server_name)
+      tc.server_name = h;
+    rr_buf_t err;
+    rr_buf_init(&err, 1 << 16);
+    int rc = rr_tls_ctx_new(&tc, &ctx, &err);
+    if (rc == 0)
+      rc = rr_tls_conn_new(ctx, &s.tls);
+    if (rc)
+      fprintf(stderr, "radrelay send: %s\n", err.data ? err.data : rr_strerror(rc));
+    rr_buf_close(&err);
+    if (rc || tls_connect(&s) != 0) {
+      rr_tls_conn_free(s.tls);
+      rr_tls_ctx_free(ctx);
+      close(s.fd);
+      return 1;
+    }
+  }
   s.m = rr_hl7_msg_new();
   s.ack = rr_hl7_msg_new();
   rr_mllp_deframer_init(&s.df, NULL);
@@ -214,6 +339,12 @@ int rr_cmd_send(int argc, char **argv) {
     if (rc)
       status = 1;
   }
+  if (s.tls) {
+    rr_tls_shutdown(s.tls);
+    pump_out(&s);
+  }
+  rr_tls_conn_free(s.tls);
+  rr_tls_ctx_free(ctx);
   close(s.fd);
   fprintf(stderr, "sent %zu, positive %zu, negative %zu, failed %zu\n", s.sent, s.positive,
           s.negative, s.failed);

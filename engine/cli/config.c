@@ -205,7 +205,10 @@ static void unknown_keys(ctx_t *c, json_t *obj, const char *path, const char *co
   }
 }
 
-static int load_channel(const char *file, rr_channel_config_t *ch, rr_buf_t *err) {
+static int join_path(const char *dir, const char *p, char *out, size_t cap);
+
+static int load_channel(const char *file, const char *base, rr_channel_config_t *ch,
+                        rr_buf_t *err) {
   ctx_t c = {file, err, 0};
   memset(ch, 0, sizeof *ch);
   json_t *root = load_valid(file, rr_schema_channel, err);
@@ -228,7 +231,7 @@ static int load_channel(const char *file, rr_channel_config_t *ch, rr_buf_t *err
     static const char *const keys[] = {"type", "host", "port", "max_connections", "max_per_peer",
                                        "max_inflight", "idle_timeout_ms", "frame_timeout_ms",
                                        "drain_timeout_ms", "max_frame_bytes", "mllp_release",
-                                       NULL};
+                                       "tls", "handshake_timeout_ms", NULL};
     unknown_keys(&c, src, "$.source", keys);
     char type[32];
     if (get_string(&c, src, "type", "$.source", type, sizeof type, NULL) == 0 &&
@@ -250,6 +253,33 @@ static int load_channel(const char *file, rr_channel_config_t *ch, rr_buf_t *err
     get_uint(&c, src, "idle_timeout_ms", "$.source", 0, UINT32_MAX, &ch->listen.idle_timeout_ms);
     get_uint(&c, src, "frame_timeout_ms", "$.source", 0, UINT32_MAX, &ch->listen.frame_timeout_ms);
     get_uint(&c, src, "drain_timeout_ms", "$.source", 0, UINT32_MAX, &ch->listen.drain_timeout_ms);
+    get_uint(&c, src, "handshake_timeout_ms", "$.source", 0, UINT32_MAX,
+             &ch->listen.handshake_timeout_ms);
+    json_t *tls = json_object_get(src, "tls");
+    if (json_is_object(tls)) {
+      ch->tls = true;
+      char rel[1024];
+      struct { const char *key; char *out; } files[] = {
+          {"cert", ch->tls_cert}, {"key", ch->tls_key}, {"ca", ch->tls_ca}, {"crl", ch->tls_crl}};
+      for (size_t i = 0; i < 4; i++) {
+        rel[0] = '\0';
+        get_string(&c, tls, files[i].key, "$.source.tls", rel, sizeof rel, "");
+        if (rel[0] && join_path(base, rel, files[i].out, sizeof ch->tls_cert))
+          problem(&c, "$.source.tls", "path of %s too long", files[i].key);
+      }
+      json_t *req = json_object_get(tls, "require_client_cert");
+      ch->tls_cfg.require_client_cert = req ? json_is_true(req) : ch->tls_ca[0] != '\0';
+      json_t *allow = json_object_get(tls, "allow");
+      size_t na = json_array_size(allow);
+      ch->tls_allow = calloc(na + 1, sizeof *ch->tls_allow);
+      for (size_t i = 0; ch->tls_allow && i < na; i++)
+        ch->tls_allow[i] = strdup(json_string_value(json_array_get(allow, i)));
+      ch->tls_cfg.nallow = ch->tls_allow ? na : 0;
+      const char *minv = json_string_value(json_object_get(tls, "min_version"));
+      const char *maxv = json_string_value(json_object_get(tls, "max_version"));
+      ch->tls_cfg.min_version = minv && strcmp(minv, "1.3") == 0 ? RR_TLS_V1_3 : RR_TLS_V1_2;
+      ch->tls_cfg.max_version = maxv && strcmp(maxv, "1.2") == 0 ? RR_TLS_V1_2 : RR_TLS_V1_3;
+    }
     v = 1;
     if (get_uint(&c, src, "mllp_release", "$.source", 1, 2, &v) == 0)
       ch->mllp_release = (int)v;
@@ -305,6 +335,8 @@ static int join_path(const char *dir, const char *p, char *out, size_t cap) {
   int n = p[0] == '/' ? snprintf(out, cap, "%s", p) : snprintf(out, cap, "%s/%s", dir, p);
   return n < 0 || (size_t)n >= cap;
 }
+
+static void free_channel_lists(rr_channel_config_t *ch);
 
 static int cmp_str(const void *a, const void *b) {
   return strcmp(*(char *const *)a, *(char *const *)b);
@@ -397,16 +429,12 @@ int rr_config_load(const char *path, rr_config_t *cfg, rr_buf_t *err) {
   for (size_t i = 0; i < n; i++) {
     char f[PATH_MAX + 256];
     snprintf(f, sizeof f, "%s/%s", chpath, names[i]);
-    if (cfg->channels && load_channel(f, &cfg->channels[cfg->nchannels], err) == 0) {
+    if (cfg->channels && load_channel(f, base, &cfg->channels[cfg->nchannels], err) == 0) {
       cfg->nchannels++;
     } else {
       c.bad++;
-      if (cfg->channels) { /* a half-loaded channel keeps nothing */
-        for (char **a = cfg->channels[cfg->nchannels].accept; a && *a; a++)
-          free(*a);
-        free(cfg->channels[cfg->nchannels].accept);
-        cfg->channels[cfg->nchannels].accept = NULL;
-      }
+      if (cfg->channels) /* a half-loaded channel keeps nothing */
+        free_channel_lists(&cfg->channels[cfg->nchannels]);
     }
     free(names[i]);
   }
@@ -421,12 +449,20 @@ out:
   return c.bad ? RR_EINVAL : 0;
 }
 
+static void free_channel_lists(rr_channel_config_t *ch) {
+  for (char **a = ch->accept; a && *a; a++)
+    free(*a);
+  free(ch->accept);
+  ch->accept = NULL;
+  for (char **a = ch->tls_allow; a && *a; a++)
+    free(*a);
+  free(ch->tls_allow);
+  ch->tls_allow = NULL;
+}
+
 void rr_config_free(rr_config_t *cfg) {
-  for (size_t i = 0; i < cfg->nchannels; i++) {
-    for (char **a = cfg->channels[i].accept; a && *a; a++)
-      free(*a);
-    free(cfg->channels[i].accept);
-  }
+  for (size_t i = 0; i < cfg->nchannels; i++)
+    free_channel_lists(&cfg->channels[i]);
   free(cfg->channels);
   cfg->channels = NULL;
   cfg->nchannels = 0;

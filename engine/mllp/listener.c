@@ -23,6 +23,8 @@ struct rr_mllp_conn {
   int reading;
   char peer[64];
   char addr[48];              /* peer address without port */
+  rr_tls_conn_t *tls;         /* NULL on plain TCP */
+  uint64_t accepted_ms;
 };
 
 struct rr_mllp_listener {
@@ -45,8 +47,11 @@ struct rr_mllp_listener {
 typedef struct write_req {
   uv_write_t req;
   rr_mllp_conn_t *c;
+  int completes; /* carries a reply: one in-flight frame is done when written */
   rr_buf_t buf;
 } write_req_t;
+
+static void conn_shutdown(rr_mllp_conn_t *c);
 
 void rr_mllp_listener_config_default(rr_mllp_listener_config_t *c) {
   memset(c, 0, sizeof *c);
@@ -59,6 +64,7 @@ void rr_mllp_listener_config_default(rr_mllp_listener_config_t *c) {
   c->idle_timeout_ms = 600000;
   c->frame_timeout_ms = 30000;
   c->drain_timeout_ms = 5000;
+  c->handshake_timeout_ms = 10000;
   rr_mllp_options_default(&c->framing);
 }
 
@@ -95,6 +101,7 @@ void rr_mllp_conn_hold(rr_mllp_conn_t *c) { c->refs++; }
 void rr_mllp_conn_release(rr_mllp_conn_t *c) {
   if (--c->refs == 0) {
     rr_mllp_deframer_close(&c->df);
+    rr_tls_conn_free(c->tls);
     free(c);
   }
 }
@@ -119,6 +126,9 @@ void rr_mllp_conn_close(rr_mllp_conn_t *c) { conn_close(c, "requested"); }
 const char *rr_mllp_conn_peer(const rr_mllp_conn_t *c) { return c->peer; }
 uint64_t rr_mllp_conn_id(const rr_mllp_conn_t *c) { return c->id; }
 const char *rr_mllp_conn_channel(const rr_mllp_conn_t *c) { return c->l ? c->l->name : "-"; }
+const char *rr_mllp_conn_identity(const rr_mllp_conn_t *c) {
+  return c->tls ? rr_tls_peer_identity(c->tls) : "";
+}
 
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
   (void)h;
@@ -168,6 +178,58 @@ static int on_event(void *ud, rr_mllp_event_t ev, const char *data, size_t len, 
   return 0;
 }
 
+/* Plaintext from the peer: into the deframer. */
+static void feed_plain(rr_mllp_conn_t *c, const char *data, size_t n, uint64_t now) {
+  int was_in = rr_mllp_deframer_in_frame(&c->df);
+  int rc = rr_mllp_deframer_feed(&c->df, data, n, on_event, c);
+  if (rc == RR_ELIMIT)
+    conn_close(c, "frame_too_large");
+  else if (rc < 0)
+    conn_close(c, rr_strerror(rc));
+  if (!c->closing && rr_mllp_deframer_in_frame(&c->df) && (!was_in || c->frame_started_ms == 0))
+    c->frame_started_ms = now;
+}
+
+static int send_bytes(rr_mllp_conn_t *c, const char *data, size_t len, int completes);
+
+/* Writes whatever TLS has to send (handshake records, data, alerts). A
+ * reply (completes) with nothing to send still completes its frame. */
+static int flush_tls(rr_mllp_conn_t *c, int completes) {
+  rr_buf_t out;
+  rr_buf_init(&out, (size_t)1 << 30);
+  const char *p;
+  size_t n;
+  int rc = 0;
+  for (rr_tls_pending_out(c->tls, &p, &n); n && rc == 0; rr_tls_pending_out(c->tls, &p, &n)) {
+    rc = rr_buf_append(&out, p, n);
+    rr_tls_consume_out(c->tls, n);
+  }
+  if (rc == 0 && out.len)
+    rc = send_bytes(c, out.data, out.len, completes);
+  else if (completes)
+    rr_mllp_conn_done(c);
+  rr_buf_close(&out);
+  return rc;
+}
+
+static void tls_refused(rr_mllp_conn_t *c, int rc) {
+  rr_mllp_listener_t *l = c->l;
+  if (rc == RR_ETLSCLOSED) {
+    flush_tls(c, 0);
+    conn_shutdown(c);
+    return;
+  }
+  rr_tls_failure_t f = rr_tls_failure(c->tls);
+  rr_log(RR_LOG_WARN, "tls",
+         "event=%s channel=%s conn=%llu peer=%s tls_fail=%s claimed_identity=\"%s\" "
+         "reason=\"%s\"",
+         rr_tls_handshake_done(c->tls) ? "tls_error" : "tls_refused", l ? l->name : "-",
+         (unsigned long long)c->id, c->peer, rr_tls_failure_name(f), rr_tls_peer_identity(c->tls),
+         rr_tls_reason(c->tls));
+  flush_tls(c, 0); /* the alert that tells the peer why */
+  conn_shutdown(c);
+}
+
 static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
   rr_mllp_conn_t *c = s->data;
   if (n == 0)
@@ -178,15 +240,34 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
   }
   uint64_t now = uv_now(s->loop);
   c->last_byte_ms = now;
-  int was_in = rr_mllp_deframer_in_frame(&c->df);
-  rr_mllp_conn_hold(c); /* the callback may close c */
-  int rc = rr_mllp_deframer_feed(&c->df, buf->base, (size_t)n, on_event, c);
-  if (rc == RR_ELIMIT)
-    conn_close(c, "frame_too_large");
-  else if (rc < 0)
-    conn_close(c, rr_strerror(rc));
-  if (!c->closing && rr_mllp_deframer_in_frame(&c->df) && (!was_in || c->frame_started_ms == 0))
-    c->frame_started_ms = now;
+  rr_mllp_conn_hold(c); /* the frame callback may close c */
+  if (!c->tls) {
+    feed_plain(c, buf->base, (size_t)n, now);
+  } else {
+    int was_up = rr_tls_handshake_done(c->tls);
+    int rc = rr_tls_feed(c->tls, buf->base, (size_t)n);
+    /* Plaintext comes out only after the handshake, with the peer's
+     * certificate verified and on the allow-list. */
+    static _Thread_local char plain[65536];
+    size_t got = 0;
+    while (rc == 0 && !c->closing && !c->draining) {
+      rc = rr_tls_read(c->tls, plain, sizeof plain, &got);
+      if (rc == 0 && got)
+        feed_plain(c, plain, got, now);
+    }
+    if (!was_up && rr_tls_handshake_done(c->tls) && c->l)
+      rr_log(RR_LOG_INFO, "tls",
+             "event=tls_established channel=%s conn=%llu peer=%s identity=\"%s\" version=%s "
+             "cipher=%s",
+             c->l->name, (unsigned long long)c->id, c->peer, rr_tls_peer_identity(c->tls),
+             rr_tls_version(c->tls), rr_tls_cipher(c->tls));
+    if (rc == RR_ETLS || rc == RR_ETLSCLOSED)
+      tls_refused(c, rc);
+    else if (rc != RR_EAGAIN && rc != 0)
+      conn_close(c, rr_strerror(rc));
+    else if (!c->closing)
+      flush_tls(c, 0);
+  }
   if (!c->closing)
     set_reading(c);
   rr_mllp_conn_release(c);
@@ -199,7 +280,8 @@ static void on_write(uv_write_t *req, int status) {
   /* The frame counts as in flight until its reply has left: a peer that
    * does not read its ACKs stops being read from, instead of growing our
    * write queue without bound. */
-  rr_mllp_conn_done(w->c);
+  if (w->completes)
+    rr_mllp_conn_done(w->c);
   rr_buf_close(&w->buf);
   rr_mllp_conn_release(w->c);
   free(w);
@@ -212,34 +294,52 @@ void rr_mllp_conn_done(rr_mllp_conn_t *c) {
     set_reading(c);
 }
 
+static int send_bytes(rr_mllp_conn_t *c, const char *data, size_t len, int completes) {
+  write_req_t *w = calloc(1, sizeof *w);
+  int rc = RR_ENOMEM;
+  if (!w)
+    goto fail;
+  rr_buf_init(&w->buf, len + 1);
+  if ((rc = rr_buf_append(&w->buf, data, len))) {
+    free(w);
+    goto fail;
+  }
+  w->c = c;
+  w->completes = completes;
+  rr_mllp_conn_hold(c);
+  uv_buf_t b = uv_buf_init(w->buf.data, (unsigned)w->buf.len);
+  rc = uv_write(&w->req, (uv_stream_t *)&c->tcp, &b, 1, on_write);
+  if (rc == 0)
+    return 0;
+  rr_buf_close(&w->buf);
+  free(w);
+  rr_mllp_conn_release(c);
+  conn_close(c, uv_err_name(rc));
+fail:
+  if (completes)
+    rr_mllp_conn_done(c);
+  return rc;
+}
+
 int rr_mllp_conn_reply(rr_mllp_conn_t *c, const char *payload, size_t len) {
   if (c->closing) {
     rr_mllp_conn_done(c);
     return UV_ECANCELED;
   }
-  write_req_t *w = calloc(1, sizeof *w);
-  if (!w) {
-    rr_mllp_conn_done(c);
-    return RR_ENOMEM;
-  }
-  rr_buf_init(&w->buf, len + 16);
-  int rc = rr_mllp_frame(c->l ? &c->l->cfg.framing : NULL, payload, len, &w->buf);
+  rr_buf_t f;
+  rr_buf_init(&f, len + 16);
+  int rc = rr_mllp_frame(c->l ? &c->l->cfg.framing : NULL, payload, len, &f);
   if (rc) {
-    free(w);
     rr_mllp_conn_done(c);
-    return rc;
-  }
-  w->c = c;
-  rr_mllp_conn_hold(c);
-  uv_buf_t b = uv_buf_init(w->buf.data, (unsigned)w->buf.len);
-  rc = uv_write(&w->req, (uv_stream_t *)&c->tcp, &b, 1, on_write);
-  if (rc) {
-    rr_buf_close(&w->buf);
-    free(w);
-    rr_mllp_conn_release(c);
+  } else if (!c->tls) {
+    rc = send_bytes(c, f.data, f.len, 1);
+  } else if ((rc = rr_tls_write(c->tls, f.data, f.len)) != 0) {
     rr_mllp_conn_done(c);
-    conn_close(c, uv_err_name(rc));
+    conn_close(c, rr_strerror(rc));
+  } else {
+    rc = flush_tls(c, 1);
   }
+  rr_buf_close(&f);
   return rc;
 }
 
@@ -303,8 +403,13 @@ static void on_connection(uv_stream_t *server, int status) {
     return;
   }
   uv_tcp_nodelay(&c->tcp, 1);
-  rr_log(RR_LOG_INFO, "mllp", "event=accept channel=%s conn=%llu peer=%s", l->name,
-         (unsigned long long)c->id, c->peer);
+  c->accepted_ms = uv_now(l->loop);
+  if (l->cfg.tls && rr_tls_conn_new(l->cfg.tls, &c->tls) != 0) {
+    conn_close(c, "tls_setup_failed");
+    return;
+  }
+  rr_log(RR_LOG_INFO, "mllp", "event=accept channel=%s conn=%llu peer=%s tls=%s", l->name,
+         (unsigned long long)c->id, c->peer, c->tls ? "yes" : "no");
   set_reading(c);
 }
 
@@ -315,7 +420,12 @@ static void on_sweep(uv_timer_t *t) {
     next = c->next;
     if (c->closing)
       continue;
-    if (l->cfg.frame_timeout_ms && c->frame_started_ms &&
+    if (c->tls && !rr_tls_handshake_done(c->tls) && l->cfg.handshake_timeout_ms &&
+        now - c->accepted_ms > l->cfg.handshake_timeout_ms) {
+      rr_log(RR_LOG_WARN, "tls", "event=tls_refused channel=%s conn=%llu peer=%s tls_fail=timeout",
+             l->name, (unsigned long long)c->id, c->peer);
+      conn_close(c, "tls_handshake_timeout");
+    } else if (l->cfg.frame_timeout_ms && c->frame_started_ms &&
         now - c->frame_started_ms > l->cfg.frame_timeout_ms) {
       rr_log(RR_LOG_WARN, "mllp",
              "event=frame_timeout channel=%s conn=%llu peer=%s offset=%llu pending_bytes=%zu",

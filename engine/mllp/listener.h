@@ -10,6 +10,7 @@
 #include <uv.h>
 
 #include "mllp/mllp.h"
+#include "tls/tls.h"
 
 typedef struct rr_mllp_listener rr_mllp_listener_t;
 typedef struct rr_mllp_conn rr_mllp_conn_t;
@@ -26,6 +27,9 @@ typedef struct rr_mllp_listener_config {
   uint64_t drain_timeout_ms; /* on stop, replies still unwritten after this are dropped
                                 and their connections cut; default 5000 */
   rr_mllp_options_t framing;
+  rr_tls_ctx_t *tls;         /* borrowed, outlives the listener; NULL = plain TCP.
+                                Reloading it changes new connections only. */
+  uint64_t handshake_timeout_ms; /* TLS handshake must finish within; default 10000 */
 } rr_mllp_listener_config_t;
 
 /* A complete frame from c; data is borrowed for the call. The connection
@@ -66,5 +70,8 @@ void rr_mllp_conn_close(rr_mllp_conn_t *c);
 const char *rr_mllp_conn_peer(const rr_mllp_conn_t *c);
 uint64_t rr_mllp_conn_id(const rr_mllp_conn_t *c);
 const char *rr_mllp_conn_channel(const rr_mllp_conn_t *c);
+/* Verified identity of the TLS peer (certificate CN or SAN), "" without TLS
+ * or client certificate. Borrowed. */
+const char *rr_mllp_conn_identity(const rr_mllp_conn_t *c);
 
 #endif
