@@ -37,6 +37,16 @@ struct rr_journal {
   uv_work_t work;
   void (*idle_cb)(void *ud);
   void *idle_ud;
+  uv_timer_t gather;       /* deadline for a small batch */
+  bool gather_armed;
+  unsigned gather_us;
+  size_t last_batch;       /* entries written by the last commit */
+  uint64_t *prev_sources;  /* sources of the last completed batch */
+  size_t nprev, prev_cap;
+  size_t expect;           /* distinct sources of the last two batches */
+  size_t queued_entries;   /* non-barrier entries in the queue */
+  rr_journal_stats_t stats;
+  uint64_t flight_us;      /* written by the worker */
 };
 
 static const char schema[] =
@@ -84,6 +94,10 @@ int rr_journal_open(uv_loop_t *loop, const char *path, rr_journal_sync_t sync,
   if (!j)
     goto out;
   j->loop = loop;
+  j->gather_us = 0;
+  uv_timer_init(loop, &j->gather);
+  j->gather.data = j;
+  uv_unref((uv_handle_t *)&j->gather);
   const int wflags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX;
   if (sqlite3_open_v2(path, &j->wdb, wflags, NULL) != SQLITE_OK) {
     rc = fail(j->wdb, "open", errmsg);
@@ -142,6 +156,10 @@ static void report(batch_t *b, int status) {
 void rr_journal_close(rr_journal_t *j) {
   if (!j)
     return;
+  if (j->loop && !uv_is_closing((uv_handle_t *)&j->gather)) {
+    uv_close((uv_handle_t *)&j->gather, NULL);
+    uv_run(j->loop, UV_RUN_NOWAIT); /* lets libuv finish closing it */
+  }
   batch_t q = j->queue;
   memset(&j->queue, 0, sizeof j->queue);
   report(&q, RR_EIO);
@@ -151,6 +169,7 @@ void rr_journal_close(rr_journal_t *j) {
     sqlite3_finalize(sts[i]);
   sqlite3_close(j->rdb);
   sqlite3_close(j->wdb);
+  free(j->prev_sources);
   free(j);
 }
 
@@ -224,8 +243,11 @@ int rr_journal_add(rr_journal_t *j, const rr_journal_entry_t *e, rr_journal_done
   p->cb = cb;
   p->ud = ud;
   j->queue.n++;
+  j->queued_entries++;
   return 0;
 }
+
+void rr_journal_set_gather(rr_journal_t *j, unsigned usec) { j->gather_us = usec; }
 
 int rr_journal_add_barrier(rr_journal_t *j, rr_journal_done_cb cb, void *ud) {
   pending_t *p = slot(&j->queue);
@@ -283,6 +305,7 @@ static int step_once(sqlite3_stmt *st) {
 static void commit_work(uv_work_t *w) {
   rr_journal_t *j = w->data;
   batch_t *b = &j->flight;
+  uint64_t t0 = uv_hrtime();
   int rc = step_once(j->begin);
   for (size_t i = 0; rc == 0 && i < b->n; i++)
     if (!b->v[i].barrier)
@@ -295,10 +318,62 @@ static void commit_work(uv_work_t *w) {
       step_once(j->rollback);
   }
   j->flight_rc = rc;
+  j->flight_us = (uv_hrtime() - t0) / 1000;
+}
+
+static int cmp_u64(const void *a, const void *b) {
+  uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+  return x < y ? -1 : x > y;
+}
+
+/* Who is likely to send again soon: the distinct senders of this batch and
+ * the one before (with two groups alternating, both are needed). */
+static void learn_sources(rr_journal_t *j, const batch_t *b) {
+  size_t n = 0;
+  for (size_t i = 0; i < b->n; i++)
+    n += !b->v[i].barrier && b->v[i].e.source;
+  size_t need = n + j->nprev;
+  uint64_t *all = malloc((need ? need : 1) * sizeof *all);
+  uint64_t *cur = malloc((n ? n : 1) * sizeof *cur);
+  if (!all || !cur) {
+    free(all);
+    free(cur);
+    return;
+  }
+  size_t k = 0;
+  for (size_t i = 0; i < b->n; i++)
+    if (!b->v[i].barrier && b->v[i].e.source)
+      cur[k++] = b->v[i].e.source;
+  memcpy(all, cur, n * sizeof *all);
+  memcpy(all + n, j->prev_sources, j->nprev * sizeof *all);
+  qsort(all, need, sizeof *all, cmp_u64);
+  size_t distinct = 0;
+  for (size_t i = 0; i < need; i++)
+    distinct += i == 0 || all[i] != all[i - 1];
+  j->expect = distinct;
+  free(all);
+  free(j->prev_sources);
+  j->prev_sources = cur;
+  j->nprev = n;
 }
 
 static void finish_flight(rr_journal_t *j) {
   batch_t b = j->flight;
+  size_t entries = 0;
+  for (size_t i = 0; i < b.n; i++)
+    entries += !b.v[i].barrier;
+  j->last_batch = entries;
+  if (entries)
+    learn_sources(j, &b);
+  if (entries) {
+    j->stats.commits++;
+    j->stats.entries += entries;
+    j->stats.commit_us_total += j->flight_us;
+    if (entries > j->stats.max_batch)
+      j->stats.max_batch = entries;
+    if (j->flight_rc)
+      j->stats.failed_commits++;
+  }
   memset(&j->flight, 0, sizeof j->flight);
   j->busy = false;
   report(&b, j->flight_rc);
@@ -316,6 +391,15 @@ static void commit_done(uv_work_t *w, int status) {
   rr_journal_kick(j);
 }
 
+static void start_commit(rr_journal_t *j);
+
+static void on_gather(uv_timer_t *t) {
+  rr_journal_t *j = t->data;
+  j->gather_armed = false;
+  if (!j->busy)
+    start_commit(j);
+}
+
 void rr_journal_kick(rr_journal_t *j) {
   if (j->busy)
     return;
@@ -327,15 +411,40 @@ void rr_journal_kick(rr_journal_t *j) {
     }
     return;
   }
+  /* Group commit: the senders of the last two batches are likely to send
+   * again within a round trip; wait (briefly) until that many messages have
+   * come, so one fsync serves them all. Shutdown does not wait. */
+  size_t expect = j->expect > j->last_batch ? j->expect : j->last_batch;
+  if (j->queued_entries > 0 && j->queued_entries < expect && j->gather_us && !j->idle_cb) {
+    if (!j->gather_armed) {
+      j->gather_armed = true;
+      uint64_t ms = (j->gather_us + 999) / 1000;
+      uv_timer_start(&j->gather, on_gather, ms, 0);
+    }
+    return;
+  }
+  start_commit(j);
+}
+
+static void start_commit(rr_journal_t *j) {
+  if (j->queue.n == 0)
+    return rr_journal_kick(j);
+  if (j->gather_armed) {
+    uv_timer_stop(&j->gather);
+    j->gather_armed = false;
+  }
   j->flight = j->queue;
   memset(&j->queue, 0, sizeof j->queue);
+  j->queued_entries = 0;
   j->flight_rc = 0;
   j->busy = true;
   bool only_barriers = true;
   for (size_t i = 0; i < j->flight.n && only_barriers; i++)
     only_barriers = j->flight.v[i].barrier;
   if (only_barriers) { /* nothing to write: answer now, in order */
+    size_t keep = j->last_batch;
     finish_flight(j);
+    j->last_batch = keep;
     rr_journal_kick(j);
     return;
   }
@@ -413,6 +522,8 @@ int rr_journal_find(rr_journal_t *j, const char *app, const char *facility,
     find_in(&j->queue, app, facility, control_id, raw, raw_len, out);
   return result;
 }
+
+void rr_journal_stats(const rr_journal_t *j, rr_journal_stats_t *out) { *out = j->stats; }
 
 int64_t rr_journal_count(rr_journal_t *j) {
   int64_t n = -1;
