@@ -165,6 +165,7 @@ int rr_cmd_run(int argc, char **argv) {
     free(emsg);
     goto out;
   }
+  rr_journal_set_gather(journal, cfg.group_commit_wait_us);
   rr_log(RR_LOG_INFO, "engine", "event=store_open path=%s synchronous=%s", cfg.store_path,
          cfg.sync == RR_JOURNAL_SYNC_FULL ? "full" : cfg.sync == RR_JOURNAL_SYNC_NORMAL ? "normal" : "off");
   if ((rc = rr_engine_new(&loop, journal, &s.engine)))

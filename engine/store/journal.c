@@ -344,8 +344,10 @@ static void learn_sources(rr_journal_t *j, const batch_t *b) {
   for (size_t i = 0; i < b->n; i++)
     if (!b->v[i].barrier && b->v[i].e.source)
       cur[k++] = b->v[i].e.source;
-  memcpy(all, cur, n * sizeof *all);
-  memcpy(all + n, j->prev_sources, j->nprev * sizeof *all);
+  if (n)
+    memcpy(all, cur, n * sizeof *all);
+  if (j->nprev)
+    memcpy(all + n, j->prev_sources, j->nprev * sizeof *all);
   qsort(all, need, sizeof *all, cmp_u64);
   size_t distinct = 0;
   for (size_t i = 0; i < need; i++)
