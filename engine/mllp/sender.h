@@ -131,6 +131,14 @@ typedef int (*rr_mllp_transport_new_fn)(void *arg, uv_loop_t *loop,
 int rr_mllp_transport_tcp_new(void *arg, uv_loop_t *loop, const rr_mllp_transport_events_t *ev,
                               void *ud, rr_mllp_transport_t **out);
 
+/* rr_mllp_transport_tls_new: TLS (engine/tls) over the TCP transport; arg is
+ * the rr_tls_ctx_t of the destination (client role; borrowed, outlives the
+ * sender), whose server_name the server's certificate is checked against.
+ * on_connect(0) comes once the handshake is done; a refusal is
+ * on_connect(RR_ETLS), logged with its reason. Loop thread. */
+int rr_mllp_transport_tls_new(void *arg, uv_loop_t *loop, const rr_mllp_transport_events_t *ev,
+                              void *ud, rr_mllp_transport_t **out);
+
 /* ---- sender -------------------------------------------------------------- */
 
 typedef struct rr_mllp_sender_config {
