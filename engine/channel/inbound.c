@@ -36,6 +36,8 @@ typedef struct pending_ack {
   size_t nak_len; /* the NAK for a failed commit: data[len..len+nak_len) */
   bool send_ack;  /* MSH-15 (enhanced mode) asks for this answer */
   bool send_nak;
+  size_t app_len; /* enhanced-mode application ACK after the commit ACK:
+                     data[len+nak_len..+app_len), 0 when none */
   char data[];
 } pending_ack_t;
 
@@ -113,6 +115,8 @@ static void send_ack(void *ud, int status, int64_t id) {
       rr_mllp_conn_reply(p->conn, p->data, p->len);
     else
       rr_mllp_conn_done(p->conn);
+    if (p->app_len)
+      rr_mllp_conn_send(p->conn, p->data + p->len + p->nak_len, p->app_len);
   } else {
     /* Not kept: answer "rejected, resend later" (AR/CR with ERR 207). */
     if (p->send_nak)
@@ -179,6 +183,7 @@ static void on_frame(void *ud, rr_mllp_conn_t *c, const char *data, size_t len, 
     p->ch = ch;
     p->len = dup.ack_len;
     p->nak_len = 0;
+    p->app_len = 0;
     p->send_ack = dup.ack != NULL;
     p->send_nak = false;
     if (dup.ack_len)
@@ -260,6 +265,19 @@ static void on_frame(void *ud, rr_mllp_conn_t *c, const char *data, size_t len, 
   rr_hl7_ack_code_t nak_code = rr_hl7_ack_mode(m).enhanced ? RR_HL7_CR : RR_HL7_AR;
   if (rc == 0)
     rc = r2 ? rr_buf_putc(&ack, 0x15) : rr_hl7_ack_build(m, nak_code, &no, &ack);
+  size_t nak_end = ack.len;
+  /* Enhanced mode with MSH-16 AL/SU: the application acknowledgement
+   * follows the commit ACK once the message is kept. (Processing is storing
+   * it for now; channel scripts will come before it.) */
+  if (rc == 0 && !r2 && kind == RR_HL7_ACCEPT && rr_hl7_ack_mode(m).enhanced &&
+      rr_hl7_ack_wanted(m, RR_HL7_AA)) {
+    char app_id[48];
+    snprintf(app_id, sizeof app_id, "R%011llX%08llX",
+             (unsigned long long)e->start_ms & 0xFFFFFFFFFFFull,
+             (unsigned long long)(++e->ack_seq & 0xFFFFFFFFull));
+    rr_hl7_ack_options_t apo = {app_id, ts, NULL, NULL, 0};
+    rc = rr_hl7_ack_build(m, RR_HL7_AA, &apo, &ack);
+  }
   pending_ack_t *p = rc ? NULL : malloc(sizeof *p + ack.len);
   if (!p) {
     rr_buf_close(&ack);
@@ -271,7 +289,8 @@ static void on_frame(void *ud, rr_mllp_conn_t *c, const char *data, size_t len, 
   p->send_ack = r2 || rr_hl7_ack_wanted(m, code);
   p->send_nak = r2 || rr_hl7_ack_wanted(m, nak_code);
   p->len = ack_len;
-  p->nak_len = ack.len - ack_len;
+  p->nak_len = nak_end - ack_len;
+  p->app_len = ack.len - nak_end;
   memcpy(p->data, ack.data, ack.len);
   rr_buf_close(&ack);
 

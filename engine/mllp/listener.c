@@ -20,6 +20,7 @@ struct rr_mllp_conn {
   unsigned inflight;           /* frames whose reply is not yet written */
   int closing;
   int draining; /* shutting down: no more reads */
+  int draining_writes; /* uv_shutdown issued: no more writes */
   int reading;
   char peer[64];
   char addr[48];              /* peer address without port */
@@ -321,26 +322,37 @@ fail:
   return rc;
 }
 
-int rr_mllp_conn_reply(rr_mllp_conn_t *c, const char *payload, size_t len) {
-  if (c->closing) {
-    rr_mllp_conn_done(c);
+static int send_frame(rr_mllp_conn_t *c, const char *payload, size_t len, int completes) {
+  if (c->closing || c->draining_writes) {
+    if (completes)
+      rr_mllp_conn_done(c);
     return UV_ECANCELED;
   }
   rr_buf_t f;
   rr_buf_init(&f, len + 16);
   int rc = rr_mllp_frame(c->l ? &c->l->cfg.framing : NULL, payload, len, &f);
   if (rc) {
-    rr_mllp_conn_done(c);
+    if (completes)
+      rr_mllp_conn_done(c);
   } else if (!c->tls) {
-    rc = send_bytes(c, f.data, f.len, 1);
+    rc = send_bytes(c, f.data, f.len, completes);
   } else if ((rc = rr_tls_write(c->tls, f.data, f.len)) != 0) {
-    rr_mllp_conn_done(c);
+    if (completes)
+      rr_mllp_conn_done(c);
     conn_close(c, rr_strerror(rc));
   } else {
-    rc = flush_tls(c, 1);
+    rc = flush_tls(c, completes);
   }
   rr_buf_close(&f);
   return rc;
+}
+
+int rr_mllp_conn_reply(rr_mllp_conn_t *c, const char *payload, size_t len) {
+  return send_frame(c, payload, len, 1);
+}
+
+int rr_mllp_conn_send(rr_mllp_conn_t *c, const char *payload, size_t len) {
+  return send_frame(c, payload, len, 0);
 }
 
 static unsigned peer_count(rr_mllp_listener_t *l, const char *addr) {
@@ -523,8 +535,10 @@ static void conn_shutdown(rr_mllp_conn_t *c) {
   if (s) {
     s->c = c;
     rr_mllp_conn_hold(c);
-    if (uv_shutdown(&s->req, (uv_stream_t *)&c->tcp, on_shutdown) == 0)
+    if (uv_shutdown(&s->req, (uv_stream_t *)&c->tcp, on_shutdown) == 0) {
+      c->draining_writes = 1;
       return;
+    }
     rr_mllp_conn_release(c);
     free(s);
   }

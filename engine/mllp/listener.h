@@ -62,6 +62,10 @@ void rr_mllp_conn_release(rr_mllp_conn_t *c);
  * one in-flight frame, so reading resumes if it was paused. UV_ECANCELED
  * when the connection is already closed. */
 int rr_mllp_conn_reply(rr_mllp_conn_t *c, const char *payload, size_t len);
+/* rr_mllp_conn_send: frames and writes payload (copied) as an extra answer
+ * that completes no frame (e.g. an enhanced-mode application ACK after the
+ * commit ACK). UV_ECANCELED when the connection is closed. */
+int rr_mllp_conn_send(rr_mllp_conn_t *c, const char *payload, size_t len);
 /* rr_mllp_conn_done: completes one in-flight frame without a reply. */
 void rr_mllp_conn_done(rr_mllp_conn_t *c);
 /* rr_mllp_conn_close: closes after pending writes. */

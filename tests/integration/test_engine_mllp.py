@@ -771,6 +771,33 @@ class EngineTest(unittest.TestCase):
         self.assertEqual([r["control_id"] for r in e.rows()], ["FAST-0001"])
 
 
+    # ---- 16 ---------------------------------------------------------------
+    def test_16_enhanced_mode_application_ack(self):
+        """MSH-15 AL, MSH-16 AL: a CA once the message is kept, then an AA
+        (application acknowledgement, its own control id, MSH-15/16 NE); a
+        rejected message gets its CR and no AA; MSH-16 ER gets none on
+        success."""
+        e = self.engine([self.channel("orders")]).start()
+        al = make_msg("APP-0001").replace(b"|P|2.5.1\r", b"|P|2.5.1|||AL|AL\r", 1)
+        er = make_msg("APP-0002").replace(b"|P|2.5.1\r", b"|P|2.5.1|||AL|ER\r", 1)
+        bad = make_msg("APP-0003", mtype="ORU^R01").replace(b"|P|2.5.1\r",
+                                                            b"|P|2.5.1|||AL|AL\r", 1)
+        with socket.create_connection((HOST, e.port()), timeout=IO_TIMEOUT) as s:
+            s.sendall(frame(al))
+            commit, app = (parse_ack(f) for f in read_frames(s, 2))
+            self.assertEqual(msa(commit), ("CA", "APP-0001"))
+            self.assertEqual(msa(app), ("AA", "APP-0001"))
+            self.assertNotEqual(str(app.segment("MSH")[10]), str(commit.segment("MSH")[10]))
+            self.assertEqual(str(app.segment("MSH")[15]), "NE")
+            s.sendall(frame(er))
+            self.assertEqual(msa(parse_ack(read_frame(s))), ("CA", "APP-0002"))
+            s.sendall(frame(bad))
+            self.assertEqual(msa(parse_ack(read_frame(s)))[0], "CR")
+            s.sendall(frame(make_msg("APP-0004")))   # nothing else was queued in between
+            self.assertEqual(msa(parse_ack(read_frame(s)))[1], "APP-0004")
+        self.stop_ok(e)
+
+
 def main():
     global RADRELAY, DATA
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
