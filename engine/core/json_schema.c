@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/array.h"
 #include "core/error.h"
 
 /* Compiled regular expressions, keyed by the pattern string's address in
@@ -73,14 +74,8 @@ static int compile(rr_json_schema_t *s, json_t *node, const char *where, rr_buf_
         rc = RR_EINVAL;
         continue;
       }
-      if (s->npats == s->cap) {
-        size_t nc = s->cap ? s->cap * 2 : 8;
-        pattern_t *t = realloc(s->pats, nc * sizeof *t);
-        if (!t)
-          return RR_ENOMEM;
-        s->pats = t;
-        s->cap = nc;
-      }
+      if (rr_array_grow((void **)&s->pats, &s->cap, s->npats + 1, sizeof *s->pats, 8))
+        return RR_ENOMEM;
       pattern_t *p = &s->pats[s->npats];
       p->src = json_string_value(v);
       if (regcomp(&p->re, p->src, REG_EXTENDED | REG_NOSUB) != 0) {

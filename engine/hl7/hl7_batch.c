@@ -3,6 +3,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/array.h"
 #include "core/error.h"
 #include "hl7/hl7_int.h"
 
@@ -129,14 +130,8 @@ static int split_item(void *ud, rr_hl7_item_kind_t kind, const char *p, size_t n
   (void)p;
   switch (kind) {
   case RR_HL7_ITEM_MESSAGE:
-    if (b->nmsgs == c->cap) {
-      size_t nc = c->cap ? c->cap * 2 : 16;
-      rr_hl7_slice_t *t = realloc(b->msgs, nc * sizeof *t);
-      if (!t)
-        return RR_ENOMEM;
-      b->msgs = t;
-      c->cap = nc;
-    }
+    if (rr_array_grow((void **)&b->msgs, &c->cap, b->nmsgs + 1, sizeof *b->msgs, 16))
+      return RR_ENOMEM;
     b->msgs[b->nmsgs++] = s;
     c->in_batch++;
     return 0;

@@ -9,6 +9,7 @@
  * of a mispredicted branch at the end of every field. */
 #include <string.h>
 
+#include "core/array.h"
 #include "core/error.h"
 #include "hl7/hl7_int.h"
 
@@ -132,14 +133,8 @@ typedef struct ix {
 } ix_t;
 
 static int push_field(rr_hl7_msg_t *m, const char *p, size_t len) {
-  if (m->nf == m->fcap) {
-    size_t nc = m->fcap ? m->fcap * 2 : 256;
-    fld_t *t = realloc(m->ftab, nc * sizeof *t);
-    if (!t)
-      return RR_ENOMEM;
-    m->ftab = t;
-    m->fcap = nc;
-  }
+  if (rr_array_grow((void **)&m->ftab, &m->fcap, m->nf + 1, sizeof *m->ftab, 256))
+    return RR_ENOMEM;
   m->ftab[m->nf++] = (fld_t){p, len};
   return 0;
 }
@@ -171,14 +166,8 @@ static int begin_segment(ix_t *x) {
                   "more than %zu segments", m->opt.max_segments);
     return RR_ELIMIT;
   }
-  if (m->nsegs == m->segcap) {
-    size_t nc = m->segcap ? m->segcap * 2 : 32;
-    seg_t *t = realloc(m->segs, nc * sizeof *t);
-    if (!t)
-      return RR_ENOMEM;
-    m->segs = t;
-    m->segcap = nc;
-  }
+  if (rr_array_grow((void **)&m->segs, &m->segcap, m->nsegs + 1, sizeof *m->segs, 32))
+    return RR_ENOMEM;
   seg_t *sg = &m->segs[m->nsegs];
   memset(sg, 0, sizeof *sg);
   sg->offset = x->off0 + x->next;
@@ -288,16 +277,8 @@ int hl7_index(rr_hl7_msg_t *m, const char *base, size_t len, size_t off0, rr_hl7
     }
     /* Room for every field this batch can make (at most two per
      * delimiter), so the common case below needs no capacity check. */
-    if (m->fcap - m->nf < 2 * n + 2) {
-      size_t nc = m->fcap ? m->fcap : 256;
-      while (nc - m->nf < 2 * n + 2)
-        nc *= 2;
-      fld_t *t = realloc(m->ftab, nc * sizeof *t);
-      if (!t)
-        return RR_ENOMEM;
-      m->ftab = t;
-      m->fcap = nc;
-    }
+    if (rr_array_grow((void **)&m->ftab, &m->fcap, m->nf + 2 * n + 2, sizeof *m->ftab, 256))
+      return RR_ENOMEM;
     const size_t maxf = m->opt.max_field_length;
     for (size_t k = 0; k < n && rc == 0; k++) {
       size_t q = pos[k];

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/array.h"
 #include "core/error.h"
 #include "core/log.h"
 
@@ -183,14 +184,8 @@ void rr_journal_set_idle_cb(rr_journal_t *j, void (*cb)(void *ud), void *ud) {
 }
 
 static pending_t *slot(batch_t *b) {
-  if (b->n == b->cap) {
-    size_t nc = b->cap ? b->cap * 2 : 64;
-    pending_t *t = realloc(b->v, nc * sizeof *t);
-    if (!t)
-      return NULL;
-    b->v = t;
-    b->cap = nc;
-  }
+  if (rr_array_grow((void **)&b->v, &b->cap, b->n + 1, sizeof *b->v, 64))
+    return NULL;
   pending_t *p = &b->v[b->n];
   memset(p, 0, sizeof *p);
   return p;
