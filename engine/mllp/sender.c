@@ -533,6 +533,15 @@ static int is_ack_code(const char *p) {
 static int check_ack(rr_mllp_sender_t *s, const char *data, size_t len, char code[3],
                      const char **why) {
   const job_t *j = s->head;
+  if (s->cfg.mllp_release == 2) {
+    /* A commit block names no message: it answers the one in flight. */
+    if (len == 1 && (data[0] == 0x06 || data[0] == 0x15)) {
+      memcpy(code, data[0] == 0x06 ? "CA" : "CR", 3);
+      return 0;
+    }
+    *why = "not_a_commit_block";
+    return RR_MLLP_EBADACK;
+  }
   rr_hl7_options_t o;
   rr_hl7_options_default(&o);
   o.borrow = true; /* the reply lives in the deframer for the whole check */
@@ -729,6 +738,7 @@ void rr_mllp_sender_config_default(rr_mllp_sender_config_t *c) {
   c->connect_timeout_ms = 5000;
   c->ack_timeout_ms = 10000;
   c->keep_alive = 1;
+  c->mllp_release = 1;
   c->backoff_base_ms = 250;
   c->backoff_cap_ms = 30000;
   c->max_queue = 1000;

@@ -4,6 +4,8 @@
  * whose certificate does not name the host, an untrusted server and a
  * client certificate off the allow-list are refused with RR_ETLS.
  *
+ * Also MLLP release 2 against a plain channel answering with commit blocks.
+ *
  *   test_sender_tls RADRELAY GEN_CERTS
  */
 #include <fcntl.h>
@@ -54,7 +56,7 @@ static int run_until(const int *flag, double seconds) {
   return *flag;
 }
 
-static pid_t start_engine(const char *radrelay, int *port) {
+static pid_t start_engine(const char *radrelay, int *port, int *r2_port) {
   char cfg[512], log[512];
   snprintf(cfg, sizeof cfg, "%s/radrelay.json", dir);
   snprintf(log, sizeof log, "%s/engine.log", dir);
@@ -72,6 +74,10 @@ static pid_t start_engine(const char *radrelay, int *port) {
           "\"ca\":\"%s/pki/ca.pem\",\"allow\":[\"ris.test\"]}}}\n",
           dir, dir, dir);
   fclose(f);
+  snprintf(chdir_, sizeof chdir_, "%s/ch/r2.json", dir);
+  f = fopen(chdir_, "w");
+  fprintf(f, "{\"name\":\"r2\",\"source\":{\"type\":\"mllp\",\"port\":0,\"mllp_release\":2}}\n");
+  fclose(f);
   posix_spawn_file_actions_t fa;
   posix_spawn_file_actions_init(&fa);
   posix_spawn_file_actions_addopen(&fa, 2, log, O_WRONLY | O_CREAT | O_TRUNC, 0600);
@@ -82,18 +88,21 @@ static pid_t start_engine(const char *radrelay, int *port) {
   posix_spawn_file_actions_destroy(&fa);
   /* Wait for "event=ready ... port=N" with a deadline. */
   uint64_t end = uv_hrtime() + 15000000000ull;
-  *port = 0;
-  while (!*port && uv_hrtime() < end) {
+  *port = *r2_port = 0;
+  while ((!*port || !*r2_port) && uv_hrtime() < end) {
     FILE *l = fopen(log, "r");
     char line[1024];
     while (l && fgets(line, sizeof line, l)) {
       char *p = strstr(line, "event=ready channel=orders port=");
       if (p)
         *port = atoi(p + strlen("event=ready channel=orders port="));
+      p = strstr(line, "event=ready channel=r2 port=");
+      if (p)
+        *r2_port = atoi(p + strlen("event=ready channel=r2 port="));
     }
     if (l)
       fclose(l);
-    if (!*port)
+    if (!*port || !*r2_port)
       usleep(20000); /* polling the log file for a condition, with a deadline */
   }
   return pid;
@@ -124,8 +133,12 @@ static int send_n(int port, rr_tls_ctx_t *ctx, int n, const char *prefix, result
   rr_mllp_sender_config_default(&c);
   c.host = "127.0.0.1";
   c.port = port;
-  c.transport_new = rr_mllp_transport_tls_new;
-  c.transport_arg = ctx;
+  if (ctx) {
+    c.transport_new = rr_mllp_transport_tls_new;
+    c.transport_arg = ctx;
+  } else {
+    c.mllp_release = 2; /* the plain channel of this test answers with commit blocks */
+  }
   c.connect_timeout_ms = 3000;
   rr_mllp_sender_t *s;
   if (rr_mllp_sender_new(&loop, &c, &s) != 0)
@@ -142,7 +155,7 @@ static int send_n(int port, rr_tls_ctx_t *ctx, int n, const char *prefix, result
     rr_mllp_sender_send(s, msg, strlen(msg), ctl, on_sent, last);
     if (!run_until(&last->done, 10))
       break;
-    ok += last->status == 0 && strcmp(last->ack, "AA") == 0;
+    ok += last->status == 0 && strcmp(last->ack, ctx ? "AA" : "CA") == 0;
   }
   int closed = 0;
   rr_mllp_sender_close(s, on_closed, &closed);
@@ -163,9 +176,9 @@ int main(int argc, char **argv) {
   snprintf(cmd, sizeof cmd, "%s %s/pki", argv[2], dir);
   CHECK_EQ_INT(system(cmd), 0);
   uv_loop_init(&loop);
-  int port = 0;
-  pid_t pid = start_engine(argv[1], &port);
-  CHECK(pid > 0 && port > 0);
+  int port = 0, r2_port = 0;
+  pid_t pid = start_engine(argv[1], &port, &r2_port);
+  CHECK(pid > 0 && port > 0 && r2_port > 0);
   if (pid > 0 && port > 0) {
     result_t r;
     rr_tls_ctx_t *good = client_ctx("client", "ca.pem", "localhost");
@@ -179,6 +192,7 @@ int main(int argc, char **argv) {
     rr_tls_ctx_t *intruder = client_ctx("intruder", "ca.pem", "localhost");
     CHECK_EQ_INT(send_n(port, intruder, 1, "ALLOW", &r), 0);
     CHECK(r.status != 0);
+    CHECK_EQ_INT(send_n(r2_port, NULL, 10, "R2", &r), 10);
     rr_tls_ctx_free(good);
     rr_tls_ctx_free(wrong_name);
     rr_tls_ctx_free(untrusted);
