@@ -20,14 +20,14 @@ typedef struct rr_channel_config {
   char name[64];
   rr_mllp_listener_config_t listen; /* host points into host[] */
   char host[64];
-  char **accept;      /* "ADT^A01", "ORM^*", ... NULL-terminated; NULL = everything */
+  char **accept; /* "ADT^A01", "ORM^*", ... NULL-terminated; NULL = everything */
   rr_hl7_options_t hl7;
-  int mllp_release;   /* 1: answer with HL7 ACKs; 2: with MLLP commit blocks
-                         (0x06 once stored, 0x15 when not) */
-  bool tls;           /* the source speaks TLS, with tls_cfg (strings below) */
+  int mllp_release; /* 1: answer with HL7 ACKs; 2: with MLLP commit blocks
+                       (0x06 once stored, 0x15 when not) */
+  bool tls;         /* the source speaks TLS, with tls_cfg (strings below) */
   rr_tls_config_t tls_cfg;
   char tls_cert[1024], tls_key[1024], tls_ca[1024], tls_crl[1024];
-  char **tls_allow;   /* owned, tls_cfg.nallow entries */
+  char **tls_allow; /* owned, tls_cfg.nallow entries */
 } rr_channel_config_t;
 
 typedef struct rr_engine rr_engine_t;

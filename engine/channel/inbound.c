@@ -164,15 +164,16 @@ static void on_frame(void *ud, rr_mllp_conn_t *c, const char *data, size_t len, 
   rr_hl7_error_t ack_err = {0};
   size_t nerr = 0;
   rr_journal_dup_t dup = {0};
-  if (*ctl && rr_journal_find(e->journal, *app ? app : NULL, *fac ? fac : NULL, ctl, data, len,
-                              &dup) != 0)
+  if (*ctl &&
+      rr_journal_find(e->journal, *app ? app : NULL, *fac ? fac : NULL, ctl, data, len, &dup) != 0)
     dup.found = false; /* the lookup failed: treat as new, the journal keeps both */
   if (dup.found && dup.same_content) {
     /* A resend: the stored answer again, byte for byte, in order behind
      * what this connection sent before; not processed a second time. */
     ch->duplicates++;
-    rr_log(RR_LOG_INFO, "channel", "event=duplicate channel=%s conn=%llu control_id=%s first_id=%lld",
-           ch->cfg.name, (unsigned long long)rr_mllp_conn_id(c), ctl, (long long)dup.id);
+    rr_log(RR_LOG_INFO, "channel",
+           "event=duplicate channel=%s conn=%llu control_id=%s first_id=%lld", ch->cfg.name,
+           (unsigned long long)rr_mllp_conn_id(c), ctl, (long long)dup.id);
     pending_ack_t *p = malloc(sizeof *p + dup.ack_len);
     if (!p) {
       free(dup.ack);
@@ -296,14 +297,23 @@ static void on_frame(void *ud, rr_mllp_conn_t *c, const char *data, size_t len, 
 
   char fulltype[72];
   snprintf(fulltype, sizeof fulltype, "%s%s%s", type, *event ? "^" : "", event);
-  rr_journal_entry_t je = {
-      .channel = ch->cfg.name, .peer = rr_mllp_conn_peer(c), .received_ms = now,
-      .sending_app = *app ? app : NULL, .sending_facility = *fac ? fac : NULL,
-      .message_type = *type ? fulltype : NULL, .control_id = *ctl ? ctl : NULL,
-      .mrn = *mrn ? mrn : NULL, .accession = *acc ? acc : NULL, .study_uid = *uid ? uid : NULL,
-      .status = status, .error = *etext ? etext : NULL, .raw = data, .raw_len = len,
-      .ack = p->send_ack ? p->data : NULL, .ack_len = p->send_ack ? p->len : 0,
-      .source = ((uint64_t)(uintptr_t)ch << 20) ^ rr_mllp_conn_id(c)};
+  rr_journal_entry_t je = {.channel = ch->cfg.name,
+                           .peer = rr_mllp_conn_peer(c),
+                           .received_ms = now,
+                           .sending_app = *app ? app : NULL,
+                           .sending_facility = *fac ? fac : NULL,
+                           .message_type = *type ? fulltype : NULL,
+                           .control_id = *ctl ? ctl : NULL,
+                           .mrn = *mrn ? mrn : NULL,
+                           .accession = *acc ? acc : NULL,
+                           .study_uid = *uid ? uid : NULL,
+                           .status = status,
+                           .error = *etext ? etext : NULL,
+                           .raw = data,
+                           .raw_len = len,
+                           .ack = p->send_ack ? p->data : NULL,
+                           .ack_len = p->send_ack ? p->len : 0,
+                           .source = ((uint64_t)(uintptr_t)ch << 20) ^ rr_mllp_conn_id(c)};
   rr_mllp_conn_hold(c);
   if (rr_journal_add(e->journal, &je, send_ack, p) != 0) {
     rr_mllp_conn_release(c);
@@ -386,7 +396,9 @@ int rr_engine_add_channel(rr_engine_t *e, const rr_channel_config_t *cfg, rr_cha
   return 0;
 }
 
-int rr_channel_port(const rr_channel_t *ch) { return rr_mllp_listener_port(ch->listener); }
+int rr_channel_port(const rr_channel_t *ch) {
+  return rr_mllp_listener_port(ch->listener);
+}
 
 /* The copied configuration's string pointers must point into the copy. */
 static void fix_tls_pointers(rr_channel_config_t *c) {
@@ -418,7 +430,9 @@ int rr_engine_reload_tls(rr_engine_t *e) {
   return failed;
 }
 
-static void on_check_closed(uv_handle_t *h) { (void)h; }
+static void on_check_closed(uv_handle_t *h) {
+  (void)h;
+}
 
 /* Second step of a shutdown: every message read has been committed and its
  * answer queued; now close the connections (after those writes). */

@@ -197,8 +197,9 @@ static int ack_msg(void *ud, rr_hl7_msg_t *m, size_t index, int prc, const rr_hl
   char ts[32], ctl[32];
   rr_hl7_ts_format((int64_t)time(NULL), 0, 0, ts);
   snprintf(ctl, sizeof ctl, "ACK%zu", index);
-  rr_hl7_ack_code_t code = a->code >= 0 ? (rr_hl7_ack_code_t)a->code
-                                        : rr_hl7_ack_code_for(m, prc ? RR_HL7_ERROR : RR_HL7_ACCEPT);
+  rr_hl7_ack_code_t code = a->code >= 0
+                               ? (rr_hl7_ack_code_t)a->code
+                               : rr_hl7_ack_code_for(m, prc ? RR_HL7_ERROR : RR_HL7_ACCEPT);
   rr_hl7_ack_options_t o = {ctl, ts, prc ? err->text : NULL, prc ? err : NULL, prc ? 1 : 0};
   rr_buf_t out;
   rr_buf_init(&out, 1 << 20);

@@ -167,7 +167,9 @@ int rr_cmd_run(int argc, char **argv) {
   }
   rr_journal_set_gather(journal, cfg.group_commit_wait_us);
   rr_log(RR_LOG_INFO, "engine", "event=store_open path=%s synchronous=%s", cfg.store_path,
-         cfg.sync == RR_JOURNAL_SYNC_FULL ? "full" : cfg.sync == RR_JOURNAL_SYNC_NORMAL ? "normal" : "off");
+         cfg.sync == RR_JOURNAL_SYNC_FULL     ? "full"
+         : cfg.sync == RR_JOURNAL_SYNC_NORMAL ? "normal"
+                                              : "off");
   if ((rc = rr_engine_new(&loop, journal, &s.engine)))
     goto out;
   for (size_t i = 0; i < cfg.nchannels; i++) {

@@ -32,8 +32,7 @@ typedef struct send_ctx {
   size_t sent, positive, negative, failed;
 } send_ctx_t;
 
-static int on_ack_frame(void *ud, rr_mllp_event_t ev, const char *data, size_t len,
-                        uint64_t off) {
+static int on_ack_frame(void *ud, rr_mllp_event_t ev, const char *data, size_t len, uint64_t off) {
   send_ctx_t *s = ud;
   (void)off;
   if (ev != RR_MLLP_FRAME)

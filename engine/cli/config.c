@@ -228,10 +228,20 @@ static int load_channel(const char *file, const char *base, rr_channel_config_t 
   if (!json_is_object(src)) {
     problem(&c, "$.source", src ? "must be an object" : "required");
   } else {
-    static const char *const keys[] = {"type", "host", "port", "max_connections", "max_per_peer",
-                                       "max_inflight", "idle_timeout_ms", "frame_timeout_ms",
-                                       "drain_timeout_ms", "max_frame_bytes", "mllp_release",
-                                       "tls", "handshake_timeout_ms", NULL};
+    static const char *const keys[] = {"type",
+                                       "host",
+                                       "port",
+                                       "max_connections",
+                                       "max_per_peer",
+                                       "max_inflight",
+                                       "idle_timeout_ms",
+                                       "frame_timeout_ms",
+                                       "drain_timeout_ms",
+                                       "max_frame_bytes",
+                                       "mllp_release",
+                                       "tls",
+                                       "handshake_timeout_ms",
+                                       NULL};
     unknown_keys(&c, src, "$.source", keys);
     char type[32];
     if (get_string(&c, src, "type", "$.source", type, sizeof type, NULL) == 0 &&
@@ -259,7 +269,10 @@ static int load_channel(const char *file, const char *base, rr_channel_config_t 
     if (json_is_object(tls)) {
       ch->tls = true;
       char rel[1024];
-      struct { const char *key; char *out; } files[] = {
+      struct {
+        const char *key;
+        char *out;
+      } files[] = {
           {"cert", ch->tls_cert}, {"key", ch->tls_key}, {"ca", ch->tls_ca}, {"crl", ch->tls_crl}};
       for (size_t i = 0; i < 4; i++) {
         rel[0] = '\0';

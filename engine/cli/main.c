@@ -5,18 +5,17 @@
 #include "cli/cli.h"
 
 static void usage(FILE *f) {
-  fprintf(f,
-          "usage: radrelay COMMAND [ARGS]\n"
-          "\n"
-          "commands:\n"
-          "  run -c CONFIG [--log-level L]   run the engine with a configuration file\n"
-          "  check -c CONFIG           validate the configuration (exit status tells)\n"
-          "  send HOST:PORT FILE...    send every message of the files over MLLP, print ACKs\n"
-          "  hl7 dump [--decoded] FILE...   print every value of every message\n"
-          "  hl7 get FILE PATH...      print values by path (e.g. PID-3[2].1)\n"
-          "  hl7 check [--strict] FILE...   parse and report errors with byte offsets\n"
-          "  hl7 ack [--code AA|AE|AR|CA|CE|CR] FILE   print the ACK for each message\n"
-          "  version                   versions of radrelay and its libraries\n");
+  fprintf(f, "usage: radrelay COMMAND [ARGS]\n"
+             "\n"
+             "commands:\n"
+             "  run -c CONFIG [--log-level L]   run the engine with a configuration file\n"
+             "  check -c CONFIG           validate the configuration (exit status tells)\n"
+             "  send HOST:PORT FILE...    send every message of the files over MLLP, print ACKs\n"
+             "  hl7 dump [--decoded] FILE...   print every value of every message\n"
+             "  hl7 get FILE PATH...      print values by path (e.g. PID-3[2].1)\n"
+             "  hl7 check [--strict] FILE...   parse and report errors with byte offsets\n"
+             "  hl7 ack [--code AA|AE|AR|CA|CE|CR] FILE   print the ACK for each message\n"
+             "  version                   versions of radrelay and its libraries\n");
 }
 
 int main(int argc, char **argv) {

@@ -14,8 +14,7 @@
 
 #include "core/error.h"
 
-static inline int rr_array_grow(void **items, size_t *cap, size_t need, size_t elem,
-                                size_t first) {
+static inline int rr_array_grow(void **items, size_t *cap, size_t need, size_t elem, size_t first) {
   if (need <= *cap)
     return 0;
   size_t nc = *cap ? *cap : first;

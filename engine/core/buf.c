@@ -55,9 +55,13 @@ int rr_buf_append(rr_buf_t *b, const void *p, size_t n) {
   return 0;
 }
 
-int rr_buf_putc(rr_buf_t *b, char c) { return rr_buf_append(b, &c, 1); }
+int rr_buf_putc(rr_buf_t *b, char c) {
+  return rr_buf_append(b, &c, 1);
+}
 
-int rr_buf_puts(rr_buf_t *b, const char *s) { return rr_buf_append(b, s, strlen(s)); }
+int rr_buf_puts(rr_buf_t *b, const char *s) {
+  return rr_buf_append(b, s, strlen(s));
+}
 
 int rr_buf_printf(rr_buf_t *b, const char *fmt, ...) {
   va_list ap;

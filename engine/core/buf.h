@@ -10,10 +10,10 @@
 #include <stddef.h>
 
 typedef struct rr_buf {
-  char *data;     /* owned; NULL until the first append */
-  size_t len;     /* bytes used, excluding the trailing NUL */
-  size_t cap;     /* bytes allocated */
-  size_t limit;   /* maximum len; appending past it fails with RR_ELIMIT */
+  char *data;   /* owned; NULL until the first append */
+  size_t len;   /* bytes used, excluding the trailing NUL */
+  size_t cap;   /* bytes allocated */
+  size_t limit; /* maximum len; appending past it fails with RR_ELIMIT */
 } rr_buf_t;
 
 /* rr_buf_init: empty buffer that may grow to `limit` bytes. No allocation. */
@@ -28,8 +28,7 @@ int rr_buf_append(rr_buf_t *b, const void *p, size_t n);
 int rr_buf_putc(rr_buf_t *b, char c);
 int rr_buf_puts(rr_buf_t *b, const char *s);
 /* rr_buf_printf: formatted append; same errors as rr_buf_append. */
-int rr_buf_printf(rr_buf_t *b, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
+int rr_buf_printf(rr_buf_t *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* rr_buf_reserve: make room for n more bytes without changing len. */
 int rr_buf_reserve(rr_buf_t *b, size_t n);
 /* rr_buf_steal: hands the data (NUL-terminated, possibly NULL when empty)

@@ -2,9 +2,9 @@
 #include "core/json_schema.h"
 
 #include <math.h>
+#include <regex.h>
 #include <stdarg.h>
 #include <stdbool.h>
-#include <regex.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,11 +25,13 @@ struct rr_json_schema {
   size_t npats, cap;
 };
 
-static const char *const known[] = {
-    "type", "properties", "required", "additionalProperties", "items", "enum", "const",
-    "pattern", "minimum", "maximum", "minLength", "maxLength", "minItems", "maxItems", "oneOf",
-    "anyOf", "allOf", "$ref", "$defs", "$schema", "$id", "title", "description", "default",
-    "examples", "$comment", NULL};
+static const char *const known[] = {"type",     "properties", "required",    "additionalProperties",
+                                    "items",    "enum",       "const",       "pattern",
+                                    "minimum",  "maximum",    "minLength",   "maxLength",
+                                    "minItems", "maxItems",   "oneOf",       "anyOf",
+                                    "allOf",    "$ref",       "$defs",       "$schema",
+                                    "$id",      "title",      "description", "default",
+                                    "examples", "$comment",   NULL};
 
 static int compile(rr_json_schema_t *s, json_t *node, const char *where, rr_buf_t *err) {
   if (json_is_boolean(node))
@@ -164,7 +166,8 @@ static bool is_type(const json_t *v, const char *t) {
   if (strcmp(t, "number") == 0)
     return json_is_number(v);
   if (strcmp(t, "integer") == 0)
-    return json_is_integer(v) || (json_is_real(v) && floor(json_real_value(v)) == json_real_value(v));
+    return json_is_integer(v) ||
+           (json_is_real(v) && floor(json_real_value(v)) == json_real_value(v));
   return strcmp(type_name(v), t) == 0;
 }
 

@@ -12,9 +12,15 @@
 static rr_log_level_t g_level = RR_LOG_INFO;
 static int g_fd = 2;
 
-void rr_log_set_level(rr_log_level_t level) { g_level = level; }
-rr_log_level_t rr_log_get_level(void) { return g_level; }
-void rr_log_set_fd(int fd) { g_fd = fd; }
+void rr_log_set_level(rr_log_level_t level) {
+  g_level = level;
+}
+rr_log_level_t rr_log_get_level(void) {
+  return g_level;
+}
+void rr_log_set_fd(int fd) {
+  g_fd = fd;
+}
 
 int rr_log_parse_level(const char *s) {
   static const char *const names[] = {"debug", "info", "warn", "error"};

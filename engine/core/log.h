@@ -10,7 +10,10 @@
 #define RR_CORE_LOG_H
 
 typedef enum rr_log_level {
-  RR_LOG_DEBUG = 0, RR_LOG_INFO, RR_LOG_WARN, RR_LOG_ERROR
+  RR_LOG_DEBUG = 0,
+  RR_LOG_INFO,
+  RR_LOG_WARN,
+  RR_LOG_ERROR
 } rr_log_level_t;
 
 /* rr_log_set_level: lines below level are dropped. Call before threads start. */

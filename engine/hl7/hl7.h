@@ -82,26 +82,26 @@ enum {
 
 /* Where and why something failed. Fields that do not apply are 0 / "". */
 typedef struct rr_hl7_error {
-  int code;              /* RR_E* */
-  int hl7_code;          /* table 0357 */
-  size_t offset;         /* byte offset into the input */
-  unsigned segment;      /* 1-based position of the segment in the message */
-  unsigned occurrence;   /* 1-based occurrence of that segment ID */
+  int code;            /* RR_E* */
+  int hl7_code;        /* table 0357 */
+  size_t offset;       /* byte offset into the input */
+  unsigned segment;    /* 1-based position of the segment in the message */
+  unsigned occurrence; /* 1-based occurrence of that segment ID */
   char segment_id[4];
-  unsigned field;        /* field number (MSH numbering) */
+  unsigned field; /* field number (MSH numbering) */
   unsigned repetition;
   unsigned component;
   unsigned subcomponent;
-  char text[160];        /* human-readable; never contains patient data */
+  char text[160]; /* human-readable; never contains patient data */
 } rr_hl7_error_t;
 
 typedef struct rr_hl7_path {
-  char segment[4];  /* segment ID, NUL-terminated */
-  unsigned occ;     /* segment occurrence, >= 1 */
-  unsigned field;   /* 0 = whole segment */
-  unsigned rep;     /* 0 = not given */
-  unsigned comp;    /* 0 = not given */
-  unsigned sub;     /* 0 = not given */
+  char segment[4]; /* segment ID, NUL-terminated */
+  unsigned occ;    /* segment occurrence, >= 1 */
+  unsigned field;  /* 0 = whole segment */
+  unsigned rep;    /* 0 = not given */
+  unsigned comp;   /* 0 = not given */
+  unsigned sub;    /* 0 = not given */
 } rr_hl7_path_t;
 
 /* ---- options, errors ---------------------------------------------------- */
@@ -124,8 +124,8 @@ void rr_hl7_msg_free(rr_hl7_msg_t *m);
  * RR_ELIMIT, RR_ECHARSET or RR_ENOMEM and fills *err (err may be NULL); the
  * segments parsed before the error stay readable, so an ACK can still echo
  * the header of a broken message. */
-int rr_hl7_parse(rr_hl7_msg_t *m, const char *data, size_t len,
-                 const rr_hl7_options_t *opt, rr_hl7_error_t *err);
+int rr_hl7_parse(rr_hl7_msg_t *m, const char *data, size_t len, const rr_hl7_options_t *opt,
+                 rr_hl7_error_t *err);
 
 /* rr_hl7_msg_create: starts a message from scratch: one MSH segment holding
  * the delimiters (NULL = |^~\&) and, when given, MSH-12 = version. */
@@ -221,8 +221,12 @@ int rr_hl7_serialize(const rr_hl7_msg_t *m, rr_buf_t *out);
 /* ---- acknowledgements --------------------------------------------------- */
 
 typedef enum rr_hl7_ack_code {
-  RR_HL7_AA, RR_HL7_AE, RR_HL7_AR, /* original mode / application level */
-  RR_HL7_CA, RR_HL7_CE, RR_HL7_CR  /* enhanced mode, accept level */
+  RR_HL7_AA,
+  RR_HL7_AE,
+  RR_HL7_AR, /* original mode / application level */
+  RR_HL7_CA,
+  RR_HL7_CE,
+  RR_HL7_CR /* enhanced mode, accept level */
 } rr_hl7_ack_code_t;
 
 typedef enum rr_hl7_ack_kind {
@@ -233,13 +237,17 @@ typedef enum rr_hl7_ack_kind {
 
 /* Acknowledgement conditions of MSH-15 / MSH-16 (table 0155). */
 typedef enum rr_hl7_ack_condition {
-  RR_HL7_ACK_UNSET = 0, RR_HL7_ACK_AL, RR_HL7_ACK_NE, RR_HL7_ACK_ER, RR_HL7_ACK_SU
+  RR_HL7_ACK_UNSET = 0,
+  RR_HL7_ACK_AL,
+  RR_HL7_ACK_NE,
+  RR_HL7_ACK_ER,
+  RR_HL7_ACK_SU
 } rr_hl7_ack_condition_t;
 
 typedef struct rr_hl7_ack_mode {
-  bool enhanced;                  /* MSH-15 or MSH-16 is valued */
-  rr_hl7_ack_condition_t accept;  /* MSH-15 */
-  rr_hl7_ack_condition_t app;     /* MSH-16 */
+  bool enhanced;                 /* MSH-15 or MSH-16 is valued */
+  rr_hl7_ack_condition_t accept; /* MSH-15 */
+  rr_hl7_ack_condition_t app;    /* MSH-16 */
 } rr_hl7_ack_mode_t;
 
 /* rr_hl7_ack_mode: reads MSH-15/MSH-16 of m (m may be partially parsed). */
@@ -254,9 +262,9 @@ bool rr_hl7_ack_wanted(const rr_hl7_msg_t *m, rr_hl7_ack_code_t code);
 const char *rr_hl7_ack_code_name(rr_hl7_ack_code_t code);
 
 typedef struct rr_hl7_ack_options {
-  const char *control_id; /* MSH-10 of the acknowledgement; required */
-  const char *timestamp;  /* MSH-7, e.g. from rr_hl7_ts_format; may be NULL */
-  const char *text;       /* optional diagnostic (MSA-3 before v2.5, ERR-8 from v2.5) */
+  const char *control_id;       /* MSH-10 of the acknowledgement; required */
+  const char *timestamp;        /* MSH-7, e.g. from rr_hl7_ts_format; may be NULL */
+  const char *text;             /* optional diagnostic (MSA-3 before v2.5, ERR-8 from v2.5) */
   const rr_hl7_error_t *errors; /* ERR segments, may be NULL */
   size_t nerrors;
 } rr_hl7_ack_options_t;
@@ -279,15 +287,15 @@ typedef struct rr_hl7_batch {
   rr_hl7_slice_t fhs, bhs, bts, fts; /* envelope segments (borrowed), may be empty */
   rr_hl7_slice_t *msgs;              /* owned array of borrowed slices */
   size_t nmsgs;
-  long declared_msgs;     /* BTS-1, -1 when absent */
-  long declared_batches;  /* FTS-1, -1 when absent */
+  long declared_msgs;    /* BTS-1, -1 when absent */
+  long declared_batches; /* FTS-1, -1 when absent */
 } rr_hl7_batch_t;
 
 /* rr_hl7_batch_split: splits an FHS/BHS...BTS/FTS file (or a plain run of
  * messages) into messages. Slices point into data. A count in BTS-1/FTS-1
  * that disagrees is RR_EPARSE in strict mode. Free with rr_hl7_batch_close. */
-int rr_hl7_batch_split(const char *data, size_t len, rr_hl7_mode_t mode,
-                       rr_hl7_batch_t *out, rr_hl7_error_t *err);
+int rr_hl7_batch_split(const char *data, size_t len, rr_hl7_mode_t mode, rr_hl7_batch_t *out,
+                       rr_hl7_error_t *err);
 void rr_hl7_batch_close(rr_hl7_batch_t *b);
 
 typedef struct rr_hl7_batch_header {
@@ -295,15 +303,15 @@ typedef struct rr_hl7_batch_header {
   const char *sending_app, *sending_facility;
   const char *receiving_app, *receiving_facility;
   const char *timestamp;
-  const char *control_id;        /* FHS-11 / BHS-11 */
-  bool file;                     /* wrap in FHS/FTS as well as BHS/BTS */
+  const char *control_id; /* FHS-11 / BHS-11 */
+  bool file;              /* wrap in FHS/FTS as well as BHS/BTS */
 } rr_hl7_batch_header_t;
 
 /* rr_hl7_batch_build: appends a batch of the n encoded messages (each with
  * CR terminators) to out, with BTS-1 = n (and FTS-1 = 1). Header values are
  * encoded text (caller escapes). */
-int rr_hl7_batch_build(const rr_hl7_batch_header_t *h, const rr_hl7_slice_t *msgs,
-                       size_t n, rr_buf_t *out);
+int rr_hl7_batch_build(const rr_hl7_batch_header_t *h, const rr_hl7_slice_t *msgs, size_t n,
+                       rr_buf_t *out);
 
 /* ---- streaming reader --------------------------------------------------- */
 
@@ -311,19 +319,23 @@ int rr_hl7_batch_build(const rr_hl7_batch_header_t *h, const rr_hl7_slice_t *msg
  * items as it arrives, in chunks of any size. An item is a message (from an
  * MSH line to the next MSH/FHS/BHS/BTS/FTS line) or one envelope segment. */
 typedef enum rr_hl7_item_kind {
-  RR_HL7_ITEM_MESSAGE, RR_HL7_ITEM_FHS, RR_HL7_ITEM_BHS, RR_HL7_ITEM_BTS,
-  RR_HL7_ITEM_FTS, RR_HL7_ITEM_OTHER /* text before the first MSH */
+  RR_HL7_ITEM_MESSAGE,
+  RR_HL7_ITEM_FHS,
+  RR_HL7_ITEM_BHS,
+  RR_HL7_ITEM_BTS,
+  RR_HL7_ITEM_FTS,
+  RR_HL7_ITEM_OTHER /* text before the first MSH */
 } rr_hl7_item_kind_t;
 
 /* Called once per item; data is borrowed for the call. Return non-zero to
  * stop (the value is passed back from feed/finish). */
-typedef int (*rr_hl7_item_cb)(void *ud, rr_hl7_item_kind_t kind, const char *data,
-                              size_t len, size_t offset);
+typedef int (*rr_hl7_item_cb)(void *ud, rr_hl7_item_kind_t kind, const char *data, size_t len,
+                              size_t offset);
 
 typedef struct rr_hl7_reader {
-  rr_buf_t buf;     /* pending bytes */
-  size_t scan;      /* next offset in buf to examine */
-  size_t offset;    /* stream offset of buf[0] */
+  rr_buf_t buf;  /* pending bytes */
+  size_t scan;   /* next offset in buf to examine */
+  size_t offset; /* stream offset of buf[0] */
   size_t item_start;
 } rr_hl7_reader_t;
 
@@ -332,8 +344,8 @@ void rr_hl7_reader_init(rr_hl7_reader_t *r, size_t max_item);
 void rr_hl7_reader_close(rr_hl7_reader_t *r);
 /* rr_hl7_reader_feed: consumes len bytes, calling cb for every completed
  * item, synchronously. */
-int rr_hl7_reader_feed(rr_hl7_reader_t *r, const char *data, size_t len,
-                       rr_hl7_item_cb cb, void *ud);
+int rr_hl7_reader_feed(rr_hl7_reader_t *r, const char *data, size_t len, rr_hl7_item_cb cb,
+                       void *ud);
 /* rr_hl7_reader_finish: end of stream: emits the last item. */
 int rr_hl7_reader_finish(rr_hl7_reader_t *r, rr_hl7_item_cb cb, void *ud);
 

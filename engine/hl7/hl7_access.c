@@ -161,7 +161,9 @@ bool rr_hl7_piece(const char *s, size_t len, char sep, unsigned idx, rr_hl7_slic
 
 /* ---- segments ----------------------------------------------------------- */
 
-size_t rr_hl7_segment_count(const rr_hl7_msg_t *m) { return m->nsegs; }
+size_t rr_hl7_segment_count(const rr_hl7_msg_t *m) {
+  return m->nsegs;
+}
 
 const char *rr_hl7_segment_name(const rr_hl7_msg_t *m, size_t i) {
   return i < m->nsegs ? m->segs[i].name : NULL;

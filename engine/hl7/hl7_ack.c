@@ -43,10 +43,14 @@ static rr_hl7_slice_t msh_field(const rr_hl7_msg_t *m, unsigned f) {
 static rr_hl7_ack_condition_t condition(rr_hl7_slice_t s) {
   if (s.len != 2)
     return RR_HL7_ACK_UNSET;
-  if (memcmp(s.p, "AL", 2) == 0) return RR_HL7_ACK_AL;
-  if (memcmp(s.p, "NE", 2) == 0) return RR_HL7_ACK_NE;
-  if (memcmp(s.p, "ER", 2) == 0) return RR_HL7_ACK_ER;
-  if (memcmp(s.p, "SU", 2) == 0) return RR_HL7_ACK_SU;
+  if (memcmp(s.p, "AL", 2) == 0)
+    return RR_HL7_ACK_AL;
+  if (memcmp(s.p, "NE", 2) == 0)
+    return RR_HL7_ACK_NE;
+  if (memcmp(s.p, "ER", 2) == 0)
+    return RR_HL7_ACK_ER;
+  if (memcmp(s.p, "SU", 2) == 0)
+    return RR_HL7_ACK_SU;
   return RR_HL7_ACK_UNSET;
 }
 
@@ -116,13 +120,20 @@ static int put_text(rr_buf_t *out, const rr_hl7_delims_t *d, const char *s) {
   int rc = 0;
   for (; *s && rc == 0; s++) {
     char c = *s, e = 0;
-    if (c == d->field) e = 'F';
-    else if (c == d->component) e = 'S';
-    else if (c == d->subcomponent) e = 'T';
-    else if (c == d->repetition) e = 'R';
-    else if (c == d->escape) e = 'E';
-    else if (d->truncation && c == d->truncation) e = 'P';
-    else if (c == '\r' || c == '\n') c = ' ';
+    if (c == d->field)
+      e = 'F';
+    else if (c == d->component)
+      e = 'S';
+    else if (c == d->subcomponent)
+      e = 'T';
+    else if (c == d->repetition)
+      e = 'R';
+    else if (c == d->escape)
+      e = 'E';
+    else if (d->truncation && c == d->truncation)
+      e = 'P';
+    else if (c == '\r' || c == '\n')
+      c = ' ';
     if (!e) {
       rc = rr_buf_putc(out, c);
     } else {

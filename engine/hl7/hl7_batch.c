@@ -8,11 +8,16 @@
 #include "hl7/hl7_int.h"
 
 static rr_hl7_item_kind_t line_kind(const char *p) {
-  if (memcmp(p, "MSH", 3) == 0) return RR_HL7_ITEM_MESSAGE;
-  if (memcmp(p, "FHS", 3) == 0) return RR_HL7_ITEM_FHS;
-  if (memcmp(p, "BHS", 3) == 0) return RR_HL7_ITEM_BHS;
-  if (memcmp(p, "BTS", 3) == 0) return RR_HL7_ITEM_BTS;
-  if (memcmp(p, "FTS", 3) == 0) return RR_HL7_ITEM_FTS;
+  if (memcmp(p, "MSH", 3) == 0)
+    return RR_HL7_ITEM_MESSAGE;
+  if (memcmp(p, "FHS", 3) == 0)
+    return RR_HL7_ITEM_FHS;
+  if (memcmp(p, "BHS", 3) == 0)
+    return RR_HL7_ITEM_BHS;
+  if (memcmp(p, "BTS", 3) == 0)
+    return RR_HL7_ITEM_BTS;
+  if (memcmp(p, "FTS", 3) == 0)
+    return RR_HL7_ITEM_FTS;
   return RR_HL7_ITEM_OTHER;
 }
 
@@ -51,7 +56,9 @@ void rr_hl7_reader_init(rr_hl7_reader_t *r, size_t max_item) {
   r->item_start = 0;
 }
 
-void rr_hl7_reader_close(rr_hl7_reader_t *r) { rr_buf_close(&r->buf); }
+void rr_hl7_reader_close(rr_hl7_reader_t *r) {
+  rr_buf_close(&r->buf);
+}
 
 static int emit(rr_hl7_reader_t *r, size_t end, rr_hl7_item_cb cb, void *ud) {
   const char *p = r->buf.data + r->item_start;
@@ -116,7 +123,7 @@ typedef struct split_ctx {
   rr_hl7_batch_t *b;
   size_t cap;
   const char *data;
-  long in_batch;  /* messages since the last BHS */
+  long in_batch; /* messages since the last BHS */
   long batches;
   bool strict;
   rr_hl7_error_t *err;
@@ -209,8 +216,14 @@ static int header(rr_buf_t *out, const char *id, const rr_hl7_delims_t *d,
                          d->subcomponent);
   if (rc == 0 && d->truncation)
     rc = rr_buf_putc(out, d->truncation);
-  const char *v[8] = {h->sending_app, h->sending_facility, h->receiving_app,
-                      h->receiving_facility, h->timestamp, NULL, NULL, NULL};
+  const char *v[8] = {h->sending_app,
+                      h->sending_facility,
+                      h->receiving_app,
+                      h->receiving_facility,
+                      h->timestamp,
+                      NULL,
+                      NULL,
+                      NULL};
   for (int i = 0; rc == 0 && i < 8; i++)
     rc = rr_buf_printf(out, "%c%s", fs, v[i] ? v[i] : "");
   /* field 11: control id */

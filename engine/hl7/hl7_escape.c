@@ -14,7 +14,7 @@
 #include "hl7/hl7_int.h"
 
 typedef struct cs_entry {
-  const char *hl7;   /* MSH-18 value (table 0211) */
+  const char *hl7; /* MSH-18 value (table 0211) */
   hl7_cs_t cs;
   const char *iconv; /* iconv name for CS_ICONV */
 } cs_entry_t;
@@ -198,16 +198,13 @@ static int flush_run(rr_hl7_msg_t *m, const run_cs_t *rc_, const char *s, size_t
     return 0;
   switch (rc_->cs) {
   case CS_ASCII:
-  case CS_UTF8:
-    return rr_buf_append(out, s, n);
+  case CS_UTF8: return rr_buf_append(out, s, n);
   case CS_DEFAULT:
     if (valid_utf8((const unsigned char *)s, n))
       return rr_buf_append(out, s, n);
     return latin1_to_utf8((const unsigned char *)s, n, out);
-  case CS_LATIN1:
-    return latin1_to_utf8((const unsigned char *)s, n, out);
-  case CS_ICONV:
-    break;
+  case CS_LATIN1: return latin1_to_utf8((const unsigned char *)s, n, out);
+  case CS_ICONV: break;
   }
   if (!rc_->iconv || !*rc_->iconv) /* undeclared name: pass through */
     return rr_buf_append(out, s, n);
@@ -239,8 +236,13 @@ static int hexval(char c) {
 
 /* Character set designated by the hex digits of a \C..\ or \M..\ escape. */
 static bool designation(const char *hex, size_t n, bool multi, run_cs_t *out) {
-  static const struct { const char *seq; bool multi; hl7_cs_t cs; const char *iconv;
-                        const char *prefix; } tab[] = {
+  static const struct {
+    const char *seq;
+    bool multi;
+    hl7_cs_t cs;
+    const char *iconv;
+    const char *prefix;
+  } tab[] = {
       {"2842", false, CS_ASCII, NULL, NULL},
       {"284A", false, CS_ASCII, NULL, NULL},
       {"2949", false, CS_ICONV, "JIS_X0201", NULL},

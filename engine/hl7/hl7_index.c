@@ -59,19 +59,20 @@ static size_t stage1_sse2(const char *base, size_t from, size_t len, char fs, ui
 #endif
 
 #if defined(HAVE_AVX2_TARGET)
-__attribute__((target("avx2"))) static size_t stage1_avx2(const char *base, size_t from,
-                                                          size_t len, char fs, uint32_t *pos,
-                                                          size_t *npos) {
+__attribute__((target("avx2"))) static size_t stage1_avx2(const char *base, size_t from, size_t len,
+                                                          char fs, uint32_t *pos, size_t *npos) {
   const __m256i vf = _mm256_set1_epi8(fs), vcr = _mm256_set1_epi8('\r'),
                 vlf = _mm256_set1_epi8('\n');
   size_t n = *npos, at = from;
   while (at + 64 <= len && n + 64 <= POS_CAP) {
     __m256i x0 = _mm256_loadu_si256((const __m256i *)(const void *)(base + at));
     __m256i x1 = _mm256_loadu_si256((const __m256i *)(const void *)(base + at + 32));
-    __m256i h0 = _mm256_or_si256(_mm256_or_si256(_mm256_cmpeq_epi8(x0, vf), _mm256_cmpeq_epi8(x0, vcr)),
-                                 _mm256_cmpeq_epi8(x0, vlf));
-    __m256i h1 = _mm256_or_si256(_mm256_or_si256(_mm256_cmpeq_epi8(x1, vf), _mm256_cmpeq_epi8(x1, vcr)),
-                                 _mm256_cmpeq_epi8(x1, vlf));
+    __m256i h0 =
+        _mm256_or_si256(_mm256_or_si256(_mm256_cmpeq_epi8(x0, vf), _mm256_cmpeq_epi8(x0, vcr)),
+                        _mm256_cmpeq_epi8(x0, vlf));
+    __m256i h1 =
+        _mm256_or_si256(_mm256_or_si256(_mm256_cmpeq_epi8(x1, vf), _mm256_cmpeq_epi8(x1, vcr)),
+                        _mm256_cmpeq_epi8(x1, vlf));
     uint64_t mask = (uint64_t)(uint32_t)_mm256_movemask_epi8(h0) |
                     ((uint64_t)(uint32_t)_mm256_movemask_epi8(h1) << 32);
     n = drain(mask, at, pos, n);
@@ -126,10 +127,10 @@ typedef struct ix {
   char fs;
   bool strict;
   bool in_seg, first;
-  size_t next;        /* where the next segment starts */
+  size_t next; /* where the next segment starts */
   size_t seg_start, field_start;
-  size_t skip;        /* an LF to ignore (the LF of CRLF), SIZE_MAX for none */
-  size_t blank;       /* strict: first blank line seen, SIZE_MAX for none */
+  size_t skip;  /* an LF to ignore (the LF of CRLF), SIZE_MAX for none */
+  size_t blank; /* strict: first blank line seen, SIZE_MAX for none */
 } ix_t;
 
 static int push_field(rr_hl7_msg_t *m, const char *p, size_t len) {
@@ -156,14 +157,14 @@ static void locate(ix_t *x, const char *id, size_t idlen) {
 static int begin_segment(ix_t *x) {
   rr_hl7_msg_t *m = x->m;
   if (x->blank != SIZE_MAX) {
-    hl7_set_error(x->err, RR_EPARSE, RR_HL7_E_SEGMENT_SEQUENCE, x->off0 + x->blank,
-                  "%s at byte %zu", x->base[x->blank] == '\n' ? "LF segment terminator" : "empty segment",
-                  x->off0 + x->blank);
+    hl7_set_error(
+        x->err, RR_EPARSE, RR_HL7_E_SEGMENT_SEQUENCE, x->off0 + x->blank, "%s at byte %zu",
+        x->base[x->blank] == '\n' ? "LF segment terminator" : "empty segment", x->off0 + x->blank);
     return RR_EPARSE;
   }
   if (m->nsegs == m->opt.max_segments) {
-    hl7_set_error(x->err, RR_ELIMIT, RR_HL7_E_INTERNAL, x->off0 + x->next,
-                  "more than %zu segments", m->opt.max_segments);
+    hl7_set_error(x->err, RR_ELIMIT, RR_HL7_E_INTERNAL, x->off0 + x->next, "more than %zu segments",
+                  m->opt.max_segments);
     return RR_ELIMIT;
   }
   if (rr_array_grow((void **)&m->segs, &m->segcap, m->nsegs + 1, sizeof *m->segs, 32))
@@ -259,8 +260,8 @@ static int delimiter(ix_t *x, size_t q) {
 }
 
 int hl7_index(rr_hl7_msg_t *m, const char *base, size_t len, size_t off0, rr_hl7_error_t *err) {
-  ix_t x = {m,     base,  len,   off0,  err,   m->d.field, m->opt.mode == RR_HL7_STRICT,
-            false, false, 0,     0,     0,     SIZE_MAX,   SIZE_MAX};
+  ix_t x = {m,     base,  len, off0, err, m->d.field, m->opt.mode == RR_HL7_STRICT,
+            false, false, 0,   0,    0,   SIZE_MAX,   SIZE_MAX};
   uint32_t pos[POS_CAP];
   size_t at = 0;
   int rc = 0;

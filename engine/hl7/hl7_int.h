@@ -21,10 +21,10 @@ typedef struct seg {
   uint32_t nfields; /* entries in fields[], fields[0] is the segment ID */
   uint32_t cap;     /* 0 while fields[] lives in the parse table */
   fld_t *fields;
-  const char *raw;  /* original encoded text, trusted only while !dirty */
+  const char *raw; /* original encoded text, trusted only while !dirty */
   size_t raw_len;
-  size_t offset;    /* byte offset of the segment in the input */
-  size_t first;     /* index of fields[0] in m->ftab while parsing */
+  size_t offset; /* byte offset of the segment in the input */
+  size_t first;  /* index of fields[0] in m->ftab while parsing */
   bool dirty;
 } seg_t;
 
@@ -34,7 +34,7 @@ typedef enum hl7_cs {
   CS_ASCII,
   CS_UTF8,
   CS_LATIN1,
-  CS_ICONV        /* any other: converted with iconv(3) */
+  CS_ICONV /* any other: converted with iconv(3) */
 } hl7_cs_t;
 
 typedef struct arena_chunk {
@@ -44,20 +44,20 @@ typedef struct arena_chunk {
 } arena_chunk_t;
 
 struct rr_hl7_msg {
-  rr_buf_t text;        /* copy of the input (unless borrowed), HL7_PAD zero bytes after */
+  rr_buf_t text; /* copy of the input (unless borrowed), HL7_PAD zero bytes after */
   seg_t *segs;
   size_t nsegs, segcap;
-  fld_t *ftab;          /* parse table all clean segments point into */
+  fld_t *ftab; /* parse table all clean segments point into */
   size_t nf, fcap;
   arena_chunk_t *arena; /* edits; reset on every parse */
   rr_hl7_delims_t d;
   rr_hl7_options_t opt;
   hl7_cs_t cs;
-  char cs_name[32];     /* canonical MSH-18 name */
-  char cs_iconv[32];    /* iconv name when cs == CS_ICONV */
-  iconv_t to_utf8;      /* cached for cs_iconv, (iconv_t)-1 when none */
+  char cs_name[32];  /* canonical MSH-18 name */
+  char cs_iconv[32]; /* iconv name when cs == CS_ICONV */
+  iconv_t to_utf8;   /* cached for cs_iconv, (iconv_t)-1 when none */
   iconv_t from_utf8;
-  char iconv_for[32];   /* which name the cached handles are for */
+  char iconv_for[32]; /* which name the cached handles are for */
 };
 
 /* hl7_access.c */
@@ -81,7 +81,7 @@ void hl7_index_init(void);
 /* hl7_parse.c */
 void hl7_fix_fields(rr_hl7_msg_t *m);
 bool hl7_segment_id_ok(const char *p, size_t len, bool strict);
-void hl7_set_error(rr_hl7_error_t *err, int code, int hl7_code, size_t offset,
-                   const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+void hl7_set_error(rr_hl7_error_t *err, int code, int hl7_code, size_t offset, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
 
 #endif

@@ -9,7 +9,6 @@
 #include "core/error.h"
 #include "hl7/hl7_int.h"
 
-
 void rr_hl7_options_default(rr_hl7_options_t *o) {
   o->max_message_size = (size_t)64 << 20;
   o->max_segments = 100000;
@@ -18,8 +17,8 @@ void rr_hl7_options_default(rr_hl7_options_t *o) {
   o->borrow = false;
 }
 
-void hl7_set_error(rr_hl7_error_t *err, int code, int hl7_code, size_t offset,
-                   const char *fmt, ...) {
+void hl7_set_error(rr_hl7_error_t *err, int code, int hl7_code, size_t offset, const char *fmt,
+                   ...) {
   if (!err)
     return;
   memset(err, 0, sizeof *err);
@@ -57,9 +56,13 @@ void rr_hl7_msg_free(rr_hl7_msg_t *m) {
   free(m);
 }
 
-const rr_hl7_delims_t *rr_hl7_delims(const rr_hl7_msg_t *m) { return &m->d; }
+const rr_hl7_delims_t *rr_hl7_delims(const rr_hl7_msg_t *m) {
+  return &m->d;
+}
 
-const char *rr_hl7_charset(const rr_hl7_msg_t *m) { return m->cs_name; }
+const char *rr_hl7_charset(const rr_hl7_msg_t *m) {
+  return m->cs_name;
+}
 
 bool hl7_segment_id_ok(const char *p, size_t len, bool strict) {
   if (len != 3)
@@ -151,7 +154,10 @@ void hl7_fix_fields(rr_hl7_msg_t *m) {
 }
 
 static int check_required(rr_hl7_msg_t *m, rr_hl7_error_t *err) {
-  static const struct { unsigned field; const char *name; } req[] = {
+  static const struct {
+    unsigned field;
+    const char *name;
+  } req[] = {
       {9, "message type"}, {10, "message control ID"}, {11, "processing ID"}, {12, "version ID"}};
   seg_t *msh = &m->segs[0];
   for (size_t i = 0; i < sizeof req / sizeof req[0]; i++) {

@@ -10,28 +10,28 @@
 
 struct rr_mllp_conn {
   uv_tcp_t tcp;
-  rr_mllp_listener_t *l;      /* NULL once the listener is gone */
+  rr_mllp_listener_t *l; /* NULL once the listener is gone */
   rr_mllp_conn_t *prev, *next;
   rr_mllp_deframer_t df;
   uint64_t id;
-  uint64_t last_byte_ms;      /* last read */
-  uint64_t frame_started_ms;  /* when the current frame's first byte came */
-  unsigned refs;              /* the open handle counts as one */
-  unsigned inflight;           /* frames whose reply is not yet written */
+  uint64_t last_byte_ms;     /* last read */
+  uint64_t frame_started_ms; /* when the current frame's first byte came */
+  unsigned refs;             /* the open handle counts as one */
+  unsigned inflight;         /* frames whose reply is not yet written */
   int closing;
-  int draining; /* shutting down: no more reads */
+  int draining;        /* shutting down: no more reads */
   int draining_writes; /* uv_shutdown issued: no more writes */
   int reading;
   char peer[64];
-  char addr[48];              /* peer address without port */
-  rr_tls_conn_t *tls;         /* NULL on plain TCP */
+  char addr[48];      /* peer address without port */
+  rr_tls_conn_t *tls; /* NULL on plain TCP */
   uint64_t accepted_ms;
 };
 
 struct rr_mllp_listener {
   uv_loop_t *loop;
   uv_tcp_t server;
-  uv_timer_t sweep;            /* timeouts; after stop, the drain deadline */
+  uv_timer_t sweep; /* timeouts; after stop, the drain deadline */
   rr_mllp_listener_config_t cfg;
   char name[64];
   rr_mllp_frame_cb cb;
@@ -40,7 +40,7 @@ struct rr_mllp_listener {
   unsigned nconns;
   uint64_t next_id;
   int open_handles;
-  int quiet;    /* no longer accepting or reading */
+  int quiet; /* no longer accepting or reading */
   int stopping;
   int port;
 };
@@ -97,7 +97,9 @@ static void conn_unlink(rr_mllp_conn_t *c) {
   maybe_free_listener(l);
 }
 
-void rr_mllp_conn_hold(rr_mllp_conn_t *c) { c->refs++; }
+void rr_mllp_conn_hold(rr_mllp_conn_t *c) {
+  c->refs++;
+}
 
 void rr_mllp_conn_release(rr_mllp_conn_t *c) {
   if (--c->refs == 0) {
@@ -122,11 +124,19 @@ static void conn_close(rr_mllp_conn_t *c, const char *reason) {
   uv_close((uv_handle_t *)&c->tcp, on_conn_closed);
 }
 
-void rr_mllp_conn_close(rr_mllp_conn_t *c) { conn_close(c, "requested"); }
+void rr_mllp_conn_close(rr_mllp_conn_t *c) {
+  conn_close(c, "requested");
+}
 
-const char *rr_mllp_conn_peer(const rr_mllp_conn_t *c) { return c->peer; }
-uint64_t rr_mllp_conn_id(const rr_mllp_conn_t *c) { return c->id; }
-const char *rr_mllp_conn_channel(const rr_mllp_conn_t *c) { return c->l ? c->l->name : "-"; }
+const char *rr_mllp_conn_peer(const rr_mllp_conn_t *c) {
+  return c->peer;
+}
+uint64_t rr_mllp_conn_id(const rr_mllp_conn_t *c) {
+  return c->id;
+}
+const char *rr_mllp_conn_channel(const rr_mllp_conn_t *c) {
+  return c->l ? c->l->name : "-";
+}
 const char *rr_mllp_conn_identity(const rr_mllp_conn_t *c) {
   return c->tls ? rr_tls_peer_identity(c->tls) : "";
 }
@@ -438,7 +448,7 @@ static void on_sweep(uv_timer_t *t) {
              l->name, (unsigned long long)c->id, c->peer);
       conn_close(c, "tls_handshake_timeout");
     } else if (l->cfg.frame_timeout_ms && c->frame_started_ms &&
-        now - c->frame_started_ms > l->cfg.frame_timeout_ms) {
+               now - c->frame_started_ms > l->cfg.frame_timeout_ms) {
       rr_log(RR_LOG_WARN, "mllp",
              "event=frame_timeout channel=%s conn=%llu peer=%s offset=%llu pending_bytes=%zu",
              l->name, (unsigned long long)c->id, c->peer, (unsigned long long)c->df.frame_start,
@@ -505,9 +515,13 @@ int rr_mllp_listener_start(uv_loop_t *loop, const rr_mllp_listener_config_t *cfg
   return 0;
 }
 
-int rr_mllp_listener_port(const rr_mllp_listener_t *l) { return l->port; }
+int rr_mllp_listener_port(const rr_mllp_listener_t *l) {
+  return l->port;
+}
 
-unsigned rr_mllp_listener_connections(const rr_mllp_listener_t *l) { return l->nconns; }
+unsigned rr_mllp_listener_connections(const rr_mllp_listener_t *l) {
+  return l->nconns;
+}
 
 typedef struct shutdown_req {
   uv_shutdown_t req;

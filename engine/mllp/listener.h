@@ -27,8 +27,8 @@ typedef struct rr_mllp_listener_config {
   uint64_t drain_timeout_ms; /* on stop, replies still unwritten after this are dropped
                                 and their connections cut; default 5000 */
   rr_mllp_options_t framing;
-  rr_tls_ctx_t *tls;         /* borrowed, outlives the listener; NULL = plain TCP.
-                                Reloading it changes new connections only. */
+  rr_tls_ctx_t *tls;             /* borrowed, outlives the listener; NULL = plain TCP.
+                                    Reloading it changes new connections only. */
   uint64_t handshake_timeout_ms; /* TLS handshake must finish within; default 10000 */
 } rr_mllp_listener_config_t;
 

@@ -19,9 +19,9 @@ typedef struct rr_mllp_options {
 } rr_mllp_options_t;
 
 typedef enum rr_mllp_event {
-  RR_MLLP_FRAME,    /* data/len = the payload (borrowed for the call) */
-  RR_MLLP_JUNK,     /* len bytes outside any frame were discarded */
-  RR_MLLP_OVERSIZE  /* a frame passed max_frame: the stream cannot continue */
+  RR_MLLP_FRAME,   /* data/len = the payload (borrowed for the call) */
+  RR_MLLP_JUNK,    /* len bytes outside any frame were discarded */
+  RR_MLLP_OVERSIZE /* a frame passed max_frame: the stream cannot continue */
 } rr_mllp_event_t;
 
 /* offset: stream offset of the frame's start byte (or of the first junk
@@ -38,7 +38,7 @@ typedef struct rr_mllp_deframer {
   uint64_t frame_start; /* stream offset of the current start byte */
   size_t junk;          /* junk bytes pending report */
   uint64_t junk_start;
-  int failed;           /* after RR_MLLP_OVERSIZE every feed fails */
+  int failed; /* after RR_MLLP_OVERSIZE every feed fails */
 } rr_mllp_deframer_t;
 
 /* rr_mllp_options_default: 0x0B/0x1C/0x0D, 16 MiB. */

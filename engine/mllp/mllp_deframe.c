@@ -20,13 +20,17 @@ void rr_mllp_deframer_init(rr_mllp_deframer_t *d, const rr_mllp_options_t *opt) 
   rr_buf_init(&d->frame, d->opt.max_frame + 1);
 }
 
-void rr_mllp_deframer_close(rr_mllp_deframer_t *d) { rr_buf_close(&d->frame); }
+void rr_mllp_deframer_close(rr_mllp_deframer_t *d) {
+  rr_buf_close(&d->frame);
+}
 
 size_t rr_mllp_deframer_pending(const rr_mllp_deframer_t *d) {
   return d->in_frame ? d->frame.len : 0;
 }
 
-int rr_mllp_deframer_in_frame(const rr_mllp_deframer_t *d) { return d->in_frame; }
+int rr_mllp_deframer_in_frame(const rr_mllp_deframer_t *d) {
+  return d->in_frame;
+}
 
 static int flush_junk(rr_mllp_deframer_t *d, rr_mllp_cb cb, void *ud) {
   if (!d->junk)

@@ -156,9 +156,9 @@ typedef struct rr_mllp_sender_config {
                                   0x0B/0x1C/0x0D and 1 MiB */
   rr_mllp_transport_new_fn transport_new; /* NULL = rr_mllp_transport_tcp_new */
   void *transport_arg;                    /* borrowed; must outlive the sender */
-  int mllp_release;            /* 1 (default): the reply is an HL7 ACK; 2: an MLLP
-                                  release 2 commit block, 0x06 (reported as "CA")
-                                  or 0x15 (reported as "CR") */
+  int mllp_release;                       /* 1 (default): the reply is an HL7 ACK; 2: an MLLP
+                                             release 2 commit block, 0x06 (reported as "CA")
+                                             or 0x15 (reported as "CR") */
 } rr_mllp_sender_config_t;
 
 typedef struct rr_mllp_send_result {

@@ -11,12 +11,12 @@
 #include "tls/tls.h"
 
 typedef struct tls_tr {
-  rr_mllp_transport_t base;  /* the sender's view */
+  rr_mllp_transport_t base;   /* the sender's view */
   rr_mllp_transport_t *inner; /* TCP */
-  rr_tls_ctx_t *ctx;         /* borrowed (transport_arg) */
+  rr_tls_ctx_t *ctx;          /* borrowed (transport_arg) */
   rr_tls_conn_t *conn;
-  bool connected;            /* on_connect(0) reported */
-  bool reading;              /* the sender asked for plaintext */
+  bool connected; /* on_connect(0) reported */
+  bool reading;   /* the sender asked for plaintext */
   bool failed;
   /* One flag per inner write, in order: does it carry a sender write? */
   unsigned char *tags;

@@ -15,7 +15,7 @@ typedef struct pending {
   bool barrier;
   rr_journal_done_cb cb;
   void *ud;
-  int64_t id;           /* written by the worker */
+  int64_t id; /* written by the worker */
   char *blob;
 } pending_t;
 
@@ -26,28 +26,28 @@ typedef struct batch {
 
 struct rr_journal {
   uv_loop_t *loop;
-  sqlite3 *wdb;  /* writer: the worker's while a batch is in flight */
-  sqlite3 *rdb;  /* reader: loop thread */
+  sqlite3 *wdb; /* writer: the worker's while a batch is in flight */
+  sqlite3 *rdb; /* reader: loop thread */
   sqlite3_stmt *insert, *begin, *commit, *rollback; /* on wdb */
   sqlite3_stmt *find, *find_raw, *count;            /* on rdb */
-  batch_t queue;  /* collecting (loop thread) */
-  batch_t flight; /* being committed */
+  batch_t queue;                                    /* collecting (loop thread) */
+  batch_t flight;                                   /* being committed */
   bool busy;
   int flight_rc;
   char flight_err[256];
   uv_work_t work;
   void (*idle_cb)(void *ud);
   void *idle_ud;
-  uv_timer_t gather;       /* deadline for a small batch */
+  uv_timer_t gather; /* deadline for a small batch */
   bool gather_armed;
   unsigned gather_us;
-  size_t last_batch;       /* entries written by the last commit */
-  uint64_t *prev_sources;  /* sources of the last completed batch */
+  size_t last_batch;      /* entries written by the last commit */
+  uint64_t *prev_sources; /* sources of the last completed batch */
   size_t nprev, prev_cap;
-  size_t expect;           /* distinct sources of the last two batches */
-  size_t queued_entries;   /* non-barrier entries in the queue */
+  size_t expect;         /* distinct sources of the last two batches */
+  size_t queued_entries; /* non-barrier entries in the queue */
   rr_journal_stats_t stats;
-  uint64_t flight_us;      /* written by the worker */
+  uint64_t flight_us; /* written by the worker */
 };
 
 static const char schema[] =
@@ -62,9 +62,11 @@ static const char schema[] =
     " error TEXT,"
     " raw BLOB NOT NULL,"
     " ack BLOB);"
-    "CREATE INDEX IF NOT EXISTS messages_control ON messages(control_id, sending_app, sending_facility);"
+    "CREATE INDEX IF NOT EXISTS messages_control ON messages(control_id, sending_app, "
+    "sending_facility);"
     "CREATE INDEX IF NOT EXISTS messages_mrn ON messages(mrn) WHERE mrn IS NOT NULL;"
-    "CREATE INDEX IF NOT EXISTS messages_accession ON messages(accession) WHERE accession IS NOT NULL;"
+    "CREATE INDEX IF NOT EXISTS messages_accession ON messages(accession) WHERE accession IS NOT "
+    "NULL;"
     "CREATE INDEX IF NOT EXISTS messages_study ON messages(study_uid) WHERE study_uid IS NOT NULL;"
     "CREATE INDEX IF NOT EXISTS messages_time ON messages(received_ms);"
     "PRAGMA user_version=1;";
@@ -86,8 +88,8 @@ static int prepare(sqlite3 *db, const char *sql, sqlite3_stmt **st, char **errms
   return 0;
 }
 
-int rr_journal_open(uv_loop_t *loop, const char *path, rr_journal_sync_t sync,
-                    rr_journal_t **out, char **errmsg) {
+int rr_journal_open(uv_loop_t *loop, const char *path, rr_journal_sync_t sync, rr_journal_t **out,
+                    char **errmsg) {
   rr_journal_t *j = calloc(1, sizeof *j);
   int rc = RR_ENOMEM;
   if (errmsg)
@@ -114,7 +116,8 @@ int rr_journal_open(uv_loop_t *loop, const char *path, rr_journal_sync_t sync,
       goto out;
     }
   }
-  if (sqlite3_open_v2(path, &j->rdb, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK ||
+  if (sqlite3_open_v2(path, &j->rdb, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, NULL) !=
+          SQLITE_OK ||
       sqlite3_exec(j->rdb, "PRAGMA busy_timeout=5000", NULL, NULL, NULL) != SQLITE_OK) {
     rc = fail(j->rdb, "open reader", errmsg);
     goto out;
@@ -165,7 +168,8 @@ void rr_journal_close(rr_journal_t *j) {
   memset(&j->queue, 0, sizeof j->queue);
   report(&q, RR_EIO);
   free_batch(&q);
-  sqlite3_stmt *sts[] = {j->insert, j->begin, j->commit, j->rollback, j->find, j->find_raw, j->count};
+  sqlite3_stmt *sts[] = {j->insert, j->begin,    j->commit, j->rollback,
+                         j->find,   j->find_raw, j->count};
   for (size_t i = 0; i < sizeof sts / sizeof sts[0]; i++)
     sqlite3_finalize(sts[i]);
   sqlite3_close(j->rdb);
@@ -174,9 +178,13 @@ void rr_journal_close(rr_journal_t *j) {
   free(j);
 }
 
-size_t rr_journal_pending(const rr_journal_t *j) { return j->queue.n; }
+size_t rr_journal_pending(const rr_journal_t *j) {
+  return j->queue.n;
+}
 
-bool rr_journal_idle(const rr_journal_t *j) { return !j->busy && j->queue.n == 0; }
+bool rr_journal_idle(const rr_journal_t *j) {
+  return !j->busy && j->queue.n == 0;
+}
 
 void rr_journal_set_idle_cb(rr_journal_t *j, void (*cb)(void *ud), void *ud) {
   j->idle_cb = cb;
@@ -206,8 +214,9 @@ int rr_journal_add(rr_journal_t *j, const rr_journal_entry_t *e, rr_journal_done
   pending_t *p = slot(&j->queue);
   if (!p)
     return RR_ENOMEM;
-  const char *strs[] = {e->channel, e->peer, e->sending_app, e->sending_facility, e->message_type,
-                        e->control_id, e->mrn, e->accession, e->study_uid, e->status, e->error};
+  const char *strs[] = {e->channel,      e->peer,       e->sending_app, e->sending_facility,
+                        e->message_type, e->control_id, e->mrn,         e->accession,
+                        e->study_uid,    e->status,     e->error};
   size_t need = e->raw_len + e->ack_len + 1;
   for (size_t i = 0; i < sizeof strs / sizeof strs[0]; i++)
     need += strs[i] ? strlen(strs[i]) + 1 : 0;
@@ -242,7 +251,9 @@ int rr_journal_add(rr_journal_t *j, const rr_journal_entry_t *e, rr_journal_done
   return 0;
 }
 
-void rr_journal_set_gather(rr_journal_t *j, unsigned usec) { j->gather_us = usec; }
+void rr_journal_set_gather(rr_journal_t *j, unsigned usec) {
+  j->gather_us = usec;
+}
 
 int rr_journal_add_barrier(rr_journal_t *j, rr_journal_done_cb cb, void *ud) {
   pending_t *p = slot(&j->queue);
@@ -476,9 +487,8 @@ static bool find_in(const batch_t *b, const char *app, const char *fac, const ch
   return false;
 }
 
-int rr_journal_find(rr_journal_t *j, const char *app, const char *facility,
-                    const char *control_id, const void *raw, size_t raw_len,
-                    rr_journal_dup_t *out) {
+int rr_journal_find(rr_journal_t *j, const char *app, const char *facility, const char *control_id,
+                    const void *raw, size_t raw_len, rr_journal_dup_t *out) {
   memset(out, 0, sizeof *out);
   if (!control_id || !*control_id)
     return 0;
@@ -520,7 +530,9 @@ int rr_journal_find(rr_journal_t *j, const char *app, const char *facility,
   return result;
 }
 
-void rr_journal_stats(const rr_journal_t *j, rr_journal_stats_t *out) { *out = j->stats; }
+void rr_journal_stats(const rr_journal_t *j, rr_journal_stats_t *out) {
+  *out = j->stats;
+}
 
 int64_t rr_journal_count(rr_journal_t *j) {
   int64_t n = -1;

@@ -30,19 +30,19 @@ typedef enum rr_journal_sync {
 } rr_journal_sync_t;
 
 typedef struct rr_journal_entry {
-  const char *channel;      /* borrowed for the rr_journal_add call; all copied */
+  const char *channel; /* borrowed for the rr_journal_add call; all copied */
   const char *peer;
   int64_t received_ms;
   const char *sending_app, *sending_facility, *message_type, *control_id;
   const char *mrn, *accession, *study_uid; /* NULL when absent */
-  const char *status;       /* "accepted", "error", "rejected" */
-  const char *error;        /* diagnostic for error/rejected, may be NULL */
+  const char *status;                      /* "accepted", "error", "rejected" */
+  const char *error;                       /* diagnostic for error/rejected, may be NULL */
   const void *raw;
   size_t raw_len;
-  const void *ack;          /* the answer sent, NULL when none is sent */
+  const void *ack; /* the answer sent, NULL when none is sent */
   size_t ack_len;
-  uint64_t source;          /* who sent it (e.g. a connection id), for group
-                               commit: not stored; 0 = unknown */
+  uint64_t source; /* who sent it (e.g. a connection id), for group
+                      commit: not stored; 0 = unknown */
 } rr_journal_entry_t;
 
 /* Called once per entry after its batch's commit (status 0) or the commit's
@@ -57,15 +57,15 @@ typedef struct rr_journal_dup {
   bool same_content; /* byte-identical raw message */
   bool committed;    /* false: still queued or being committed */
   int64_t id;
-  void *ack;         /* malloc'd copy of the ACK it got (NULL when none); caller frees */
+  void *ack; /* malloc'd copy of the ACK it got (NULL when none); caller frees */
   size_t ack_len;
 } rr_journal_dup_t;
 
 /* rr_journal_open: opens or creates the store file and its schema. On error
  * returns a negative code and, when errmsg is not NULL, a malloc'd
  * description the caller frees. */
-int rr_journal_open(uv_loop_t *loop, const char *path, rr_journal_sync_t sync,
-                    rr_journal_t **out, char **errmsg);
+int rr_journal_open(uv_loop_t *loop, const char *path, rr_journal_sync_t sync, rr_journal_t **out,
+                    char **errmsg);
 /* rr_journal_set_gather: how long (microseconds; default 0 = never wait)
  * a commit may wait for the senders of the last two batches to send again,
  * so that senders that wait for each ACK land in one batch instead of
@@ -95,9 +95,8 @@ size_t rr_journal_pending(const rr_journal_t *j);
 /* rr_journal_find: an earlier message from (app, facility) with this
  * control id, among queued, in-flight and committed ones; compares raw.
  * The earliest such message wins. */
-int rr_journal_find(rr_journal_t *j, const char *app, const char *facility,
-                    const char *control_id, const void *raw, size_t raw_len,
-                    rr_journal_dup_t *out);
+int rr_journal_find(rr_journal_t *j, const char *app, const char *facility, const char *control_id,
+                    const void *raw, size_t raw_len, rr_journal_dup_t *out);
 /* Counters since open (loop thread). */
 typedef struct rr_journal_stats {
   uint64_t commits, entries, max_batch, failed_commits;

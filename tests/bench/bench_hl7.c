@@ -35,11 +35,11 @@ static char *load(const char *path, size_t *len) {
   return d;
 }
 
-static const char *const adt_paths[10] = {"MSH-9.1", "MSH-9.2", "MSH-10", "PID-3[1].1",
+static const char *const adt_paths[10] = {"MSH-9.1",    "MSH-9.2", "MSH-10",  "PID-3[1].1",
                                           "PID-3[2].1", "PID-5.1", "PID-5.2", "PID-7",
-                                          "PV1-3.1", "PV1-19"};
-static const char *oru_paths[10] = {"MSH-9.2", "MSH-10", "PID-3[1].1", "PID-3[2].1", "PID-5.1",
-                                    "OBR-3", "OBR-4.1", "OBR-25", "OBX[1]-3.1", NULL};
+                                          "PV1-3.1",    "PV1-19"};
+static const char *oru_paths[10] = {"MSH-9.2", "MSH-10",  "PID-3[1].1", "PID-3[2].1", "PID-5.1",
+                                    "OBR-3",   "OBR-4.1", "OBR-25",     "OBX[1]-3.1", NULL};
 
 typedef struct bench_case {
   const char *name;

@@ -63,12 +63,20 @@ int main(int argc, char **argv) {
         char ctl[32], mrn[32];
         snprintf(ctl, sizeof ctl, "B%zu-%llu", i, (unsigned long long)++seq);
         snprintf(mrn, sizeof mrn, "MRN%06zu", c % 1000);
-        rr_journal_entry_t e = {.channel = "orders", .peer = "127.0.0.1:5000",
+        rr_journal_entry_t e = {.channel = "orders",
+                                .peer = "127.0.0.1:5000",
                                 .received_ms = 1764000000000 + (int64_t)seq,
-                                .sending_app = "RIS", .sending_facility = "HOSP",
-                                .message_type = "ADT^A01", .control_id = ctl, .mrn = mrn,
-                                .status = "accepted", .raw = raw, .raw_len = sizeof raw,
-                                .ack = ack, .ack_len = sizeof ack, .source = i + 1};
+                                .sending_app = "RIS",
+                                .sending_facility = "HOSP",
+                                .message_type = "ADT^A01",
+                                .control_id = ctl,
+                                .mrn = mrn,
+                                .status = "accepted",
+                                .raw = raw,
+                                .raw_len = sizeof raw,
+                                .ack = ack,
+                                .ack_len = sizeof ack,
+                                .source = i + 1};
         rr_journal_add(j, &e, on_done, NULL);
       }
       done = 0;

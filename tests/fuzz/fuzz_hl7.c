@@ -50,7 +50,8 @@ static void exercise(rr_hl7_msg_t *m, const char *d, size_t n, rr_hl7_mode_t mod
     if (rr_hl7_serialize(m, &s1) == 0) {
       rr_hl7_msg_t *m2 = rr_hl7_msg_new();
       if (m2 && rr_hl7_parse(m2, s1.data, s1.len, &o, NULL) == 0) {
-        if (rr_hl7_serialize(m2, &s2) == 0 && (s1.len != s2.len || memcmp(s1.data, s2.data, s1.len)))
+        if (rr_hl7_serialize(m2, &s2) == 0 &&
+            (s1.len != s2.len || memcmp(s1.data, s2.data, s1.len)))
           abort();
       }
       rr_hl7_msg_free(m2);
@@ -59,8 +60,9 @@ static void exercise(rr_hl7_msg_t *m, const char *d, size_t n, rr_hl7_mode_t mod
     char val[16];
     size_t vn = n < sizeof val ? n : sizeof val;
     memcpy(val, d, vn);
-    rr_hl7_path_t p = {"OBX", 1u + (unsigned)(n % 3), 1u + (unsigned)(n % 7), (unsigned)(n % 3),
-                       (unsigned)(n % 4), 0};
+    rr_hl7_path_t p = {
+        "OBX", 1u + (unsigned)(n % 3), 1u + (unsigned)(n % 7), (unsigned)(n % 3), (unsigned)(n % 4),
+        0};
     rr_hl7_set(m, &p, val, vn);
     p.field = 3;
     rr_hl7_delete(m, &p);

@@ -39,9 +39,13 @@ static void on_sent(void *ud, const rr_mllp_send_result_t *r) {
   memcpy(x->ack, r->ack_code, 3);
 }
 
-static void on_closed(void *ud) { *(int *)ud = 1; }
+static void on_closed(void *ud) {
+  *(int *)ud = 1;
+}
 
-static void tick_cb(uv_timer_t *t) { (void)t; }
+static void tick_cb(uv_timer_t *t) {
+  (void)t;
+}
 
 /* Runs the loop until *flag or the deadline (a condition, not a sleep). */
 static int run_until(const int *flag, double seconds) {
@@ -147,10 +151,11 @@ static int send_n(int port, rr_tls_ctx_t *ctx, int n, const char *prefix, result
   for (int i = 0; i < n; i++) {
     char msg[512], ctl[64];
     snprintf(ctl, sizeof ctl, "%s-%04d", prefix, i);
-    snprintf(msg, sizeof msg,
-             "MSH|^~\\&|RR_TEST|FAC|RADRELAY|RCV|20260101||ADT^A01|%s|P|2.5.1\rPID|1||MRN%04d^^^FAC^MR"
-             "||ZZTEST^TLS\r",
-             ctl, i);
+    snprintf(
+        msg, sizeof msg,
+        "MSH|^~\\&|RR_TEST|FAC|RADRELAY|RCV|20260101||ADT^A01|%s|P|2.5.1\rPID|1||MRN%04d^^^FAC^MR"
+        "||ZZTEST^TLS\r",
+        ctl, i);
     memset(last, 0, sizeof *last);
     rr_mllp_sender_send(s, msg, strlen(msg), ctl, on_sent, last);
     if (!run_until(&last->done, 10))

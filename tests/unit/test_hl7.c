@@ -19,10 +19,18 @@ void *__wrap_realloc(void *p, size_t n);
 void *__wrap_calloc(size_t a, size_t b);
 static long g_fail_at = -1; /* fail the Nth allocation from now; -1 = never */
 static long g_allocs;
-static int should_fail(void) { return g_fail_at >= 0 && g_allocs++ == g_fail_at; }
-void *__wrap_malloc(size_t n) { return should_fail() ? NULL : __real_malloc(n); }
-void *__wrap_realloc(void *p, size_t n) { return should_fail() ? NULL : __real_realloc(p, n); }
-void *__wrap_calloc(size_t a, size_t b) { return should_fail() ? NULL : __real_calloc(a, b); }
+static int should_fail(void) {
+  return g_fail_at >= 0 && g_allocs++ == g_fail_at;
+}
+void *__wrap_malloc(size_t n) {
+  return should_fail() ? NULL : __real_malloc(n);
+}
+void *__wrap_realloc(void *p, size_t n) {
+  return should_fail() ? NULL : __real_realloc(p, n);
+}
+void *__wrap_calloc(size_t a, size_t b) {
+  return should_fail() ? NULL : __real_calloc(a, b);
+}
 
 static char *load(const char *name, size_t *len) {
   char path[1024];
@@ -108,8 +116,15 @@ static void feed_split(const char *d, size_t n, size_t (*next)(size_t, void *), 
   rr_hl7_reader_close(&r);
 }
 
-static size_t whole(size_t left, void *ud) { (void)ud; return left; }
-static size_t one(size_t left, void *ud) { (void)ud; (void)left; return 1; }
+static size_t whole(size_t left, void *ud) {
+  (void)ud;
+  return left;
+}
+static size_t one(size_t left, void *ud) {
+  (void)ud;
+  (void)left;
+  return 1;
+}
 static size_t random_split(size_t left, void *ud) {
   unsigned *seed = ud;
   *seed = *seed * 1103515245u + 12345u;
@@ -161,7 +176,8 @@ static void test_corpus_roundtrip(void) {
     feed_split(d, n, random_split, &seed, &c);
     CHECK(a.n >= b.nmsgs);
     CHECK(a.n == bb.n && a.n == c.n);
-    CHECK(memcmp(a.sums, bb.sums, sizeof a.sums) == 0 && memcmp(a.sums, c.sums, sizeof a.sums) == 0);
+    CHECK(memcmp(a.sums, bb.sums, sizeof a.sums) == 0 &&
+          memcmp(a.sums, c.sums, sizeof a.sums) == 0);
     CHECK(memcmp(a.offs, c.offs, sizeof a.offs) == 0);
     rr_hl7_batch_close(&b);
     free(d);
@@ -270,8 +286,8 @@ static void test_paths(void) {
   CHECK_EQ_INT(rr_hl7_path_parse("ZDS", 3, &p), 0);
   CHECK(p.field == 0);
   CHECK_EQ_INT(rr_hl7_path_parse("PID.3.1", 7, &p), 0);
-  static const char *bad[] = {"PI", "PID-", "PID-0", "PID-3[", "PID-3[0]", "PID-3.x", "pid-3",
-                              "PID-3.1.2.3", "PID-3]"};
+  static const char *bad[] = {"PI",      "PID-",  "PID-0",       "PID-3[", "PID-3[0]",
+                              "PID-3.x", "pid-3", "PID-3.1.2.3", "PID-3]"};
   for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
     CHECK_EQ_INT(rr_hl7_path_parse(bad[i], strlen(bad[i]), &p), RR_EPATH);
   char buf[64];
@@ -353,12 +369,23 @@ static void test_escapes(void) {
   CHECK_EQ_INT(rr_hl7_parse(m, ADT, sizeof ADT - 1, NULL, NULL), 0);
   rr_buf_t v;
   rr_buf_init(&v, 1 << 20);
-  static const struct { const char *in, *out; } cases[] = {
-      {"a\\F\\b", "a|b"}, {"\\S\\\\T\\\\R\\\\E\\", "^&~\\"}, {"x\\X414243\\y", "xABCy"},
-      {"l1\\.br\\l2", "l1\nl2"}, {"\\H\\bold\\N\\", "bold"}, {"a\\.sp2\\b", "a\n\nb"},
-      {"\\Z99\\", "\\Z99\\"}, {"open\\F", "open\\F"}, {"\\X4\\", "\\X4\\"}, {"\\X41ZZ\\", "\\X41ZZ\\"}, {"\\Q\\", "\\Q\\"},
+  static const struct {
+    const char *in, *out;
+  } cases[] = {
+      {"a\\F\\b", "a|b"},
+      {"\\S\\\\T\\\\R\\\\E\\", "^&~\\"},
+      {"x\\X414243\\y", "xABCy"},
+      {"l1\\.br\\l2", "l1\nl2"},
+      {"\\H\\bold\\N\\", "bold"},
+      {"a\\.sp2\\b", "a\n\nb"},
+      {"\\Z99\\", "\\Z99\\"},
+      {"open\\F", "open\\F"},
+      {"\\X4\\", "\\X4\\"},
+      {"\\X41ZZ\\", "\\X41ZZ\\"},
+      {"\\Q\\", "\\Q\\"},
       {"caf\\XE9\\", "caf\xc3\xa9"}, /* undeclared charset, not UTF-8: read as Latin-1 */
-      {"\\C2D41\\\xe9t\xe9\\C2842\\", "\xc3\xa9t\xc3\xa9"}, {"\\.fi\\x", "x"},
+      {"\\C2D41\\\xe9t\xe9\\C2842\\", "\xc3\xa9t\xc3\xa9"},
+      {"\\.fi\\x", "x"},
       {"\\M2442\\\x24\x22", "\xe3\x81\x82"}, /* JIS X 0208 0x2422 = HIRAGANA A */
   };
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
@@ -612,8 +639,9 @@ static void test_ack(void) {
   CHECK_EQ_INT(rr_hl7_ack_code_for(m, RR_HL7_ACCEPT), RR_HL7_AA);
   rr_hl7_ack_options_t o = {"RR1", "20260101120001", NULL, NULL, 0};
   CHECK_EQ_INT(rr_hl7_ack_build(m, RR_HL7_AA, &o, &out), 0);
-  CHECK_MEM_STR(out.data, out.len,
-                "MSH|^~\\&|RR|AI|RIS|HOSP|20260101120001||ACK^A01^ACK|RR1|P|2.5.1\rMSA|AA|MSG00001\r");
+  CHECK_MEM_STR(
+      out.data, out.len,
+      "MSH|^~\\&|RR|AI|RIS|HOSP|20260101120001||ACK^A01^ACK|RR1|P|2.5.1\rMSA|AA|MSG00001\r");
   /* AE with an ERR segment in v2.5 layout */
   rr_hl7_error_t e = {0};
   e.hl7_code = 101;
@@ -627,8 +655,8 @@ static void test_ack(void) {
   rr_buf_reset(&out);
   CHECK_EQ_INT(rr_hl7_ack_build(m, RR_HL7_AE, &o, &out), 0);
   CHECK(strstr(out.data, "\rMSA|AE|MSG00001\r") != NULL);
-  CHECK(strstr(out.data, "\rERR||PID^1^3|101^Required field missing^HL70357|E||||PID-3 required\r") !=
-        NULL);
+  CHECK(strstr(out.data,
+               "\rERR||PID^1^3|101^Required field missing^HL70357|E||||PID-3 required\r") != NULL);
   /* v2.3: ERR-1 ELD layout and MSA-3 text; MSH-9 without structure */
   static const char v23[] = "MSH|^~\\&|RIS|HOSP|RR|AI|20260101||ORM^O01|M23|P|2.3\rPID|1\r";
   CHECK_EQ_INT(rr_hl7_parse(m, v23, sizeof v23 - 1, NULL, NULL), 0);
@@ -669,7 +697,8 @@ static void test_ack(void) {
   CHECK_EQ_INT(rr_hl7_parse(m, cus, sizeof cus - 1, NULL, NULL), 0);
   rr_buf_reset(&out);
   CHECK_EQ_INT(rr_hl7_ack_build(m, RR_HL7_AA, &o, &out), 0);
-  CHECK_MEM_STR(out.data, out.len, "MSH*:!/@*C*D*A*B*20260101120001**ACK:A04:ACK*RR1*P*2.4\rMSA*AA*C9\r");
+  CHECK_MEM_STR(out.data, out.len,
+                "MSH*:!/@*C*D*A*B*20260101120001**ACK:A04:ACK*RR1*P*2.4\rMSA*AA*C9\r");
   /* no MSH at all: still a well-formed NAK */
   rr_hl7_error_t pe;
   CHECK_EQ_INT(rr_hl7_parse(m, "garbage", 7, NULL, &pe), RR_EPARSE);

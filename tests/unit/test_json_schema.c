@@ -37,7 +37,8 @@ static void test_keywords(void) {
   CHECK_EQ_INT(check(obj, "{\"a\":\"3\",\"c\":[\"r\"]}", &e), 2);
   CHECK(strstr(e.data, "$.a: must be an integer, not string") != NULL);
   CHECK(strstr(e.data, "$.c[0]: must be one of [\"p\",\"q\"]") != NULL);
-  const char *one = "{\"oneOf\":[{\"type\":\"integer\"},{\"type\":\"string\",\"pattern\":\"^[0-9]+$\"}]}";
+  const char *one =
+      "{\"oneOf\":[{\"type\":\"integer\"},{\"type\":\"string\",\"pattern\":\"^[0-9]+$\"}]}";
   CHECK_EQ_INT(check(one, "5", &e), 0);
   CHECK_EQ_INT(check(one, "\"5\"", &e), 0);
   CHECK_EQ_INT(check(one, "\"x\"", &e), 1);

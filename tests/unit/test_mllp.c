@@ -96,11 +96,15 @@ static void test_oversize(void) {
   o.max_frame = 8;
   events_t e;
   int rc;
-  static const char ok[] = "\x0b" "12345678" "\x1c\r";
+  static const char ok[] = "\x0b"
+                           "12345678"
+                           "\x1c\r";
   feed(ok, sizeof ok - 1, 3, 0, &e, &o, &rc);
   CHECK_EQ_INT(rc, 0);
   CHECK_EQ_INT(e.frames, 1);
-  static const char big[] = "\x0b" "123456789" "\x1c\r";
+  static const char big[] = "\x0b"
+                            "123456789"
+                            "\x1c\r";
   feed(big, sizeof big - 1, 1, 0, &e, &o, &rc);
   CHECK_EQ_INT(rc, RR_ELIMIT);
   CHECK_EQ_INT(e.oversize, 1);
