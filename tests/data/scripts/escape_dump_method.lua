@@ -1,0 +1,6 @@
+-- sandbox escape: dump_method
+function on_message(msg, ctx)
+  if ctx.message_id == "normal" then return ctx:route("out", msg) end
+  local code = ("").dump(function() return 1 end)
+  ctx:route("out", code)
+end

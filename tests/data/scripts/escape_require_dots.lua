@@ -1,0 +1,5 @@
+-- sandbox escape: require_dots
+function on_message(msg, ctx)
+  if ctx.message_id == "normal" then return ctx:route("out", msg) end
+  local m = require("util..strings")
+end

@@ -1,0 +1,2 @@
+local x = nil
+local y = x.z

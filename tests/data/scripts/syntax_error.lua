@@ -1,0 +1,3 @@
+function on_message(msg, ctx)
+  local x =
+end
