@@ -14,6 +14,7 @@
 
 #include "hl7/hl7.h"
 #include "mllp/listener.h"
+#include "script/script.h"
 #include "store/journal.h"
 
 typedef struct rr_channel_config {
@@ -27,7 +28,11 @@ typedef struct rr_channel_config {
   bool tls;         /* the source speaks TLS, with tls_cfg (strings below) */
   rr_tls_config_t tls_cfg;
   char tls_cert[1024], tls_key[1024], tls_ca[1024], tls_crl[1024];
-  char **tls_allow; /* owned, tls_cfg.nallow entries */
+  char **tls_allow;      /* owned, tls_cfg.nallow entries */
+  char script[1024];     /* the channel's Lua script; "" = none */
+  char script_lib[1024]; /* folder of shared modules for require */
+  int on_script_error;   /* answer when the script fails: RR_HL7_ERROR (AE, default),
+                            RR_HL7_REJECT (AR) or RR_HL7_ACCEPT (kept for review) */
 } rr_channel_config_t;
 
 typedef struct rr_engine rr_engine_t;
@@ -45,6 +50,10 @@ void rr_engine_stop(rr_engine_t *e);
 /* rr_engine_free: after the loop has ended. NULL is a no-op. */
 void rr_engine_free(rr_engine_t *e);
 int rr_channel_port(const rr_channel_t *ch);
+/* rr_engine_reload_scripts: compiles every channel's script again; a
+ * script that does not compile leaves the running one in place (the error
+ * is logged). Returns the number of channels whose script failed. */
+int rr_engine_reload_scripts(rr_engine_t *e);
 /* rr_engine_reload_tls: re-reads every channel's certificates, keys, CA and
  * CRL files; new connections use them, open ones keep theirs. A channel
  * whose files do not load keeps its old ones; the error is logged. Returns

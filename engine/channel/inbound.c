@@ -13,7 +13,12 @@ struct rr_channel {
   rr_channel_t *next;
   rr_channel_config_t cfg;
   rr_mllp_listener_t *listener;
-  rr_tls_ctx_t *tls; /* NULL for plain TCP */
+  rr_tls_ctx_t *tls;   /* NULL for plain TCP */
+  rr_script_t *script; /* NULL without a script */
+  uv_fs_event_t watch; /* the script file: edits reload it */
+  bool watching;
+  uv_timer_t settle; /* editors write in steps: reload once they stop */
+  uint64_t filtered, script_errors;
   rr_hl7_msg_t *msg; /* reused for every message */
   uint64_t received, accepted, errored, rejected, duplicates;
 };
@@ -160,7 +165,7 @@ static void on_frame(void *ud, rr_mllp_conn_t *c, const char *data, size_t len, 
 
   const char *status = "accepted";
   rr_hl7_ack_kind_t kind = RR_HL7_ACCEPT;
-  char etext[200] = "";
+  char etext[600] = "";
   rr_hl7_error_t ack_err = {0};
   size_t nerr = 0;
   rr_journal_dup_t dup = {0};
@@ -239,6 +244,55 @@ static void on_frame(void *ud, rr_mllp_conn_t *c, const char *data, size_t len, 
     nerr = 1;
     rr_log(RR_LOG_WARN, "channel", "event=rejected channel=%s conn=%llu control_id=%s type=%s^%s",
            ch->cfg.name, (unsigned long long)rr_mllp_conn_id(c), ctl, type, event);
+  } else if (ch->script) {
+    /* The channel's script decides: route, filter, reject, or fail. */
+    rr_script_input_t in = {data, len, rr_mllp_conn_peer(c), ctl};
+    rr_script_result_t sr;
+    memset(&sr, 0, sizeof sr);
+    if (rr_script_run(ch->script, &in, &sr) != 0) {
+      sr.verdict = RR_SCRIPT_ERROR;
+      snprintf(sr.reason, sizeof sr.reason, "out of memory building the script's result");
+    }
+    for (size_t i = 0; i < sr.nlogs; i++)
+      rr_log((rr_log_level_t)sr.logs[i].level, "script", "channel=%s control_id=%s msg=\"%s\"",
+             ch->cfg.name, ctl, sr.logs[i].text);
+    switch (sr.verdict) {
+    case RR_SCRIPT_PASS:
+      for (size_t i = 0; i < sr.nroutes; i++)
+        rr_log(RR_LOG_DEBUG, "channel", "event=routed channel=%s control_id=%s destination=%s",
+               ch->cfg.name, ctl, sr.routes[i].destination);
+      break;
+    case RR_SCRIPT_FILTERED:
+      status = "filtered";
+      ch->filtered++;
+      snprintf(etext, sizeof etext, "%s", sr.reason);
+      break;
+    case RR_SCRIPT_REJECTED:
+      status = "rejected";
+      kind = RR_HL7_REJECT;
+      ack_err.hl7_code = RR_HL7_E_INTERNAL;
+      snprintf(ack_err.text, sizeof ack_err.text, "%.150s", sr.reason);
+      snprintf(etext, sizeof etext, "%s", sr.reason);
+      nerr = 1;
+      rr_log(RR_LOG_WARN, "channel", "event=script_rejected channel=%s conn=%llu control_id=%s",
+             ch->cfg.name, (unsigned long long)rr_mllp_conn_id(c), ctl);
+      break;
+    default:
+      /* Kept with the script's file:line and message, for review. */
+      status = "error";
+      ch->script_errors++;
+      kind = (rr_hl7_ack_kind_t)ch->cfg.on_script_error;
+      snprintf(etext, sizeof etext, "script: %s", sr.reason);
+      if (kind != RR_HL7_ACCEPT) {
+        ack_err.hl7_code = RR_HL7_E_INTERNAL;
+        snprintf(ack_err.text, sizeof ack_err.text, "%.150s", etext);
+        nerr = 1;
+      }
+      rr_log(RR_LOG_ERROR, "channel", "event=script_error channel=%s control_id=%s error=\"%s\"",
+             ch->cfg.name, ctl, sr.reason);
+      break;
+    }
+    rr_script_result_close(&sr);
   }
   rr_hl7_ack_code_t code = rr_hl7_ack_code_for(m, kind);
   const bool r2 = ch->cfg.mllp_release == 2;
@@ -356,6 +410,72 @@ int rr_engine_new(uv_loop_t *loop, rr_journal_t *journal, rr_engine_t **out) {
 
 static void fix_tls_pointers(rr_channel_config_t *c);
 
+/* Compiles the channel's script; on success it replaces the running one. */
+static int load_script(rr_channel_t *ch) {
+  rr_script_config_t sc;
+  rr_script_config_default(&sc);
+  sc.channel = ch->cfg.name;
+  sc.path = ch->cfg.script;
+  sc.lib_dir = ch->cfg.script_lib[0] ? ch->cfg.script_lib : NULL;
+  rr_buf_t err;
+  rr_buf_init(&err, 1 << 16);
+  rr_script_t *s = NULL;
+  int rc = rr_script_load(&sc, &s, &err);
+  if (rc) {
+    rr_log(RR_LOG_ERROR, "script", "event=script_load_failed channel=%s path=%s error=\"%s\"",
+           ch->cfg.name, ch->cfg.script, err.data ? err.data : rr_strerror(rc));
+  } else {
+    if (ch->script)
+      rr_log(RR_LOG_INFO, "script", "event=script_reloaded channel=%s path=%s", ch->cfg.name,
+             ch->cfg.script);
+    rr_script_free(ch->script);
+    ch->script = s;
+  }
+  rr_buf_close(&err);
+  return rc;
+}
+
+int rr_engine_reload_scripts(rr_engine_t *e) {
+  int failed = 0;
+  for (rr_channel_t *ch = e->channels; ch; ch = ch->next)
+    if (ch->cfg.script[0])
+      failed += load_script(ch) != 0;
+  return failed;
+}
+
+static void on_settled(uv_timer_t *t) {
+  rr_channel_t *ch = t->data;
+  load_script(ch);
+}
+
+/* The script file changed: reload once the editor has finished writing. */
+static void on_script_changed(uv_fs_event_t *h, const char *file, int events, int status) {
+  rr_channel_t *ch = h->data;
+  (void)file;
+  (void)events;
+  if (status == 0 && !ch->engine->stopping)
+    uv_timer_start(&ch->settle, on_settled, 200, 0);
+}
+
+static void watch_script(rr_engine_t *e, rr_channel_t *ch) {
+  uv_timer_init(e->loop, &ch->settle);
+  ch->settle.data = ch;
+  uv_unref((uv_handle_t *)&ch->settle);
+  uv_fs_event_init(e->loop, &ch->watch);
+  ch->watch.data = ch;
+  /* The folder, not the file: editors replace files by renaming. */
+  char dir[1024];
+  snprintf(dir, sizeof dir, "%s", ch->cfg.script);
+  char *slash = strrchr(dir, '/');
+  if (slash)
+    *slash = '\0';
+  else
+    snprintf(dir, sizeof dir, ".");
+  if (uv_fs_event_start(&ch->watch, on_script_changed, dir, 0) == 0)
+    uv_unref((uv_handle_t *)&ch->watch);
+  ch->watching = true;
+}
+
 int rr_engine_add_channel(rr_engine_t *e, const rr_channel_config_t *cfg, rr_channel_t **out) {
   rr_channel_t *ch = calloc(1, sizeof *ch);
   if (!ch)
@@ -381,14 +501,19 @@ int rr_engine_add_channel(rr_engine_t *e, const rr_channel_config_t *cfg, rr_cha
     rr_buf_close(&err);
     ch->cfg.listen.tls = ch->tls;
   }
+  if (rc == 0 && ch->cfg.script[0])
+    rc = load_script(ch) ? RR_EINVAL : 0;
   if (rc == 0)
     rc = rr_mllp_listener_start(e->loop, &ch->cfg.listen, on_frame, ch, &ch->listener);
   if (rc) {
+    rr_script_free(ch->script);
     rr_tls_ctx_free(ch->tls);
     rr_hl7_msg_free(ch->msg);
     free(ch);
     return rc;
   }
+  if (ch->cfg.script[0])
+    watch_script(e, ch);
   ch->next = e->channels;
   e->channels = ch;
   if (out)
@@ -451,12 +576,18 @@ static void on_journal_idle(void *ud) {
   for (rr_channel_t *ch = e->channels; ch; ch = ch->next) {
     rr_log(RR_LOG_INFO, "channel",
            "event=stop channel=%s received=%llu accepted=%llu errored=%llu rejected=%llu "
-           "duplicates=%llu",
+           "duplicates=%llu filtered=%llu script_errors=%llu",
            ch->cfg.name, (unsigned long long)ch->received, (unsigned long long)ch->accepted,
            (unsigned long long)ch->errored, (unsigned long long)ch->rejected,
-           (unsigned long long)ch->duplicates);
+           (unsigned long long)ch->duplicates, (unsigned long long)ch->filtered,
+           (unsigned long long)ch->script_errors);
     rr_mllp_listener_stop(ch->listener);
     ch->listener = NULL;
+    if (ch->watching) {
+      uv_close((uv_handle_t *)&ch->watch, NULL);
+      uv_close((uv_handle_t *)&ch->settle, NULL);
+      ch->watching = false;
+    }
   }
   uv_close((uv_handle_t *)&e->commit, on_check_closed);
 }
@@ -479,6 +610,7 @@ void rr_engine_free(rr_engine_t *e) {
   for (rr_channel_t *ch = e->channels, *n; ch; ch = n) {
     n = ch->next;
     rr_hl7_msg_free(ch->msg);
+    rr_script_free(ch->script);
     rr_tls_ctx_free(ch->tls);
     for (char **a = ch->cfg.accept; a && *a; a++)
       free(*a);

@@ -8,6 +8,7 @@ int rr_cmd_version(int argc, char **argv);
 int rr_cmd_run(int argc, char **argv);
 int rr_cmd_check(int argc, char **argv);
 int rr_cmd_send(int argc, char **argv);
+int rr_cmd_script(int argc, char **argv);
 
 /* rr_read_file: reads a whole file into *data (malloc'd, NUL-terminated). */
 int rr_read_file(const char *path, char **data, size_t *len);

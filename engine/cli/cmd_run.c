@@ -24,6 +24,7 @@ static void on_sighup(uv_signal_t *h, int signum) {
   (void)signum;
   rr_log(RR_LOG_INFO, "engine", "event=reload signal=HUP");
   rr_engine_reload_tls(s->engine);
+  rr_engine_reload_scripts(s->engine);
 }
 
 static void on_signal(uv_signal_t *h, int signum) {

@@ -219,7 +219,8 @@ static int load_channel(const char *file, const char *base, rr_channel_config_t 
     json_decref(root);
     return RR_EINVAL;
   }
-  static const char *const top[] = {"name", "description", "source", "accept", "hl7", NULL};
+  static const char *const top[] = {"name", "description", "source",          "accept",
+                                    "hl7",  "script",      "on_script_error", NULL};
   unknown_keys(&c, root, "$", top);
   get_string(&c, root, "name", "$", ch->name, sizeof ch->name, NULL);
   rr_mllp_listener_config_default(&ch->listen);
@@ -300,6 +301,26 @@ static int load_channel(const char *file, const char *base, rr_channel_config_t 
     if (get_uint(&c, src, "max_frame_bytes", "$.source", 64, (uint64_t)1 << 30, &v) == 0)
       ch->listen.framing.max_frame = (size_t)v;
   }
+  char rel[1024] = "";
+  get_string(&c, root, "script", "$", rel, sizeof rel, "");
+  if (rel[0]) {
+    /* Beside the channel file; shared modules in the lib folder there. */
+    char chdir_[PATH_MAX + 256];
+    snprintf(chdir_, sizeof chdir_, "%s", file);
+    char *slash = strrchr(chdir_, '/');
+    if (slash)
+      *slash = '\0';
+    else
+      snprintf(chdir_, sizeof chdir_, ".");
+    if (join_path(chdir_, rel, ch->script, sizeof ch->script) ||
+        join_path(chdir_, "lib", ch->script_lib, sizeof ch->script_lib))
+      problem(&c, "$.script", "path too long");
+  }
+  char onerr[16] = "";
+  get_string(&c, root, "on_script_error", "$", onerr, sizeof onerr, "AE");
+  ch->on_script_error = strcmp(onerr, "AR") == 0       ? RR_HL7_REJECT
+                        : strcmp(onerr, "accept") == 0 ? RR_HL7_ACCEPT
+                                                       : RR_HL7_ERROR;
   json_t *acc = json_object_get(root, "accept");
   if (acc && !json_is_array(acc)) {
     problem(&c, "$.accept", "must be an array of message types such as \"ADT^A01\"");

@@ -11,6 +11,8 @@ static void usage(FILE *f) {
              "  run -c CONFIG [--log-level L]   run the engine with a configuration file\n"
              "  check -c CONFIG           validate the configuration (exit status tells)\n"
              "  send HOST:PORT FILE...    send every message of the files over MLLP, print ACKs\n"
+             "  script test CHANNEL SAMPLE.hl7... [--json]   run a channel's script on samples\n"
+             "  script test CHANNEL --cases DIR [--update]  check a channel's script on cases\n"
              "  hl7 dump [--decoded] FILE...   print every value of every message\n"
              "  hl7 get FILE PATH...      print values by path (e.g. PID-3[2].1)\n"
              "  hl7 check [--strict] FILE...   parse and report errors with byte offsets\n"
@@ -34,6 +36,8 @@ int main(int argc, char **argv) {
     return rr_cmd_check(argc - 2, argv + 2);
   if (strcmp(cmd, "send") == 0)
     return rr_cmd_send(argc - 2, argv + 2);
+  if (strcmp(cmd, "script") == 0)
+    return rr_cmd_script(argc - 2, argv + 2);
   if (strcmp(cmd, "help") == 0 || strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0) {
     usage(stdout);
     return 0;

@@ -212,6 +212,17 @@ def make_msg(control_id, mtype="ADT^A01", version="2.5.1", extra=b"", enhanced=F
 LOG_KV = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
 
 
+SCRIPT_V1 = """
+function on_message(msg, ctx)
+  local id = msg:get("MSH-10")
+  if id:find("FILTER") then ctx:filter("not for us") return end
+  if id:find("REJECT") then ctx:reject("no orders from this one") return end
+  if id:find("ERROR") then error("deliberate failure") end
+  ctx:route("out", msg)
+end
+"""
+
+
 def log_fields(line):
     return {k: v.strip('"') for k, v in LOG_KV.findall(line)}
 
@@ -796,6 +807,64 @@ class EngineTest(unittest.TestCase):
             s.sendall(frame(make_msg("APP-0004")))   # nothing else was queued in between
             self.assertEqual(msa(parse_ack(read_frame(s)))[1], "APP-0004")
         self.stop_ok(e)
+
+
+    # ---- 17 ---------------------------------------------------------------
+    def test_17_channel_scripts(self):
+        """A channel's Lua script decides: pass (AA), filter (AA, status
+        filtered), reject (AR with the reason in ERR), error (AE, status
+        error with file:line). A runaway script on one channel fails its
+        message only; another channel keeps delivering meanwhile. Editing the
+        script reloads it; a version that does not compile leaves the
+        running one in place."""
+        chdir = os.path.join(self.tmp.name, "channels")
+        os.makedirs(chdir, exist_ok=True)
+        script = os.path.join(chdir, "orders.lua")
+        with open(script, "w") as f:
+            f.write(SCRIPT_V1)
+        with open(os.path.join(chdir, "spin.lua"), "w") as f:
+            f.write("function on_message(msg, ctx)\n  while true do end\nend\n")
+        orders = self.channel("orders")
+        orders["script"] = "orders.lua"
+        spin = self.channel("spin")
+        spin["script"] = "spin.lua"
+        e = self.engine([orders, spin]).start()
+        with socket.create_connection((HOST, e.port("orders")), timeout=IO_TIMEOUT) as s:
+            def ask(cid, extra=b""):
+                s.sendall(frame(make_msg(cid, extra=extra)))
+                return parse_ack(read_frame(s))
+            self.assertEqual(msa(ask("S-PASS")), ("AA", "S-PASS"))
+            self.assertEqual(msa(ask("S-FILTER")), ("AA", "S-FILTER"))
+            nak = ask("S-REJECT")
+            self.assertEqual(msa(nak)[0], "AR")
+            self.assertIn("no orders from this one", str(nak.segment("ERR")))
+            nak = ask("S-ERROR")
+            self.assertEqual(msa(nak)[0], "AE")
+            # a runaway script on the other channel, while this one keeps going
+            with socket.create_connection((HOST, e.port("spin")), timeout=IO_TIMEOUT) as t:
+                t.sendall(frame(make_msg("SPIN-1")))
+                self.assertEqual(msa(ask("S-PASS2")), ("AA", "S-PASS2"))
+                self.assertEqual(msa(parse_ack(read_frame(t)))[0], "AE")
+            # edit: the new version is picked up; a broken one is not
+            with open(script + ".new", "w") as f:
+                f.write(SCRIPT_V1.replace("no orders from this one", "version two"))
+            os.replace(script + ".new", script)
+            e.wait_log("event=script_reloaded", "channel=orders")
+            self.assertIn("version two", str(ask("S-REJECT2").segment("ERR")))
+            with open(script + ".new", "w") as f:
+                f.write("function on_message(msg, ctx\n")
+            os.replace(script + ".new", script)
+            e.wait_log("event=script_load_failed", "channel=orders")
+            self.assertIn("version two", str(ask("S-REJECT3").segment("ERR")))
+        self.stop_ok(e)
+        rows = {r["control_id"]: r for r in e.rows()}
+        self.assertEqual(rows["S-PASS"]["status"], "accepted")
+        self.assertEqual(rows["S-FILTER"]["status"], "filtered")
+        self.assertEqual(rows["S-REJECT"]["status"], "rejected")
+        self.assertEqual(rows["S-ERROR"]["status"], "error")
+        self.assertRegex(rows["S-ERROR"]["error"], r"orders\.lua:\d+:")
+        self.assertEqual(rows["SPIN-1"]["status"], "error")
+        self.assertIn("instruction", rows["SPIN-1"]["error"])
 
 
 def main():

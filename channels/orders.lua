@@ -1,0 +1,43 @@
+-- orders: the RIS/EHR feed (ADT, ORM^O01, OMI^O23).
+--
+-- ADT: patient updates go on to the patient index as they are.
+-- Orders: checked (an order without accession cannot be matched to its
+-- study, so it is refused and the RIS sees why), normalized (priority), and
+-- routed to the order store as a small JSON record that the study tracker
+-- matches arriving images against. Status-only updates are filtered.
+local rad = require("radiology")
+
+function on_message(msg, ctx)
+  local kind = msg:get("MSH-9.1")
+  if kind == "ADT" then
+    ctx:route("patient_index", msg)
+    return
+  end
+
+  local control = msg:get("ORC-1")
+  if control == "SC" then
+    ctx:filter("order status update only")
+    return
+  end
+
+  local accession = rad.accession(msg)
+  if not accession then
+    ctx:reject("order without accession number (OBR-18 / IPC-1)")
+    return
+  end
+
+  local priority = rad.priority(msg)
+  ctx:log("info", "order", accession, control, priority)
+  ctx:route("order_store", {
+    accession = accession,
+    mrn = rad.mrn(msg),
+    order_control = control,
+    placer_order = msg:get("ORC-2.1"),
+    procedure = {code = msg:get("OBR-4.1"), text = msg:get("OBR-4.2")},
+    modality = msg:get("OBR-24") ~= "" and msg:get("OBR-24") or msg:get("IPC-5.1"),
+    priority = priority,
+    reason = msg:get("OBR-31.2") ~= "" and msg:get("OBR-31.2") or msg:get("OBR-13"),
+    study_uid = msg:get("ZDS-1.1") ~= "" and msg:get("ZDS-1.1") or msg:get("IPC-3.1"),
+    patient_class = msg:get("PV1-2"),
+  })
+end

@@ -1,0 +1,296 @@
+/* radrelay script test: run a channel's script against sample messages with
+ * no network and no store, and show what it decided. With --cases DIR every
+ * NAME.hl7 there is checked against NAME.json (the --json output without
+ * timings), so channel scripts can be tested in CI; --update writes them. */
+#include <dirent.h>
+#include <jansson.h>
+#include <libgen.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli/cli.h"
+#include "core/error.h"
+#include "core/log.h"
+#include "hl7/hl7.h"
+#include "script/script.h"
+
+static const char *verdict_name(rr_script_verdict_t v) {
+  switch (v) {
+  case RR_SCRIPT_PASS: return "pass";
+  case RR_SCRIPT_FILTERED: return "filtered";
+  case RR_SCRIPT_REJECTED: return "rejected";
+  default: return "error";
+  }
+}
+
+static const char *level_name(int l) {
+  static const char *const n[] = {"debug", "info", "warn", "error"};
+  return l >= 0 && l < 4 ? n[l] : "info";
+}
+
+/* The decision as JSON (owned); timings only when with_time. */
+static json_t *result_json(const rr_script_result_t *r, bool with_time) {
+  json_t *o = json_object();
+  json_object_set_new(o, "verdict", json_string(verdict_name(r->verdict)));
+  if (r->reason[0])
+    json_object_set_new(o, "reason", json_string(r->reason));
+  json_t *routes = json_array();
+  for (size_t i = 0; i < r->nroutes; i++) {
+    const rr_script_route_t *rt = &r->routes[i];
+    json_t *x = json_object();
+    json_object_set_new(x, "destination", json_string(rt->destination));
+    json_object_set_new(x, "type", json_string(rt->is_hl7 ? "hl7" : "json"));
+    if (rt->is_hl7) {
+      /* one string per segment: readable in files and diffs */
+      json_t *segs = json_array();
+      const char *p = rt->payload, *end = rt->payload + rt->len;
+      while (p < end) {
+        const char *cr = memchr(p, '\r', (size_t)(end - p));
+        const char *e = cr ? cr : end;
+        json_array_append_new(segs, json_stringn(p, (size_t)(e - p)));
+        p = cr ? cr + 1 : end;
+      }
+      json_object_set_new(x, "segments", segs);
+    } else {
+      json_error_t je;
+      json_t *v = json_loadb(rt->payload, rt->len, JSON_DECODE_ANY, &je);
+      json_object_set_new(x, "body", v ? v : json_stringn(rt->payload, rt->len));
+    }
+    json_array_append_new(routes, x);
+  }
+  json_object_set_new(o, "routes", routes);
+  json_t *logs = json_array();
+  for (size_t i = 0; i < r->nlogs; i++) {
+    json_t *x = json_object();
+    json_object_set_new(x, "level", json_string(level_name(r->logs[i].level)));
+    json_object_set_new(x, "text", json_string(r->logs[i].text));
+    json_array_append_new(logs, x);
+  }
+  json_object_set_new(o, "logs", logs);
+  if (with_time) {
+    json_object_set_new(o, "elapsed_us", json_real((double)r->elapsed_ns / 1000.0));
+    json_object_set_new(o, "instructions", json_integer((json_int_t)r->instructions));
+  }
+  return o;
+}
+
+static void print_text(const char *name, const rr_script_result_t *r) {
+  printf("%s: %s%s%s\n", name, verdict_name(r->verdict), r->reason[0] ? ": " : "", r->reason);
+  for (size_t i = 0; i < r->nroutes; i++) {
+    const rr_script_route_t *rt = &r->routes[i];
+    printf("  route -> %s (%s, %zu bytes)\n", rt->destination, rt->is_hl7 ? "hl7" : "json",
+           rt->len);
+    const char *p = rt->payload, *end = rt->payload + rt->len;
+    while (p < end) {
+      const char *cr = rt->is_hl7 ? memchr(p, '\r', (size_t)(end - p)) : NULL;
+      const char *e = cr ? cr : end;
+      printf("    %.*s\n", (int)(e - p), p);
+      p = cr ? cr + 1 : end;
+    }
+  }
+  for (size_t i = 0; i < r->nlogs; i++)
+    printf("  log %s: %s\n", level_name(r->logs[i].level), r->logs[i].text);
+  printf("  time %.1f us\n", (double)r->elapsed_ns / 1000.0);
+}
+
+/* Finds the script of a channel: CHANNEL is a .lua file, or a channel name
+ * looked up in the channels folder (a JSON file with "name" and "script"). */
+static int resolve(const char *channel, const char *chdir_, char *script, size_t cap, char *name,
+                   size_t ncap) {
+  size_t n = strlen(channel);
+  if (n > 4 && strcmp(channel + n - 4, ".lua") == 0) {
+    snprintf(script, cap, "%s", channel);
+    snprintf(name, ncap, "%s", channel);
+    return 0;
+  }
+  DIR *d = opendir(chdir_);
+  if (!d) {
+    fprintf(stderr, "radrelay script: cannot open channels folder %s\n", chdir_);
+    return 1;
+  }
+  struct dirent *e;
+  int found = 1;
+  while (found && (e = readdir(d))) {
+    size_t l = strlen(e->d_name);
+    if (l <= 5 || strcmp(e->d_name + l - 5, ".json") != 0)
+      continue;
+    char path[PATH_MAX];
+    snprintf(path, sizeof path, "%s/%s", chdir_, e->d_name);
+    json_t *j = json_load_file(path, 0, NULL);
+    const char *nm = json_string_value(json_object_get(j, "name"));
+    const char *sc = json_string_value(json_object_get(j, "script"));
+    if (nm && strcmp(nm, channel) == 0) {
+      if (!sc) {
+        fprintf(stderr, "radrelay script: channel %s (%s) has no script\n", channel, path);
+      } else {
+        snprintf(script, cap, "%s%s%s", sc[0] == '/' ? "" : chdir_, sc[0] == '/' ? "" : "/", sc);
+        snprintf(name, ncap, "%s", channel);
+        found = 0;
+      }
+      json_decref(j);
+      break;
+    }
+    json_decref(j);
+  }
+  closedir(d);
+  if (found)
+    fprintf(stderr, "radrelay script: no channel named %s in %s\n", channel, chdir_);
+  return found;
+}
+
+static int run_file(rr_script_t *s, const char *path, rr_script_result_t *r) {
+  char *data;
+  size_t len;
+  int rc = rr_read_file(path, &data, &len);
+  if (rc) {
+    fprintf(stderr, "radrelay script: %s: %s\n", path, rr_strerror(rc));
+    return rc;
+  }
+  /* LF or CRLF samples are read as CR-terminated segments, as on the wire. */
+  for (size_t i = 0; i < len; i++)
+    if (data[i] == '\n')
+      data[i] = '\r';
+  rr_script_input_t in = {data, len, "script-test", path};
+  rc = rr_script_run(s, &in, r);
+  free(data);
+  return rc;
+}
+
+static int run_cases(rr_script_t *s, const char *dir, bool update) {
+  DIR *d = opendir(dir);
+  if (!d) {
+    fprintf(stderr, "radrelay script: cannot open %s\n", dir);
+    return 1;
+  }
+  char *names[1024];
+  size_t n = 0;
+  struct dirent *e;
+  while ((e = readdir(d)) && n < 1024) {
+    size_t l = strlen(e->d_name);
+    if (l > 4 && strcmp(e->d_name + l - 4, ".hl7") == 0)
+      names[n++] = strdup(e->d_name);
+  }
+  closedir(d);
+  int failed = 0, passed = 0;
+  for (size_t i = 0; i < n; i++) {
+    char in[PATH_MAX], want[PATH_MAX];
+    snprintf(in, sizeof in, "%s/%s", dir, names[i]);
+    snprintf(want, sizeof want, "%s/%.*s.json", dir, (int)(strlen(names[i]) - 4), names[i]);
+    rr_script_result_t r;
+    if (run_file(s, in, &r) != 0) {
+      failed++;
+      continue;
+    }
+    json_t *got = result_json(&r, false);
+    if (update) {
+      json_dump_file(got, want, JSON_INDENT(2) | JSON_SORT_KEYS);
+      printf("wrote %s\n", want);
+      passed++;
+    } else {
+      json_error_t je;
+      json_t *exp = json_load_file(want, 0, &je);
+      if (!exp) {
+        printf("FAIL %s: no expected output %s (%s)\n", names[i], want, je.text);
+        failed++;
+      } else if (!json_equal(exp, got)) {
+        char *g = json_dumps(got, JSON_INDENT(2) | JSON_SORT_KEYS);
+        printf("FAIL %s: differs from %s; got:\n%s\n", names[i], want, g ? g : "?");
+        free(g);
+        failed++;
+      } else {
+        printf("ok   %s\n", names[i]);
+        passed++;
+      }
+      json_decref(exp);
+    }
+    json_decref(got);
+    rr_script_result_close(&r);
+  }
+  for (size_t i = 0; i < n; i++)
+    free(names[i]);
+  printf("%d passed, %d failed\n", passed, failed);
+  return failed || n == 0 ? 1 : 0;
+}
+
+int rr_cmd_script(int argc, char **argv) {
+  if (argc < 1 || strcmp(argv[0], "test") != 0) {
+    fprintf(stderr,
+            "usage: radrelay script test [--channels DIR] [--json] CHANNEL SAMPLE.hl7...\n"
+            "       radrelay script test [--channels DIR] CHANNEL --cases DIR [--update]\n");
+    return 2;
+  }
+  const char *chdir_ = "channels", *cases = NULL, *channel = NULL;
+  bool as_json = false, update = false;
+  char **samples = calloc((size_t)argc, sizeof *samples);
+  int nsamples = 0;
+  for (int i = 1; i < argc; i++) {
+    if (strcmp(argv[i], "--channels") == 0 && i + 1 < argc)
+      chdir_ = argv[++i];
+    else if (strcmp(argv[i], "--cases") == 0 && i + 1 < argc)
+      cases = argv[++i];
+    else if (strcmp(argv[i], "--json") == 0)
+      as_json = true;
+    else if (strcmp(argv[i], "--update") == 0)
+      update = true;
+    else if (!channel)
+      channel = argv[i];
+    else
+      samples[nsamples++] = argv[i];
+  }
+  int status = 2;
+  char script[PATH_MAX], name[256], lib[PATH_MAX];
+  rr_script_t *s = NULL;
+  if (!channel || (!cases && nsamples == 0)) {
+    fprintf(stderr, "radrelay script test: a channel and samples (or --cases DIR) are needed\n");
+    goto out;
+  }
+  status = 1;
+  if (resolve(channel, chdir_, script, sizeof script, name, sizeof name))
+    goto out;
+  snprintf(lib, sizeof lib, "%s/lib", chdir_);
+  rr_script_config_t cfg;
+  rr_script_config_default(&cfg);
+  cfg.channel = name;
+  cfg.path = script;
+  cfg.lib_dir = lib;
+  rr_buf_t err;
+  rr_buf_init(&err, 1 << 16);
+  int rc = rr_script_load(&cfg, &s, &err);
+  if (rc) {
+    fprintf(stderr, "radrelay script: %s\n", err.data ? err.data : rr_strerror(rc));
+    rr_buf_close(&err);
+    goto out;
+  }
+  rr_buf_close(&err);
+  if (cases) {
+    status = run_cases(s, cases, update);
+    goto out;
+  }
+  status = 0;
+  for (int i = 0; i < nsamples; i++) {
+    rr_script_result_t r;
+    if (run_file(s, samples[i], &r) != 0) {
+      status = 1;
+      continue;
+    }
+    if (as_json) {
+      json_t *o = result_json(&r, true);
+      json_object_set_new(o, "sample", json_string(samples[i]));
+      char *t = json_dumps(o, JSON_INDENT(2) | JSON_SORT_KEYS);
+      printf("%s\n", t ? t : "{}");
+      free(t);
+      json_decref(o);
+    } else {
+      print_text(samples[i], &r);
+    }
+    if (r.verdict == RR_SCRIPT_ERROR)
+      status = 1;
+    rr_script_result_close(&r);
+  }
+out:
+  rr_script_free(s);
+  free(samples);
+  return status;
+}
