@@ -7,6 +7,7 @@ int rr_cmd_hl7(int argc, char **argv);
 int rr_cmd_version(int argc, char **argv);
 int rr_cmd_run(int argc, char **argv);
 int rr_cmd_check(int argc, char **argv);
+int rr_cmd_reload(int argc, char **argv);
 int rr_cmd_send(int argc, char **argv);
 int rr_cmd_script(int argc, char **argv);
 

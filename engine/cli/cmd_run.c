@@ -6,6 +6,7 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "cli/cli.h"
 #include "cli/config.h"
@@ -128,6 +129,37 @@ int rr_cmd_check(int argc, char **argv) {
   return bad ? 1 : 0;
 }
 
+/* The running engine's pid sits beside its store, so `radrelay reload -c`
+ * finds it from the same configuration. */
+static void pid_path(const rr_config_t *cfg, char *out, size_t cap) {
+  snprintf(out, cap, "%s.pid", cfg->store_path);
+}
+
+int rr_cmd_reload(int argc, char **argv) {
+  rr_config_t cfg;
+  int st = load(argc, argv, &cfg, NULL);
+  if (st)
+    return st;
+  char path[4200];
+  pid_path(&cfg, path, sizeof path);
+  rr_config_free(&cfg);
+  FILE *f = fopen(path, "r");
+  long pid = 0;
+  if (!f || fscanf(f, "%ld", &pid) != 1 || pid <= 1) {
+    fprintf(stderr, "radrelay reload: no running engine found (%s)\n", path);
+    if (f)
+      fclose(f);
+    return 1;
+  }
+  fclose(f);
+  if (kill((pid_t)pid, SIGHUP) != 0) {
+    fprintf(stderr, "radrelay reload: pid %ld: %s\n", pid, strerror(errno));
+    return 1;
+  }
+  printf("reload requested (pid %ld): scripts and TLS files are read again\n", pid);
+  return 0;
+}
+
 int rr_cmd_run(int argc, char **argv) {
   rr_config_t cfg;
   const char *level = NULL;
@@ -197,7 +229,15 @@ int rr_cmd_run(int argc, char **argv) {
   uv_signal_start(&s.sigterm, on_signal, SIGTERM);
   uv_signal_start(&s.sighup, on_sighup, SIGHUP);
   uv_unref((uv_handle_t *)&s.sighup);
+  char pidfile[4200];
+  pid_path(&cfg, pidfile, sizeof pidfile);
+  FILE *pf = fopen(pidfile, "w");
+  if (pf) {
+    fprintf(pf, "%ld\n", (long)getpid());
+    fclose(pf);
+  }
   uv_run(&loop, UV_RUN_DEFAULT);
+  unlink(pidfile);
   rr_log(RR_LOG_INFO, "engine", "event=stopped");
   status = 0;
 out:

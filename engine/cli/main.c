@@ -10,6 +10,7 @@ static void usage(FILE *f) {
              "commands:\n"
              "  run -c CONFIG [--log-level L]   run the engine with a configuration file\n"
              "  check -c CONFIG           validate the configuration (exit status tells)\n"
+             "  reload -c CONFIG          make the running engine reload scripts and TLS files\n"
              "  send HOST:PORT FILE...    send every message of the files over MLLP, print ACKs\n"
              "  script test CHANNEL SAMPLE.hl7... [--json]   run a channel's script on samples\n"
              "  script test CHANNEL --cases DIR [--update]  check a channel's script on cases\n"
@@ -34,6 +35,8 @@ int main(int argc, char **argv) {
     return rr_cmd_run(argc - 2, argv + 2);
   if (strcmp(cmd, "check") == 0)
     return rr_cmd_check(argc - 2, argv + 2);
+  if (strcmp(cmd, "reload") == 0)
+    return rr_cmd_reload(argc - 2, argv + 2);
   if (strcmp(cmd, "send") == 0)
     return rr_cmd_send(argc - 2, argv + 2);
   if (strcmp(cmd, "script") == 0)

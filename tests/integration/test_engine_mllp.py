@@ -856,6 +856,18 @@ class EngineTest(unittest.TestCase):
             os.replace(script + ".new", script)
             e.wait_log("event=script_load_failed", "channel=orders")
             self.assertIn("version two", str(ask("S-REJECT3").segment("ERR")))
+            # `radrelay reload` asks the running engine to read everything again
+            with open(script + ".new", "w") as f:
+                f.write(SCRIPT_V1.replace("no orders from this one", "version three"))
+            os.replace(script + ".new", script)
+            r = subprocess.run([RADRELAY, "reload", "-c", e.config], capture_output=True,
+                               text=True, timeout=30)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            e.wait_log("event=reload", "signal=HUP")
+            probes = iter(range(1000))
+            wait_for(lambda: "version three" in
+                     str(ask(f"S-REJECT-P{next(probes)}").segment("ERR")), 10,
+                     "the reloaded script answering")
         self.stop_ok(e)
         rows = {r["control_id"]: r for r in e.rows()}
         self.assertEqual(rows["S-PASS"]["status"], "accepted")
