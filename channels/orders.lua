@@ -1,6 +1,7 @@
 -- orders: the RIS/EHR feed (ADT, ORM^O01, OMI^O23).
 --
--- ADT: patient updates go on to the patient index as they are.
+-- ADT: the patient is remembered in the engine's store (to enrich later
+-- orders) and the update goes on to the patient index as it is.
 -- Orders: checked (an order without accession cannot be matched to its
 -- study, so it is refused and the RIS sees why), normalized (priority), and
 -- routed to the order store as a small JSON record that the study tracker
@@ -10,6 +11,14 @@ local rad = require("radiology")
 function on_message(msg, ctx)
   local kind = msg:get("MSH-9.1")
   if kind == "ADT" then
+    local mrn = rad.mrn(msg)
+    if mrn and mrn ~= "" then
+      store.set("patient:" .. mrn, json.encode({
+        family = msg:get("PID-5.1"), given = msg:get("PID-5.2"),
+        birth_date = msg:get("PID-7"), sex = msg:get("PID-8"),
+        patient_class = msg:get("PV1-2"),
+      }))
+    end
     ctx:route("patient_index", msg)
     return
   end
@@ -28,9 +37,13 @@ function on_message(msg, ctx)
 
   local priority = rad.priority(msg)
   ctx:log("info", "order", accession, control, priority)
+  local mrn = rad.mrn(msg)
+  -- What the ADT feed told us about the patient, if it came first.
+  local known = mrn and store.get("patient:" .. mrn)
   ctx:route("order_store", {
     accession = accession,
-    mrn = rad.mrn(msg),
+    mrn = mrn,
+    patient = known and json.decode(known) or json.null,
     order_control = control,
     placer_order = msg:get("ORC-2.1"),
     procedure = {code = msg:get("OBR-4.1"), text = msg:get("OBR-4.2")},

@@ -410,10 +410,23 @@ int rr_engine_new(uv_loop_t *loop, rr_journal_t *journal, rr_engine_t **out) {
 
 static void fix_tls_pointers(rr_channel_config_t *c);
 
+/* The scripts' store: the journal's key-value table; writes commit with the
+ * batch of the message being handled. */
+static int kv_get(void *ud, const char *key, rr_buf_t *out) {
+  rr_engine_t *e = ud;
+  return rr_journal_kv_get(e->journal, key, out);
+}
+
+static int kv_set(void *ud, const char *key, const char *value, size_t len) {
+  rr_engine_t *e = ud;
+  return rr_journal_kv_set(e->journal, key, value, len, wall_ms());
+}
+
 /* Compiles the channel's script; on success it replaces the running one. */
 static int load_script(rr_channel_t *ch) {
   rr_script_config_t sc;
   rr_script_config_default(&sc);
+  sc.kv = (rr_script_kv_t){ch->engine, kv_get, kv_set};
   sc.channel = ch->cfg.name;
   sc.path = ch->cfg.script;
   sc.lib_dir = ch->cfg.script_lib[0] ? ch->cfg.script_lib : NULL;

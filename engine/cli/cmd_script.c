@@ -140,6 +140,28 @@ static int resolve(const char *channel, const char *chdir_, char *script, size_t
   return found;
 }
 
+/* script test has no store: store.get/set work on this in-memory map, which
+ * lives for one command (cases run in name order, so an ADT case can enrich
+ * a later order case). */
+static json_t *g_kv;
+
+static int mem_get(void *ud, const char *key, rr_buf_t *out) {
+  (void)ud;
+  const char *v = json_string_value(json_object_get(g_kv, key));
+  return v ? rr_buf_append(out, v, json_string_length(json_object_get(g_kv, key))) : RR_ENOTFOUND;
+}
+
+static int mem_set(void *ud, const char *key, const char *value, size_t len) {
+  (void)ud;
+  if (!value)
+    return json_object_del(g_kv, key), 0;
+  return json_object_set_new(g_kv, key, json_stringn(value, len)) ? RR_ENOMEM : 0;
+}
+
+static int cmp_name(const void *a, const void *b) {
+  return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
 static int run_file(rr_script_t *s, const char *path, rr_script_result_t *r) {
   char *data;
   size_t len;
@@ -173,6 +195,7 @@ static int run_cases(rr_script_t *s, const char *dir, bool update) {
       names[n++] = strdup(e->d_name);
   }
   closedir(d);
+  qsort(names, n, sizeof *names, cmp_name);
   int failed = 0, passed = 0;
   for (size_t i = 0; i < n; i++) {
     char in[PATH_MAX], want[PATH_MAX];
@@ -255,6 +278,8 @@ int rr_cmd_script(int argc, char **argv) {
   cfg.channel = name;
   cfg.path = script;
   cfg.lib_dir = lib;
+  g_kv = json_object();
+  cfg.kv = (rr_script_kv_t){NULL, mem_get, mem_set};
   rr_buf_t err;
   rr_buf_init(&err, 1 << 16);
   int rc = rr_script_load(&cfg, &s, &err);
@@ -291,6 +316,8 @@ int rr_cmd_script(int argc, char **argv) {
   }
 out:
   rr_script_free(s);
+  json_decref(g_kv);
+  g_kv = NULL;
   free(samples);
   return status;
 }

@@ -681,6 +681,71 @@ typedef struct load_args {
 } load_args_t;
 
 /* Protected body of the setup: sandbox, bindings, compile, top level. */
+/* ---- store: the engine's key-value store, for enrichment ----------------- */
+
+#define KV_MAX_KEY 256
+#define KV_MAX_VALUE ((size_t)1 << 20)
+
+static rr_script_t *kv_script(lua_State *L, const char **key) {
+  rr_script_t *s = script_of(L);
+  if (!s->kv.get)
+    luaL_error(L, "store: this channel has no store");
+  if (!s->cur)
+    luaL_error(L, "store: only available while a message is handled");
+  size_t klen;
+  *key = luaL_checklstring(L, 1, &klen);
+  if (klen == 0 || klen > KV_MAX_KEY || strlen(*key) != klen)
+    luaL_error(L, "store: keys are 1 to %d bytes of text", KV_MAX_KEY);
+  return s;
+}
+
+static int store_get(lua_State *L) {
+  const char *key;
+  rr_script_t *s = kv_script(L, &key);
+  rr_buf_reset(&s->tmp);
+  int rc = s->kv.get(s->kv.ud, key, &s->tmp);
+  if (rc == RR_ENOTFOUND) {
+    lua_pushnil(L);
+    return 1;
+  }
+  if (rc)
+    return luaL_error(L, "store: %s", rr_strerror(rc));
+  lua_pushlstring(L, s->tmp.data ? s->tmp.data : "", s->tmp.len);
+  return 1;
+}
+
+static int store_set(lua_State *L) {
+  const char *key;
+  rr_script_t *s = kv_script(L, &key);
+  int rc;
+  if (lua_isnoneornil(L, 2)) {
+    rc = s->kv.set(s->kv.ud, key, NULL, 0);
+  } else {
+    if (lua_type(L, 2) != LUA_TSTRING && lua_type(L, 2) != LUA_TNUMBER)
+      return luaL_error(L, "store: values are strings or numbers (json.encode a table)");
+    size_t len;
+    const char *v = lua_tolstring(L, 2, &len);
+    if (len > KV_MAX_VALUE)
+      return luaL_error(L, "store: values are at most %d bytes", (int)KV_MAX_VALUE);
+    rc = s->kv.set(s->kv.ud, key, v, len);
+  }
+  if (rc)
+    return luaL_error(L, "store: %s", rr_strerror(rc));
+  return 0;
+}
+
+static int store_delete(lua_State *L) {
+  lua_settop(L, 1);
+  return store_set(L);
+}
+
+static void open_store(lua_State *L) {
+  static const luaL_Reg fns[] = {
+      {"get", store_get}, {"set", store_set}, {"delete", store_delete}, {NULL, NULL}};
+  luaL_newlib(L, fns);
+  lua_setglobal(L, "store");
+}
+
 static int setup_body(lua_State *L) {
   load_args_t *a = lua_touserdata(L, 1);
   rr_script_t *s = a->s;
@@ -688,6 +753,7 @@ static int setup_body(lua_State *L) {
   script_open_hl7(L);
   script_open_json(L);
   script_open_lookup(L);
+  open_store(L);
   open_ctx(L, s);
   s->in_msg = script_msg_push(L);
   s->in_msg_ref = luaL_ref(L, LUA_REGISTRYINDEX);
@@ -727,6 +793,7 @@ int rr_script_load(const rr_script_config_t *cfg, rr_script_t **out, rr_buf_t *e
   s->limit = cfg->max_memory ? cfg->max_memory : (size_t)64 << 20;
   uint64_t maxi = cfg->max_instructions ? cfg->max_instructions : 20000000;
   s->max_steps = (maxi + HOOK_EVERY - 1) / HOOK_EVERY;
+  s->kv = cfg->kv;
   s->in_msg_ref = s->ctx_ref = LUA_NOREF;
   s->channel = strdup(cfg->channel ? cfg->channel : "");
   s->path = strdup(cfg->path);

@@ -28,6 +28,16 @@
 
 typedef struct rr_script rr_script_t;
 
+/* A key-value store for enrichment (store.get/set/delete in scripts).
+ * get appends the value to out and returns 0, RR_ENOTFOUND when the key is
+ * absent; set with value NULL removes the key. Called on the script's
+ * thread during a call. */
+typedef struct rr_script_kv {
+  void *ud;
+  int (*get)(void *ud, const char *key, rr_buf_t *out);
+  int (*set)(void *ud, const char *key, const char *value, size_t len);
+} rr_script_kv_t;
+
 typedef struct rr_script_config {
   const char *channel;       /* channel name (ctx.channel, log lines); copied */
   const char *path;          /* the script file; copied */
@@ -35,6 +45,7 @@ typedef struct rr_script_config {
   const char *data_dir;      /* folder lookup tables are read from; NULL = the script's */
   size_t max_memory;         /* bytes per state; default 64 MiB */
   uint64_t max_instructions; /* per call; default 20,000,000 */
+  rr_script_kv_t kv;         /* copied; get == NULL: scripts have no store */
 } rr_script_config_t;
 
 typedef enum rr_script_verdict {

@@ -45,6 +45,7 @@ struct rr_script {
   int in_msg_ref;       /* registry ref keeping it alive */
   int ctx_ref;          /* the ctx userdata (reused) */
   rr_buf_t tmp;         /* scratch for decoded values */
+  rr_script_kv_t kv;    /* enrichment store; kv.get NULL = none */
 };
 
 /* The script object of a state (stored in the state's extra space). */

@@ -13,6 +13,8 @@
 typedef struct pending {
   rr_journal_entry_t e; /* strings and blobs point into blob */
   bool barrier;
+  bool kv;        /* a key-value write: key in e.control_id, value in e.raw */
+  bool kv_delete; /* ... or its removal */
   rr_journal_done_cb cb;
   void *ud;
   int64_t id; /* written by the worker */
@@ -30,6 +32,8 @@ struct rr_journal {
   sqlite3 *rdb; /* reader: loop thread */
   sqlite3_stmt *insert, *begin, *commit, *rollback; /* on wdb */
   sqlite3_stmt *find, *find_raw, *count;            /* on rdb */
+  sqlite3_stmt *kv_put, *kv_del;                    /* on wdb */
+  sqlite3_stmt *kv_get;                             /* on rdb */
   batch_t queue;                                    /* collecting (loop thread) */
   batch_t flight;                                   /* being committed */
   bool busy;
@@ -69,6 +73,8 @@ static const char schema[] =
     "NULL;"
     "CREATE INDEX IF NOT EXISTS messages_study ON messages(study_uid) WHERE study_uid IS NOT NULL;"
     "CREATE INDEX IF NOT EXISTS messages_time ON messages(received_ms);"
+    "CREATE TABLE IF NOT EXISTS kv(key TEXT PRIMARY KEY, value BLOB NOT NULL,"
+    " updated_ms INTEGER NOT NULL) WITHOUT ROWID;"
     "PRAGMA user_version=1;";
 
 static int fail(sqlite3 *db, const char *what, char **errmsg) {
@@ -135,7 +141,11 @@ int rr_journal_open(uv_loop_t *loop, const char *path, rr_journal_sync_t sync, r
                     " AND sending_app IS ?2 AND sending_facility IS ?3 ORDER BY id LIMIT 1",
                     &j->find, errmsg)) ||
       (rc = prepare(j->rdb, "SELECT raw FROM messages WHERE id = ?", &j->find_raw, errmsg)) ||
-      (rc = prepare(j->rdb, "SELECT count(*) FROM messages", &j->count, errmsg)))
+      (rc = prepare(j->rdb, "SELECT count(*) FROM messages", &j->count, errmsg)) ||
+      (rc = prepare(j->wdb, "INSERT OR REPLACE INTO kv(key, value, updated_ms) VALUES(?,?,?)",
+                    &j->kv_put, errmsg)) ||
+      (rc = prepare(j->wdb, "DELETE FROM kv WHERE key = ?", &j->kv_del, errmsg)) ||
+      (rc = prepare(j->rdb, "SELECT value FROM kv WHERE key = ?", &j->kv_get, errmsg)))
     goto out;
   *out = j;
   return 0;
@@ -168,8 +178,8 @@ void rr_journal_close(rr_journal_t *j) {
   memset(&j->queue, 0, sizeof j->queue);
   report(&q, RR_EIO);
   free_batch(&q);
-  sqlite3_stmt *sts[] = {j->insert, j->begin,    j->commit, j->rollback,
-                         j->find,   j->find_raw, j->count};
+  sqlite3_stmt *sts[] = {j->insert,   j->begin, j->commit, j->rollback, j->find,
+                         j->find_raw, j->count, j->kv_put, j->kv_del,   j->kv_get};
   for (size_t i = 0; i < sizeof sts / sizeof sts[0]; i++)
     sqlite3_finalize(sts[i]);
   sqlite3_close(j->rdb);
@@ -301,6 +311,19 @@ static int insert_one(rr_journal_t *j, pending_t *p) {
   return 0;
 }
 
+static int kv_write(rr_journal_t *j, const pending_t *p) {
+  sqlite3_stmt *st = p->kv_delete ? j->kv_del : j->kv_put;
+  bind_text(st, 1, p->e.control_id);
+  if (!p->kv_delete) {
+    sqlite3_bind_blob64(st, 2, p->e.raw, p->e.raw_len, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 3, p->e.received_ms);
+  }
+  int rc = sqlite3_step(st);
+  sqlite3_reset(st);
+  sqlite3_clear_bindings(st);
+  return rc == SQLITE_DONE ? 0 : RR_EIO;
+}
+
 static int step_once(sqlite3_stmt *st) {
   int rc = sqlite3_step(st);
   sqlite3_reset(st);
@@ -314,7 +337,9 @@ static void commit_work(uv_work_t *w) {
   uint64_t t0 = uv_hrtime();
   int rc = step_once(j->begin);
   for (size_t i = 0; rc == 0 && i < b->n; i++)
-    if (!b->v[i].barrier)
+    if (b->v[i].kv)
+      rc = kv_write(j, &b->v[i]);
+    else if (!b->v[i].barrier)
       rc = insert_one(j, &b->v[i]);
   if (rc == 0)
     rc = step_once(j->commit);
@@ -369,7 +394,7 @@ static void finish_flight(rr_journal_t *j) {
   batch_t b = j->flight;
   size_t entries = 0;
   for (size_t i = 0; i < b.n; i++)
-    entries += !b.v[i].barrier;
+    entries += !b.v[i].barrier && !b.v[i].kv;
   j->last_batch = entries;
   if (entries)
     learn_sources(j, &b);
@@ -474,7 +499,7 @@ static bool find_in(const batch_t *b, const char *app, const char *fac, const ch
                     const void *raw, size_t raw_len, rr_journal_dup_t *out) {
   for (size_t i = 0; i < b->n; i++) {
     const rr_journal_entry_t *e = &b->v[i].e;
-    if (b->v[i].barrier || !e->control_id || strcmp(e->control_id, ctl) != 0 ||
+    if (b->v[i].barrier || b->v[i].kv || !e->control_id || strcmp(e->control_id, ctl) != 0 ||
         !same_str(e->sending_app, app) || !same_str(e->sending_facility, fac))
       continue;
     out->found = true;
@@ -532,6 +557,52 @@ int rr_journal_find(rr_journal_t *j, const char *app, const char *facility, cons
 
 void rr_journal_stats(const rr_journal_t *j, rr_journal_stats_t *out) {
   *out = j->stats;
+}
+
+/* ---- key-value store ------------------------------------------------------ */
+
+int rr_journal_kv_set(rr_journal_t *j, const char *key, const void *value, size_t len,
+                      int64_t now_ms) {
+  rr_journal_entry_t e = {.control_id = key,
+                          .raw = value ? value : "",
+                          .raw_len = value ? len : 0,
+                          .received_ms = now_ms};
+  int rc = rr_journal_add(j, &e, NULL, NULL);
+  if (rc)
+    return rc;
+  pending_t *p = &j->queue.v[j->queue.n - 1];
+  p->kv = true;
+  p->kv_delete = value == NULL;
+  j->queued_entries--; /* not a message: group commit does not wait for it */
+  return 0;
+}
+
+/* The newest write of key in b, or NULL. */
+static const pending_t *kv_in(const batch_t *b, const char *key) {
+  for (size_t i = b->n; i-- > 0;)
+    if (b->v[i].kv && strcmp(b->v[i].e.control_id, key) == 0)
+      return &b->v[i];
+  return NULL;
+}
+
+int rr_journal_kv_get(rr_journal_t *j, const char *key, rr_buf_t *out) {
+  /* Newest first: what is queued, then what is being committed, then the store. */
+  const pending_t *p = kv_in(&j->queue, key);
+  if (!p)
+    p = kv_in(&j->flight, key);
+  if (p)
+    return p->kv_delete ? RR_ENOTFOUND : rr_buf_append(out, p->e.raw, p->e.raw_len);
+  sqlite3_stmt *st = j->kv_get;
+  bind_text(st, 1, key);
+  int rc = sqlite3_step(st);
+  int result = RR_ENOTFOUND;
+  if (rc == SQLITE_ROW)
+    result = rr_buf_append(out, sqlite3_column_blob(st, 0), (size_t)sqlite3_column_bytes(st, 0));
+  else if (rc != SQLITE_DONE)
+    result = RR_EIO;
+  sqlite3_reset(st);
+  sqlite3_clear_bindings(st);
+  return result;
 }
 
 int64_t rr_journal_count(rr_journal_t *j) {

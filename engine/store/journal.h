@@ -21,6 +21,8 @@
 #include <stdint.h>
 #include <uv.h>
 
+#include "core/buf.h"
+
 typedef struct rr_journal rr_journal_t;
 
 typedef enum rr_journal_sync {
@@ -103,6 +105,15 @@ typedef struct rr_journal_stats {
   uint64_t commit_us_total; /* time spent in BEGIN..COMMIT on the worker */
 } rr_journal_stats_t;
 void rr_journal_stats(const rr_journal_t *j, rr_journal_stats_t *out);
+
+/* rr_journal_kv_set: queues a key-value write (value NULL: remove the key),
+ * committed with the batch it joins, so a script's enrichment and its
+ * message are kept together. Copies key and value. RR_ENOMEM. */
+int rr_journal_kv_set(rr_journal_t *j, const char *key, const void *value, size_t len,
+                      int64_t now_ms);
+/* rr_journal_kv_get: appends the newest value of key (queued writes
+ * included) to out; RR_ENOTFOUND when there is none, RR_EIO. */
+int rr_journal_kv_get(rr_journal_t *j, const char *key, rr_buf_t *out);
 
 /* rr_journal_count: rows in the journal (for tools and tests). */
 int64_t rr_journal_count(rr_journal_t *j);

@@ -879,6 +879,49 @@ class EngineTest(unittest.TestCase):
         self.assertIn("instruction", rows["SPIN-1"]["error"])
 
 
+    # ---- 18 ---------------------------------------------------------------
+    def test_18_script_store_enriches_across_messages_and_restarts(self):
+        """store.set in one message is seen by store.get in a later one, also
+        after a restart: it is committed with the message that wrote it."""
+        chdir = os.path.join(self.tmp.name, "channels")
+        os.makedirs(chdir, exist_ok=True)
+        with open(os.path.join(chdir, "orders.lua"), "w") as f:
+            f.write("""
+function on_message(msg, ctx)
+  local key = "patient:" .. msg:get("PID-5.1")
+  if msg:get("MSH-9.1") == "ADT" then
+    store.set(key, msg:get("PID-7"))
+    return
+  end
+  local dob = store.get(key)
+  if not dob then return ctx:reject("unknown patient") end
+  ctx:route("orders", {dob = dob})
+end
+""")
+        ch = self.channel("orders", accept=("ADT^A01", "ORM^O01"))
+        ch["script"] = "orders.lua"
+        e = self.engine([ch]).start()
+        with socket.create_connection((HOST, e.port()), timeout=IO_TIMEOUT) as s:
+            s.sendall(frame(make_msg("KV-ORM-1", mtype="ORM^O01")))
+            self.assertEqual(msa(parse_ack(read_frame(s))), ("AR", "KV-ORM-1"))
+            s.sendall(frame(make_msg("KV-ADT-1")))
+            self.assertEqual(msa(parse_ack(read_frame(s))), ("AA", "KV-ADT-1"))
+            s.sendall(frame(make_msg("KV-ORM-2", mtype="ORM^O01")))
+            self.assertEqual(msa(parse_ack(read_frame(s))), ("AA", "KV-ORM-2"))
+        self.stop_ok(e)
+        e.start()
+        with socket.create_connection((HOST, e.port()), timeout=IO_TIMEOUT) as s:
+            s.sendall(frame(make_msg("KV-ORM-3", mtype="ORM^O01")))
+            self.assertEqual(msa(parse_ack(read_frame(s))), ("AA", "KV-ORM-3"))
+        self.stop_ok(e)
+        db = sqlite3.connect(e.store)
+        try:
+            self.assertEqual(db.execute("SELECT key, value FROM kv").fetchall(),
+                             [("patient:ZZTEST", b"19700101")])
+        finally:
+            db.close()
+
+
 def main():
     global RADRELAY, DATA
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
