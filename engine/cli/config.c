@@ -312,8 +312,10 @@ static int load_channel(const char *file, const char *base, rr_channel_config_t 
       *slash = '\0';
     else
       snprintf(chdir_, sizeof chdir_, ".");
+    char lib[1024] = "";
+    get_string(&c, root, "script_lib", "$", lib, sizeof lib, "lib");
     if (join_path(chdir_, rel, ch->script, sizeof ch->script) ||
-        join_path(chdir_, "lib", ch->script_lib, sizeof ch->script_lib))
+        join_path(chdir_, lib, ch->script_lib, sizeof ch->script_lib))
       problem(&c, "$.script", "path too long");
   }
   char onerr[16] = "";
