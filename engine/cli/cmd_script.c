@@ -98,7 +98,8 @@ static void print_text(const char *name, const rr_script_result_t *r) {
 /* Finds the script of a channel: CHANNEL is a .lua file, or a channel name
  * looked up in the channels folder (a JSON file with "name" and "script"). */
 static int resolve(const char *channel, const char *chdir_, char *script, size_t cap, char *name,
-                   size_t ncap) {
+                   size_t ncap, char *lib, size_t lcap) {
+  snprintf(lib, lcap, "%s/lib", chdir_);
   size_t n = strlen(channel);
   if (n > 4 && strcmp(channel + n - 4, ".lua") == 0) {
     snprintf(script, cap, "%s", channel);
@@ -121,6 +122,9 @@ static int resolve(const char *channel, const char *chdir_, char *script, size_t
     json_t *j = json_load_file(path, 0, NULL);
     const char *nm = json_string_value(json_object_get(j, "name"));
     const char *sc = json_string_value(json_object_get(j, "script"));
+    const char *sl = json_string_value(json_object_get(j, "script_lib"));
+    if (nm && strcmp(nm, channel) == 0 && sl)
+      snprintf(lib, lcap, "%s%s%s", sl[0] == '/' ? "" : chdir_, sl[0] == '/' ? "" : "/", sl);
     if (nm && strcmp(nm, channel) == 0) {
       if (!sc) {
         fprintf(stderr, "radrelay script: channel %s (%s) has no script\n", channel, path);
@@ -270,9 +274,8 @@ int rr_cmd_script(int argc, char **argv) {
     goto out;
   }
   status = 1;
-  if (resolve(channel, chdir_, script, sizeof script, name, sizeof name))
+  if (resolve(channel, chdir_, script, sizeof script, name, sizeof name, lib, sizeof lib))
     goto out;
-  snprintf(lib, sizeof lib, "%s/lib", chdir_);
   rr_script_config_t cfg;
   rr_script_config_default(&cfg);
   cfg.channel = name;
