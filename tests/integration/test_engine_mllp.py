@@ -922,6 +922,31 @@ end
             db.close()
 
 
+    # ---- 19 ---------------------------------------------------------------
+    def test_19_on_script_error_answers(self):
+        """on_script_error: AR refuses the failed message, accept acknowledges
+        it (kept as error for review); both keep the script's file:line."""
+        chdir = os.path.join(self.tmp.name, "channels")
+        os.makedirs(chdir, exist_ok=True)
+        with open(os.path.join(chdir, "fail.lua"), "w") as f:
+            f.write("function on_message(msg, ctx)\n  local t = nil\n  return t.x\nend\n")
+        chans = []
+        for name, mode in (("refuse", "AR"), ("review", "accept")):
+            ch = self.channel(name)
+            ch["script"] = "fail.lua"
+            ch["on_script_error"] = mode
+            chans.append(ch)
+        e = self.engine(chans).start()
+        for name, code in (("refuse", "AR"), ("review", "AA")):
+            with socket.create_connection((HOST, e.port(name)), timeout=IO_TIMEOUT) as s:
+                s.sendall(frame(make_msg(f"OSE-{name}")))
+                self.assertEqual(msa(parse_ack(read_frame(s))), (code, f"OSE-{name}"))
+        self.stop_ok(e)
+        for r in e.rows():
+            self.assertEqual(r["status"], "error")
+            self.assertRegex(r["error"], r"fail\.lua:3:")
+
+
 def main():
     global RADRELAY, DATA
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
