@@ -36,7 +36,7 @@ function on_message(msg, ctx)
   end
 
   local priority = rad.priority(msg)
-  ctx:log("info", "order", accession, control, priority)
+  ctx:log("info", "order", control, priority) -- no identifiers above debug
   local mrn = rad.mrn(msg)
   -- What the ADT feed told us about the patient, if it came first.
   local known = mrn and store.get("patient:" .. mrn)
