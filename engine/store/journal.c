@@ -9,6 +9,7 @@
 #include "core/array.h"
 #include "core/error.h"
 #include "core/log.h"
+#include "store/wal_vfs.h"
 
 typedef struct pending {
   rr_journal_entry_t e; /* strings and blobs point into blob */
@@ -52,6 +53,10 @@ struct rr_journal {
   size_t queued_entries; /* non-barrier entries in the queue */
   rr_journal_stats_t stats;
   uint64_t flight_us; /* written by the worker */
+  /* Fingerprints of (sender, control id) of every message journaled or
+   * queued: a resend check that misses here needs no read of the store. */
+  uint32_t *fp;
+  size_t fp_cap, fp_n; /* fp_cap: a power of two (or 0) */
 };
 
 static const char schema[] =
@@ -94,6 +99,100 @@ static int prepare(sqlite3 *db, const char *sql, sqlite3_stmt **st, char **errms
   return 0;
 }
 
+/* ---- sender + control id fingerprints ------------------------------------ */
+
+static uint64_t fp_mix(uint64_t h, const char *s) {
+  /* FNV-1a over the string and its terminator (NULL hashes as one byte 1). */
+  if (!s)
+    return (h ^ 1u) * 0x100000001b3ull;
+  for (;; s++) {
+    h = (h ^ (unsigned char)*s) * 0x100000001b3ull;
+    if (!*s)
+      return h;
+  }
+}
+
+static uint64_t fp_hash(const char *app, const char *fac, const char *ctl) {
+  uint64_t h = fp_mix(fp_mix(fp_mix(0xcbf29ce484222325ull, app), fac), ctl);
+  h ^= h >> 29; /* spread the low bits, which pick the slot */
+  h *= 0xbf58476d1ce4e5b9ull;
+  return h ^ (h >> 32);
+}
+
+/* The set keeps 32-bit tags only, each in the slot its own bits choose:
+ * two different senders or ids share a tag about once in 4 billion, and
+ * then the store is read (a false "maybe", never a false "no"). */
+static uint32_t fp_tag(uint64_t h) {
+  uint32_t t = (uint32_t)(h >> 32) ^ (uint32_t)h;
+  return t ? t : 1; /* 0 marks an empty slot */
+}
+
+static size_t fp_home(uint32_t t, size_t cap) {
+  return (size_t)(((uint64_t)t * 0x9e3779b97f4a7c15ull) >> 24) & (cap - 1);
+}
+
+static bool fp_has(const rr_journal_t *j, uint32_t t) {
+  if (!j->fp_cap)
+    return false;
+  for (size_t i = fp_home(t, j->fp_cap);; i = (i + 1) & (j->fp_cap - 1)) {
+    if (j->fp[i] == t)
+      return true;
+    if (j->fp[i] == 0)
+      return false;
+  }
+}
+
+static int fp_add(rr_journal_t *j, uint32_t t) {
+  if ((j->fp_n + 1) * 2 > j->fp_cap) { /* load factor at most 1/2 */
+    size_t cap = j->fp_cap ? j->fp_cap * 2 : 4096;
+    uint32_t *v = calloc(cap, sizeof *v);
+    if (!v)
+      return RR_ENOMEM;
+    for (size_t i = 0; i < j->fp_cap; i++)
+      if (j->fp[i]) {
+        size_t k = fp_home(j->fp[i], cap);
+        while (v[k] != 0)
+          k = (k + 1) & (cap - 1);
+        v[k] = j->fp[i];
+      }
+    free(j->fp);
+    j->fp = v;
+    j->fp_cap = cap;
+  }
+  size_t i = fp_home(t, j->fp_cap);
+  while (j->fp[i] != 0) {
+    if (j->fp[i] == t)
+      return 0;
+    i = (i + 1) & (j->fp_cap - 1);
+  }
+  j->fp[i] = t;
+  j->fp_n++;
+  return 0;
+}
+
+/* Fills the set from the store (the control index covers the columns). */
+static int fp_load(rr_journal_t *j, char **errmsg) {
+  sqlite3_stmt *st = NULL;
+  int rc = prepare(j->rdb,
+                   "SELECT sending_app, sending_facility, control_id FROM messages"
+                   " INDEXED BY messages_control WHERE control_id IS NOT NULL",
+                   &st, errmsg);
+  while (rc == 0) {
+    int step = sqlite3_step(st);
+    if (step == SQLITE_DONE)
+      break;
+    if (step != SQLITE_ROW) {
+      rc = fail(j->rdb, "load control ids", errmsg);
+      break;
+    }
+    rc = fp_add(j, fp_tag(fp_hash((const char *)sqlite3_column_text(st, 0),
+                                  (const char *)sqlite3_column_text(st, 1),
+                                  (const char *)sqlite3_column_text(st, 2))));
+  }
+  sqlite3_finalize(st);
+  return rc;
+}
+
 int rr_journal_open(uv_loop_t *loop, const char *path, rr_journal_sync_t sync, rr_journal_t **out,
                     char **errmsg) {
   rr_journal_t *j = calloc(1, sizeof *j);
@@ -108,7 +207,11 @@ int rr_journal_open(uv_loop_t *loop, const char *path, rr_journal_sync_t sync, r
   j->gather.data = j;
   uv_unref((uv_handle_t *)&j->gather);
   const int wflags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX;
-  if (sqlite3_open_v2(path, &j->wdb, wflags, NULL) != SQLITE_OK) {
+  /* With synchronous=FULL every commit ends in a sync, so its WAL writes
+   * can be handed to the kernel as one (store/wal_vfs.c). */
+  const char *vfs =
+      sync == RR_JOURNAL_SYNC_FULL && rr_wal_vfs_register() == 0 ? RR_WAL_VFS_NAME : NULL;
+  if (sqlite3_open_v2(path, &j->wdb, wflags, vfs) != SQLITE_OK) {
     rc = fail(j->wdb, "open", errmsg);
     goto out;
   }
@@ -145,7 +248,8 @@ int rr_journal_open(uv_loop_t *loop, const char *path, rr_journal_sync_t sync, r
       (rc = prepare(j->wdb, "INSERT OR REPLACE INTO kv(key, value, updated_ms) VALUES(?,?,?)",
                     &j->kv_put, errmsg)) ||
       (rc = prepare(j->wdb, "DELETE FROM kv WHERE key = ?", &j->kv_del, errmsg)) ||
-      (rc = prepare(j->rdb, "SELECT value FROM kv WHERE key = ?", &j->kv_get, errmsg)))
+      (rc = prepare(j->rdb, "SELECT value FROM kv WHERE key = ?", &j->kv_get, errmsg)) ||
+      (rc = fp_load(j, errmsg)))
     goto out;
   *out = j;
   return 0;
@@ -185,6 +289,7 @@ void rr_journal_close(rr_journal_t *j) {
   sqlite3_close(j->rdb);
   sqlite3_close(j->wdb);
   free(j->prev_sources);
+  free(j->fp);
   free(j);
 }
 
@@ -220,9 +325,13 @@ static const char *put_str(char **w, const char *s) {
   return r;
 }
 
-int rr_journal_add(rr_journal_t *j, const rr_journal_entry_t *e, rr_journal_done_cb cb, void *ud) {
+static int add_entry(rr_journal_t *j, const rr_journal_entry_t *e, rr_journal_done_cb cb, void *ud,
+                     bool kv) {
   pending_t *p = slot(&j->queue);
   if (!p)
+    return RR_ENOMEM;
+  if (!kv && e->control_id && *e->control_id &&
+      fp_add(j, fp_tag(fp_hash(e->sending_app, e->sending_facility, e->control_id))))
     return RR_ENOMEM;
   const char *strs[] = {e->channel,      e->peer,       e->sending_app, e->sending_facility,
                         e->message_type, e->control_id, e->mrn,         e->accession,
@@ -256,9 +365,14 @@ int rr_journal_add(rr_journal_t *j, const rr_journal_entry_t *e, rr_journal_done
   p->blob = blob;
   p->cb = cb;
   p->ud = ud;
+  p->kv = kv;
   j->queue.n++;
-  j->queued_entries++;
+  j->queued_entries += !kv; /* group commit does not wait for key-value writes */
   return 0;
+}
+
+int rr_journal_add(rr_journal_t *j, const rr_journal_entry_t *e, rr_journal_done_cb cb, void *ud) {
+  return add_entry(j, e, cb, ud, false);
 }
 
 void rr_journal_set_gather(rr_journal_t *j, unsigned usec) {
@@ -515,7 +629,7 @@ static bool find_in(const batch_t *b, const char *app, const char *fac, const ch
 int rr_journal_find(rr_journal_t *j, const char *app, const char *facility, const char *control_id,
                     const void *raw, size_t raw_len, rr_journal_dup_t *out) {
   memset(out, 0, sizeof *out);
-  if (!control_id || !*control_id)
+  if (!control_id || !*control_id || !fp_has(j, fp_tag(fp_hash(app, facility, control_id))))
     return 0;
   /* Oldest first: committed rows, then the batch in flight, then the queue. */
   sqlite3_stmt *st = j->find;
@@ -567,13 +681,10 @@ int rr_journal_kv_set(rr_journal_t *j, const char *key, const void *value, size_
                           .raw = value ? value : "",
                           .raw_len = value ? len : 0,
                           .received_ms = now_ms};
-  int rc = rr_journal_add(j, &e, NULL, NULL);
+  int rc = add_entry(j, &e, NULL, NULL, true);
   if (rc)
     return rc;
-  pending_t *p = &j->queue.v[j->queue.n - 1];
-  p->kv = true;
-  p->kv_delete = value == NULL;
-  j->queued_entries--; /* not a message: group commit does not wait for it */
+  j->queue.v[j->queue.n - 1].kv_delete = value == NULL;
   return 0;
 }
 
