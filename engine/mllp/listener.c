@@ -306,8 +306,29 @@ void rr_mllp_conn_done(rr_mllp_conn_t *c) {
 }
 
 static int send_bytes(rr_mllp_conn_t *c, const char *data, size_t len, int completes) {
+  int rc;
+  /* Nothing queued before it: write now, without a request (an ACK nearly
+   * always fits the socket buffer); only what does not fit is queued. */
+  if (uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) == 0) {
+    uv_buf_t now = uv_buf_init((char *)data, (unsigned)len);
+    rc = uv_try_write((uv_stream_t *)&c->tcp, &now, 1);
+    if (rc == (int)len) {
+      if (completes)
+        rr_mllp_conn_done(c);
+      return 0;
+    }
+    if (rc > 0) {
+      data += rc;
+      len -= (size_t)rc;
+    } else if (rc != UV_EAGAIN && rc != UV_ENOSYS) {
+      conn_close(c, uv_err_name(rc));
+      if (completes)
+        rr_mllp_conn_done(c);
+      return rc;
+    }
+  }
   write_req_t *w = calloc(1, sizeof *w);
-  int rc = RR_ENOMEM;
+  rc = RR_ENOMEM;
   if (!w)
     goto fail;
   rr_buf_init(&w->buf, len + 1);
