@@ -23,7 +23,7 @@
 #define CHUNK_MASK (CHUNK_ITEMS - 1)
 #define MAX_ITEMS_LIMIT ((size_t)1 << 31)
 
-enum { ST_FREE, ST_PENDING, ST_INFLIGHT, ST_DEAD };
+enum { ST_FREE, ST_PENDING, ST_INFLIGHT, ST_DEAD }; /* FREE: unused, or between states */
 enum { IN_NONE, IN_READY, IN_TIMER, IN_DEAD };
 enum { BY_ID, BY_NOT_BEFORE, BY_AGE };
 

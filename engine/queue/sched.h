@@ -50,7 +50,7 @@ typedef struct rr_qsched_config {
   int64_t backoff_base_ms;   /* cap of the first retry delay. Default 1000 */
   int64_t backoff_max_ms;    /* the cap never exceeds this. Default 300000 */
   int dead_blocks_key;       /* a dead item holds back its key's later items. Default 1 */
-  uint32_t breaker_failures; /* consecutive failures that open it; 0 = no breaker. Default 5 */
+  uint32_t breaker_failures; /* consecutive RETRY outcomes that open it; 0 = none. Default 5 */
   int64_t breaker_open_ms;   /* how long it stays open before a probe. Default 30000 */
   size_t max_items;          /* items loaded at most (1 .. 2^31); add beyond: RR_ELIMIT.
                                 Default 1048576 */
@@ -145,9 +145,10 @@ void rr_qsched_free(rr_qsched_t *s);
 
 /* rr_qsched_add: loads one item (pending, or dead when it->dead). The item
  * and its key string are copied. The caller adds a key's items in id order:
- * every earlier item of the key that is not finished must already be loaded.
- * RR_EINVAL: bad lane, duplicate id. RR_ELIMIT: max_items reached, or the key
- * is longer than RR_QSCHED_KEY_MAX. RR_ENOMEM. On error nothing changed. */
+ * every earlier item of the key that is not finished must already be loaded,
+ * dead ones included when dead_blocks_key is set (else, after a restart, the
+ * key would move past its dead item). RR_EINVAL: bad lane, duplicate id. RR_ELIMIT: max_items
+ * reached, or the key is longer than RR_QSCHED_KEY_MAX. RR_ENOMEM. On error nothing changed. */
 int rr_qsched_add(rr_qsched_t *s, const rr_qsched_item_t *it);
 
 /* rr_qsched_loaded: items held (pending + in flight + dead). */
@@ -159,9 +160,9 @@ size_t rr_qsched_loaded(const rr_qsched_t *s);
 size_t rr_qsched_room(const rr_qsched_t *s);
 
 /* rr_qsched_next: the item to deliver now. 0 and *id_out: it is in flight
- * until rr_qsched_done or rr_qsched_return. RR_EAGAIN: nothing may start at
- * now_ms (nothing eligible, concurrency reached, or the breaker holds);
- * rr_qsched_next_wakeup says when to ask again. */
+ * until rr_qsched_done or rr_qsched_return. RR_EAGAIN (*id_out untouched):
+ * nothing may start at now_ms (nothing eligible, concurrency reached, or the
+ * breaker holds); rr_qsched_next_wakeup says when to ask again. */
 int rr_qsched_next(rr_qsched_t *s, int64_t now_ms, int64_t *id_out);
 
 /* rr_qsched_done: the outcome of in-flight item id at now_ms. On RETRY the
