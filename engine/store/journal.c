@@ -16,10 +16,14 @@ typedef struct pending {
   bool barrier;
   bool kv;        /* a key-value write: key in e.control_id, value in e.raw */
   bool kv_delete; /* ... or its removal */
+  bool delivery;  /* an attempt's outcome: in d, strings in blob */
+  rr_journal_delivery_t d;
   rr_journal_done_cb cb;
   void *ud;
   int64_t id; /* written by the worker */
   char *blob;
+  rr_journal_route_t *routes; /* e.routes copied; one allocation with qids */
+  int64_t *qids;              /* queue row ids, written by the worker */
 } pending_t;
 
 typedef struct batch {
@@ -31,12 +35,16 @@ struct rr_journal {
   uv_loop_t *loop;
   sqlite3 *wdb; /* writer: the worker's while a batch is in flight */
   sqlite3 *rdb; /* reader: loop thread */
-  sqlite3_stmt *insert, *begin, *commit, *rollback; /* on wdb */
-  sqlite3_stmt *find, *find_raw, *count;            /* on rdb */
-  sqlite3_stmt *kv_put, *kv_del;                    /* on wdb */
-  sqlite3_stmt *kv_get;                             /* on rdb */
-  batch_t queue;                                    /* collecting (loop thread) */
-  batch_t flight;                                   /* being committed */
+  sqlite3_stmt *insert, *begin, *commit, *rollback;                             /* on wdb */
+  sqlite3_stmt *find, *find_raw, *count;                                        /* on rdb */
+  sqlite3_stmt *kv_put, *kv_del;                                                /* on wdb */
+  sqlite3_stmt *kv_get;                                                         /* on rdb */
+  sqlite3_stmt *q_insert, *q_history, *q_delete, *q_retry, *q_dead, *q_requeue; /* wdb */
+  sqlite3_stmt *q_load, *q_payload, *q_depth;                                   /* rdb */
+  rr_journal_enqueue_cb enqueue_cb;
+  void *enqueue_ud;
+  batch_t queue;  /* collecting (loop thread) */
+  batch_t flight; /* being committed */
   bool busy;
   int flight_rc;
   char flight_err[256];
@@ -80,7 +88,33 @@ static const char schema[] =
     "CREATE INDEX IF NOT EXISTS messages_time ON messages(received_ms);"
     "CREATE TABLE IF NOT EXISTS kv(key TEXT PRIMARY KEY, value BLOB NOT NULL,"
     " updated_ms INTEGER NOT NULL) WITHOUT ROWID;"
-    "PRAGMA user_version=1;";
+    "CREATE TABLE IF NOT EXISTS queue("
+    " id INTEGER PRIMARY KEY,"
+    " message_id INTEGER NOT NULL,"
+    " destination TEXT NOT NULL,"
+    " key TEXT NOT NULL,"
+    " lane INTEGER NOT NULL,"
+    " state TEXT NOT NULL," /* pending, dead */
+    " attempts INTEGER NOT NULL,"
+    " not_before_ms INTEGER NOT NULL,"
+    " enqueued_ms INTEGER NOT NULL,"
+    " last_error TEXT,"
+    " content_type TEXT NOT NULL,"
+    " payload BLOB NOT NULL);"
+    "CREATE INDEX IF NOT EXISTS queue_destination ON queue(destination, id);"
+    "CREATE INDEX IF NOT EXISTS queue_message ON queue(message_id);"
+    "CREATE TABLE IF NOT EXISTS deliveries("
+    " id INTEGER PRIMARY KEY,"
+    " queue_id INTEGER NOT NULL,"
+    " message_id INTEGER NOT NULL,"
+    " destination TEXT NOT NULL,"
+    " attempt INTEGER NOT NULL,"
+    " at_ms INTEGER NOT NULL,"
+    " outcome TEXT NOT NULL," /* delivered, retry, dead, dropped, requeued */
+    " detail TEXT,"
+    " response BLOB);"
+    "CREATE INDEX IF NOT EXISTS deliveries_message ON deliveries(message_id);"
+    "PRAGMA user_version=2;";
 
 static int fail(sqlite3 *db, const char *what, char **errmsg) {
   if (errmsg && !*errmsg) {
@@ -249,6 +283,39 @@ int rr_journal_open(uv_loop_t *loop, const char *path, rr_journal_sync_t sync, r
                     &j->kv_put, errmsg)) ||
       (rc = prepare(j->wdb, "DELETE FROM kv WHERE key = ?", &j->kv_del, errmsg)) ||
       (rc = prepare(j->rdb, "SELECT value FROM kv WHERE key = ?", &j->kv_get, errmsg)) ||
+      (rc = prepare(j->wdb,
+                    "INSERT INTO queue(message_id, destination, key, lane, state, attempts,"
+                    " not_before_ms, enqueued_ms, content_type, payload)"
+                    " VALUES(?,?,?,?,'pending',0,0,?,?,?)",
+                    &j->q_insert, errmsg)) ||
+      (rc = prepare(j->wdb,
+                    "INSERT INTO deliveries(queue_id, message_id, destination, attempt, at_ms,"
+                    " outcome, detail, response) VALUES(?,?,?,?,?,?,?,?)",
+                    &j->q_history, errmsg)) ||
+      (rc = prepare(j->wdb, "DELETE FROM queue WHERE id = ?", &j->q_delete, errmsg)) ||
+      (rc = prepare(j->wdb,
+                    "UPDATE queue SET attempts = ?2, not_before_ms = ?3, last_error = ?4"
+                    " WHERE id = ?1",
+                    &j->q_retry, errmsg)) ||
+      (rc = prepare(j->wdb,
+                    "UPDATE queue SET state = 'dead', attempts = ?2, last_error = ?3"
+                    " WHERE id = ?1",
+                    &j->q_dead, errmsg)) ||
+      (rc = prepare(j->wdb,
+                    "UPDATE queue SET state = 'pending', attempts = 0, not_before_ms = 0"
+                    " WHERE id = ?1",
+                    &j->q_requeue, errmsg)) ||
+      (rc = prepare(j->rdb,
+                    "SELECT id, message_id, key, lane, state = 'dead', attempts, not_before_ms,"
+                    " enqueued_ms FROM queue WHERE destination = ? AND id > ? ORDER BY id"
+                    " LIMIT ?",
+                    &j->q_load, errmsg)) ||
+      (rc = prepare(j->rdb, "SELECT content_type, payload FROM queue WHERE id = ?", &j->q_payload,
+                    errmsg)) ||
+      (rc = prepare(j->rdb,
+                    "SELECT destination, sum(state = 'pending'), sum(state = 'dead'),"
+                    " min(enqueued_ms) FROM queue GROUP BY destination ORDER BY destination",
+                    &j->q_depth, errmsg)) ||
       (rc = fp_load(j, errmsg)))
     goto out;
   *out = j;
@@ -259,16 +326,30 @@ out:
 }
 
 static void free_batch(batch_t *b) {
-  for (size_t i = 0; i < b->n; i++)
+  for (size_t i = 0; i < b->n; i++) {
     free(b->v[i].blob);
+    free(b->v[i].routes);
+  }
   free(b->v);
   memset(b, 0, sizeof *b);
 }
 
-static void report(batch_t *b, int status) {
-  for (size_t i = 0; i < b->n; i++)
-    if (b->v[i].cb)
-      b->v[i].cb(b->v[i].ud, status, status || b->v[i].barrier ? 0 : b->v[i].id);
+static void report(rr_journal_t *j, batch_t *b, int status) {
+  for (size_t i = 0; i < b->n; i++) {
+    pending_t *p = &b->v[i];
+    for (size_t r = 0; status == 0 && j && j->enqueue_cb && r < p->e.nroutes; r++) {
+      const rr_journal_route_t *rt = &p->routes[r];
+      rr_journal_qitem_t q = {.id = p->qids[r],
+                              .message_id = p->id,
+                              .destination = rt->destination,
+                              .key = rt->key ? rt->key : "",
+                              .lane = rt->lane,
+                              .enqueued_ms = p->e.received_ms};
+      j->enqueue_cb(j->enqueue_ud, &q);
+    }
+    if (p->cb)
+      p->cb(p->ud, status, status || p->barrier ? 0 : p->id);
+  }
 }
 
 void rr_journal_close(rr_journal_t *j) {
@@ -280,10 +361,12 @@ void rr_journal_close(rr_journal_t *j) {
   }
   batch_t q = j->queue;
   memset(&j->queue, 0, sizeof j->queue);
-  report(&q, RR_EIO);
+  report(NULL, &q, RR_EIO);
   free_batch(&q);
-  sqlite3_stmt *sts[] = {j->insert,   j->begin, j->commit, j->rollback, j->find,
-                         j->find_raw, j->count, j->kv_put, j->kv_del,   j->kv_get};
+  sqlite3_stmt *sts[] = {j->insert,    j->begin,     j->commit,    j->rollback, j->find,
+                         j->find_raw,  j->count,     j->kv_put,    j->kv_del,   j->kv_get,
+                         j->q_insert,  j->q_history, j->q_delete,  j->q_retry,  j->q_dead,
+                         j->q_requeue, j->q_load,    j->q_payload, j->q_depth};
   for (size_t i = 0; i < sizeof sts / sizeof sts[0]; i++)
     sqlite3_finalize(sts[i]);
   sqlite3_close(j->rdb);
@@ -325,10 +408,42 @@ static const char *put_str(char **w, const char *s) {
   return r;
 }
 
+/* Copies the routes (array, ids, strings, payloads) into one allocation. */
+static int copy_routes(pending_t *p, const rr_journal_route_t *routes, size_t n) {
+  size_t need = n * (sizeof *p->routes + sizeof *p->qids);
+  for (size_t i = 0; i < n; i++) {
+    const rr_journal_route_t *r = &routes[i];
+    need += strlen(r->destination) + 1 + (r->key ? strlen(r->key) + 1 : 0) +
+            (r->content_type ? strlen(r->content_type) + 1 : 0) + r->len + 1;
+  }
+  char *mem = malloc(need);
+  if (!mem)
+    return RR_ENOMEM;
+  p->routes = (rr_journal_route_t *)(void *)mem;
+  p->qids = (int64_t *)(void *)(mem + n * sizeof *p->routes);
+  char *w = mem + n * (sizeof *p->routes + sizeof *p->qids);
+  for (size_t i = 0; i < n; i++) {
+    rr_journal_route_t *r = &p->routes[i];
+    *r = routes[i];
+    r->destination = put_str(&w, routes[i].destination);
+    r->key = put_str(&w, routes[i].key);
+    r->content_type = put_str(&w, routes[i].content_type);
+    if (routes[i].len)
+      memcpy(w, routes[i].payload, routes[i].len);
+    r->payload = w;
+    w += routes[i].len;
+    p->qids[i] = 0;
+  }
+  p->e.routes = p->routes;
+  return 0;
+}
+
 static int add_entry(rr_journal_t *j, const rr_journal_entry_t *e, rr_journal_done_cb cb, void *ud,
                      bool kv) {
   pending_t *p = slot(&j->queue);
   if (!p)
+    return RR_ENOMEM;
+  if (e->nroutes && copy_routes(p, e->routes, e->nroutes))
     return RR_ENOMEM;
   if (!kv && e->control_id && *e->control_id &&
       fp_add(j, fp_tag(fp_hash(e->sending_app, e->sending_facility, e->control_id))))
@@ -340,10 +455,14 @@ static int add_entry(rr_journal_t *j, const rr_journal_entry_t *e, rr_journal_do
   for (size_t i = 0; i < sizeof strs / sizeof strs[0]; i++)
     need += strs[i] ? strlen(strs[i]) + 1 : 0;
   char *blob = malloc(need);
-  if (!blob)
+  if (!blob) {
+    free(p->routes);
     return RR_ENOMEM;
+  }
   char *w = blob;
+  rr_journal_route_t *routes = p->routes;
   p->e = *e;
+  p->e.routes = routes;
   p->e.channel = put_str(&w, e->channel);
   p->e.peer = put_str(&w, e->peer);
   p->e.sending_app = put_str(&w, e->sending_app);
@@ -422,7 +541,69 @@ static int insert_one(rr_journal_t *j, pending_t *p) {
   if (rc != SQLITE_DONE)
     return RR_EIO;
   p->id = sqlite3_last_insert_rowid(j->wdb);
+  for (size_t i = 0; i < e->nroutes; i++) {
+    const rr_journal_route_t *r = &p->routes[i];
+    st = j->q_insert;
+    sqlite3_bind_int64(st, 1, p->id);
+    bind_text(st, 2, r->destination);
+    bind_text(st, 3, r->key ? r->key : "");
+    sqlite3_bind_int(st, 4, r->lane);
+    sqlite3_bind_int64(st, 5, e->received_ms);
+    bind_text(st, 6, r->content_type ? r->content_type : "hl7");
+    sqlite3_bind_blob64(st, 7, r->len ? r->payload : "", r->len, SQLITE_STATIC);
+    rc = sqlite3_step(st);
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
+    if (rc != SQLITE_DONE)
+      return RR_EIO;
+    p->qids[i] = sqlite3_last_insert_rowid(j->wdb);
+  }
   return 0;
+}
+
+static const char *const outcome_names[] = {"delivered", "retry", "dead", "dropped", "requeued"};
+
+/* An attempt's outcome: its history row, and the queue row's new state. */
+static int delivery_write(rr_journal_t *j, pending_t *p) {
+  const rr_journal_delivery_t *d = &p->d;
+  sqlite3_stmt *st = j->q_history;
+  sqlite3_bind_int64(st, 1, d->queue_id);
+  sqlite3_bind_int64(st, 2, d->message_id);
+  bind_text(st, 3, d->destination);
+  sqlite3_bind_int64(st, 4, d->attempts);
+  sqlite3_bind_int64(st, 5, d->at_ms);
+  bind_text(st, 6, outcome_names[d->outcome]);
+  bind_text(st, 7, d->detail);
+  if (d->response)
+    sqlite3_bind_blob64(st, 8, d->response, d->response_len, SQLITE_STATIC);
+  else
+    sqlite3_bind_null(st, 8);
+  int rc = sqlite3_step(st);
+  sqlite3_reset(st);
+  sqlite3_clear_bindings(st);
+  if (rc != SQLITE_DONE)
+    return RR_EIO;
+  switch (d->outcome) {
+  case RR_JOURNAL_DELIVERED:
+  case RR_JOURNAL_DROPPED: st = j->q_delete; break;
+  case RR_JOURNAL_RETRY:
+    st = j->q_retry;
+    sqlite3_bind_int64(st, 2, d->attempts);
+    sqlite3_bind_int64(st, 3, d->not_before_ms);
+    bind_text(st, 4, d->detail);
+    break;
+  case RR_JOURNAL_DEAD:
+    st = j->q_dead;
+    sqlite3_bind_int64(st, 2, d->attempts);
+    bind_text(st, 3, d->detail);
+    break;
+  default: st = j->q_requeue; break;
+  }
+  sqlite3_bind_int64(st, 1, d->queue_id);
+  rc = sqlite3_step(st);
+  sqlite3_reset(st);
+  sqlite3_clear_bindings(st);
+  return rc == SQLITE_DONE ? 0 : RR_EIO;
 }
 
 static int kv_write(rr_journal_t *j, const pending_t *p) {
@@ -453,6 +634,8 @@ static void commit_work(uv_work_t *w) {
   for (size_t i = 0; rc == 0 && i < b->n; i++)
     if (b->v[i].kv)
       rc = kv_write(j, &b->v[i]);
+    else if (b->v[i].delivery)
+      rc = delivery_write(j, &b->v[i]);
     else if (!b->v[i].barrier)
       rc = insert_one(j, &b->v[i]);
   if (rc == 0)
@@ -508,7 +691,7 @@ static void finish_flight(rr_journal_t *j) {
   batch_t b = j->flight;
   size_t entries = 0;
   for (size_t i = 0; i < b.n; i++)
-    entries += !b.v[i].barrier && !b.v[i].kv;
+    entries += !b.v[i].barrier && !b.v[i].kv && !b.v[i].delivery;
   j->last_batch = entries;
   if (entries)
     learn_sources(j, &b);
@@ -523,7 +706,7 @@ static void finish_flight(rr_journal_t *j) {
   }
   memset(&j->flight, 0, sizeof j->flight);
   j->busy = false;
-  report(&b, j->flight_rc);
+  report(j, &b, j->flight_rc);
   free_batch(&b);
 }
 
@@ -613,8 +796,9 @@ static bool find_in(const batch_t *b, const char *app, const char *fac, const ch
                     const void *raw, size_t raw_len, rr_journal_dup_t *out) {
   for (size_t i = 0; i < b->n; i++) {
     const rr_journal_entry_t *e = &b->v[i].e;
-    if (b->v[i].barrier || b->v[i].kv || !e->control_id || strcmp(e->control_id, ctl) != 0 ||
-        !same_str(e->sending_app, app) || !same_str(e->sending_facility, fac))
+    if (b->v[i].barrier || b->v[i].kv || b->v[i].delivery || !e->control_id ||
+        strcmp(e->control_id, ctl) != 0 || !same_str(e->sending_app, app) ||
+        !same_str(e->sending_facility, fac))
       continue;
     out->found = true;
     out->committed = false;
@@ -722,4 +906,97 @@ int64_t rr_journal_count(rr_journal_t *j) {
     n = sqlite3_column_int64(j->count, 0);
   sqlite3_reset(j->count);
   return n;
+}
+
+/* ---- destination queues --------------------------------------------------- */
+
+void rr_journal_set_enqueue_cb(rr_journal_t *j, rr_journal_enqueue_cb cb, void *ud) {
+  j->enqueue_cb = cb;
+  j->enqueue_ud = ud;
+}
+
+int rr_journal_queue_load(rr_journal_t *j, const char *destination, int64_t after_id, size_t limit,
+                          void (*cb)(void *ud, const rr_journal_qitem_t *item), void *ud) {
+  sqlite3_stmt *st = j->q_load;
+  bind_text(st, 1, destination);
+  sqlite3_bind_int64(st, 2, after_id);
+  sqlite3_bind_int64(st, 3, (sqlite3_int64)limit);
+  int n = 0, rc;
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+    rr_journal_qitem_t q = {.id = sqlite3_column_int64(st, 0),
+                            .message_id = sqlite3_column_int64(st, 1),
+                            .destination = destination,
+                            .key = (const char *)sqlite3_column_text(st, 2),
+                            .lane = sqlite3_column_int(st, 3),
+                            .dead = sqlite3_column_int(st, 4) != 0,
+                            .attempts = (unsigned)sqlite3_column_int64(st, 5),
+                            .not_before_ms = sqlite3_column_int64(st, 6),
+                            .enqueued_ms = sqlite3_column_int64(st, 7)};
+    if (!q.key)
+      q.key = "";
+    cb(ud, &q);
+    n++;
+  }
+  sqlite3_reset(st);
+  sqlite3_clear_bindings(st);
+  return rc == SQLITE_DONE ? n : RR_EIO;
+}
+
+int rr_journal_queue_payload(rr_journal_t *j, int64_t id, rr_buf_t *out,
+                             const char **content_type) {
+  sqlite3_stmt *st = j->q_payload;
+  sqlite3_bind_int64(st, 1, id);
+  int rc = sqlite3_step(st), result = RR_ENOTFOUND;
+  if (rc == SQLITE_ROW) {
+    const char *ct = (const char *)sqlite3_column_text(st, 0);
+    *content_type = ct && strcmp(ct, "json") == 0 ? "json" : "hl7";
+    result = rr_buf_append(out, sqlite3_column_blob(st, 1), (size_t)sqlite3_column_bytes(st, 1));
+  } else if (rc != SQLITE_DONE) {
+    result = RR_EIO;
+  }
+  sqlite3_reset(st);
+  sqlite3_clear_bindings(st);
+  return result;
+}
+
+int rr_journal_queue_record(rr_journal_t *j, const rr_journal_delivery_t *d, rr_journal_done_cb cb,
+                            void *ud) {
+  pending_t *p = slot(&j->queue);
+  if (!p)
+    return RR_ENOMEM;
+  size_t need =
+      strlen(d->destination) + 1 + (d->detail ? strlen(d->detail) + 1 : 0) + d->response_len + 1;
+  char *blob = malloc(need);
+  if (!blob)
+    return RR_ENOMEM;
+  char *w = blob;
+  p->d = *d;
+  p->d.destination = put_str(&w, d->destination);
+  p->d.detail = put_str(&w, d->detail);
+  if (d->response) {
+    if (d->response_len)
+      memcpy(w, d->response, d->response_len);
+    p->d.response = w;
+  }
+  p->delivery = true;
+  p->blob = blob;
+  p->cb = cb;
+  p->ud = ud;
+  j->queue.n++; /* not a message: group commit does not wait for it */
+  return 0;
+}
+
+int rr_journal_queue_depth(rr_journal_t *j,
+                           void (*cb)(void *ud, const char *destination, int64_t pending,
+                                      int64_t dead, int64_t oldest_ms),
+                           void *ud) {
+  sqlite3_stmt *st = j->q_depth;
+  int n = 0, rc;
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+    cb(ud, (const char *)sqlite3_column_text(st, 0), sqlite3_column_int64(st, 1),
+       sqlite3_column_int64(st, 2), sqlite3_column_int64(st, 3));
+    n++;
+  }
+  sqlite3_reset(st);
+  return rc == SQLITE_DONE ? n : RR_EIO;
 }

@@ -31,6 +31,18 @@ typedef enum rr_journal_sync {
   RR_JOURNAL_SYNC_OFF       /* no fsync: tests and benchmarks only */
 } rr_journal_sync_t;
 
+/* A delivery the message's script asked for: queued for a destination in
+ * the transaction that journals the message, so an acknowledged message's
+ * deliveries are never lost. */
+typedef struct rr_journal_route {
+  const char *destination;
+  const char *key;          /* per-key order (e.g. the MRN); NULL or "" = none */
+  int lane;                 /* priority lane: 0 routine, 1 STAT, 2 critical */
+  const char *content_type; /* "hl7" or "json" */
+  const void *payload;
+  size_t len;
+} rr_journal_route_t;
+
 typedef struct rr_journal_entry {
   const char *channel; /* borrowed for the rr_journal_add call; all copied */
   const char *peer;
@@ -43,9 +55,43 @@ typedef struct rr_journal_entry {
   size_t raw_len;
   const void *ack; /* the answer sent, NULL when none is sent */
   size_t ack_len;
-  uint64_t source; /* who sent it (e.g. a connection id), for group
-                      commit: not stored; 0 = unknown */
+  uint64_t source;                  /* who sent it (e.g. a connection id), for group
+                                       commit: not stored; 0 = unknown */
+  const rr_journal_route_t *routes; /* queued with the message; copied */
+  size_t nroutes;
 } rr_journal_entry_t;
+
+/* A queued delivery as the store has it (payload not included). */
+typedef struct rr_journal_qitem {
+  int64_t id, message_id;
+  const char *destination; /* borrowed for the call */
+  const char *key;         /* "" = none */
+  int lane;
+  bool dead;
+  unsigned attempts;
+  int64_t not_before_ms, enqueued_ms;
+} rr_journal_qitem_t;
+
+/* What became of one delivery attempt, or an operator's action. */
+typedef enum rr_journal_outcome {
+  RR_JOURNAL_DELIVERED = 0, /* removed from the queue */
+  RR_JOURNAL_RETRY,         /* stays, attempts and not_before updated */
+  RR_JOURNAL_DEAD,          /* stays as a dead letter */
+  RR_JOURNAL_DROPPED,       /* removed by an operator */
+  RR_JOURNAL_REQUEUED       /* a dead letter made pending again by an operator */
+} rr_journal_outcome_t;
+
+typedef struct rr_journal_delivery {
+  int64_t queue_id, message_id;
+  const char *destination;
+  rr_journal_outcome_t outcome;
+  unsigned attempts;     /* after this attempt */
+  int64_t at_ms;         /* when it ended */
+  int64_t not_before_ms; /* RR_JOURNAL_RETRY: earliest next attempt */
+  const char *detail;    /* error or peer's answer summary; may be NULL */
+  const void *response;  /* the peer's answer (an ACK, an HTTP body); may be NULL */
+  size_t response_len;
+} rr_journal_delivery_t;
 
 /* Called once per entry after its batch's commit (status 0) or the commit's
  * failure (negative code; nothing of the batch was kept). id is the row id
@@ -114,6 +160,33 @@ int rr_journal_kv_set(rr_journal_t *j, const char *key, const void *value, size_
 /* rr_journal_kv_get: appends the newest value of key (queued writes
  * included) to out; RR_ENOTFOUND when there is none, RR_EIO. */
 int rr_journal_kv_get(rr_journal_t *j, const char *key, rr_buf_t *out);
+
+/* ---- destination queues --------------------------------------------------
+ * Rows of table queue: what is waiting for each destination (pending or
+ * dead); table deliveries keeps every attempt and operator action. */
+
+/* rr_journal_set_enqueue_cb: called on the loop thread, after the commit
+ * that kept them, once per route of each message, in id order. */
+typedef void (*rr_journal_enqueue_cb)(void *ud, const rr_journal_qitem_t *item);
+void rr_journal_set_enqueue_cb(rr_journal_t *j, rr_journal_enqueue_cb cb, void *ud);
+/* rr_journal_queue_load: committed queue rows of destination with
+ * id > after_id, in id order, at most limit; cb per row. Returns the number
+ * of rows or RR_EIO. Pending and dead rows both come (item->dead). */
+int rr_journal_queue_load(rr_journal_t *j, const char *destination, int64_t after_id, size_t limit,
+                          void (*cb)(void *ud, const rr_journal_qitem_t *item), void *ud);
+/* rr_journal_queue_payload: appends the row's payload to out and sets
+ * *content_type ("hl7"/"json", static). RR_ENOTFOUND, RR_EIO, RR_ENOMEM. */
+int rr_journal_queue_payload(rr_journal_t *j, int64_t id, rr_buf_t *out, const char **content_type);
+/* rr_journal_queue_record: queues the outcome of an attempt (copied); it
+ * commits with the next batch; cb (may be NULL) after that commit. */
+int rr_journal_queue_record(rr_journal_t *j, const rr_journal_delivery_t *d, rr_journal_done_cb cb,
+                            void *ud);
+/* rr_journal_queue_depth: pending and dead rows per destination in the
+ * store (committed), via cb; returns the number of destinations or RR_EIO. */
+int rr_journal_queue_depth(rr_journal_t *j,
+                           void (*cb)(void *ud, const char *destination, int64_t pending,
+                                      int64_t dead, int64_t oldest_ms),
+                           void *ud);
 
 /* rr_journal_count: rows in the journal (for tools and tests). */
 int64_t rr_journal_count(rr_journal_t *j);
