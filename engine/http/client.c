@@ -452,11 +452,14 @@ static int on_curl_socket(CURL *e, curl_socket_t fd, int what, void *userp, void
   (void)e;
   if (what == CURL_POLL_REMOVE) {
     if (s) {
-      curl_multi_assign(c->multi, fd, NULL);
+      if (!c->handles_closing) /* not while curl_multi_cleanup runs */
+        curl_multi_assign(c->multi, fd, NULL);
       sock_close(c, s);
     }
     return 0;
   }
+  if (c->handles_closing)
+    return 0;
   if (!s) {
     s = calloc(1, sizeof *s);
     if (!s)

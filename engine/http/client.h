@@ -5,9 +5,11 @@
  * Model
  *   One rr_http_client_t per loop. It drives libcurl's multi-socket API
  *   from the loop: one uv_poll_t per socket curl opens and one uv_timer_t
- *   for curl's timeouts. No threads, no polling loops. rr_http_client_submit
- *   copies the request description and returns at once; the outcome comes
- *   through the request's callback, from the loop.
+ *   for curl's timeouts. No threads of its own (libcurl may resolve host
+ *   names on its resolver thread, which reports back through a socket the
+ *   loop watches), no polling loops. rr_http_client_submit copies the
+ *   request description and returns at once; the outcome comes through the
+ *   request's callback, from the loop.
  *
  * Concurrency and order
  *   At most cfg.max_concurrent transfers run at once; later ones wait in a
@@ -54,8 +56,8 @@
  * Privacy
  *   The client logs at RR_LOG_DEBUG only, and only method, host, HTTP
  *   status, error name and time: never paths, query strings, headers or
- *   bodies. Bearer tokens are wiped from the client's memory when a
- *   transfer ends.
+ *   bodies. The client's own copies of a bearer token are wiped when the
+ *   transfer ends (libcurl's request buffer is not).
  *
  * Threading and callbacks
  *   A client and its transfers are used from the thread running the loop,
