@@ -42,6 +42,13 @@ static json_t *result_json(const rr_script_result_t *r, bool with_time) {
     json_t *x = json_object();
     json_object_set_new(x, "destination", json_string(rt->destination));
     json_object_set_new(x, "type", json_string(rt->is_hl7 ? "hl7" : "json"));
+    if (rt->key)
+      json_object_set_new(x, "key", json_string(rt->key));
+    if (rt->lane >= 0)
+      json_object_set_new(x, "priority",
+                          json_string(rt->lane == 2   ? "critical"
+                                      : rt->lane == 1 ? "stat"
+                                                      : "routine"));
     if (rt->is_hl7) {
       /* one string per segment: readable in files and diffs */
       json_t *segs = json_array();
@@ -80,8 +87,13 @@ static void print_text(const char *name, const rr_script_result_t *r) {
   printf("%s: %s%s%s\n", name, verdict_name(r->verdict), r->reason[0] ? ": " : "", r->reason);
   for (size_t i = 0; i < r->nroutes; i++) {
     const rr_script_route_t *rt = &r->routes[i];
-    printf("  route -> %s (%s, %zu bytes)\n", rt->destination, rt->is_hl7 ? "hl7" : "json",
-           rt->len);
+    printf("  route -> %s (%s, %zu bytes%s%s%s%s)\n", rt->destination, rt->is_hl7 ? "hl7" : "json",
+           rt->len, rt->key ? ", key " : "", rt->key ? rt->key : "",
+           rt->lane >= 0 ? ", priority " : "",
+           rt->lane == 2   ? "critical"
+           : rt->lane == 1 ? "stat"
+           : rt->lane == 0 ? "routine"
+                           : "");
     const char *p = rt->payload, *end = rt->payload + rt->len;
     while (p < end) {
       const char *cr = rt->is_hl7 ? memchr(p, '\r', (size_t)(end - p)) : NULL;

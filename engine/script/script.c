@@ -294,6 +294,7 @@ static void drop_routes(rr_script_result_t *r) {
   for (size_t i = 0; i < r->nroutes; i++) {
     free(r->routes[i].destination);
     free(r->routes[i].payload);
+    free(r->routes[i].key);
   }
   r->nroutes = 0;
 }
@@ -361,6 +362,30 @@ static int ctx_route(lua_State *L) {
   if (dlen == 0 || memchr(dest, '\0', dlen))
     return luaL_error(L, "ctx:route: bad destination name");
   /* Everything that may raise happens before the C allocations. */
+  const char *key = NULL;
+  size_t klen = 0;
+  int lane = -1;
+  if (!lua_isnoneornil(L, 4)) {
+    luaL_checktype(L, 4, LUA_TTABLE);
+    if (lua_getfield(L, 4, "key") != LUA_TNIL) {
+      if (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER)
+        return luaL_error(L, "ctx:route: key must be a string");
+      key = lua_tolstring(L, -1, &klen); /* stays on the stack until return */
+      if (klen > 256 || memchr(key, '\0', klen))
+        return luaL_error(L, "ctx:route: key longer than 256 bytes or with a NUL");
+    }
+    if (lua_getfield(L, 4, "priority") != LUA_TNIL) {
+      const char *pr = lua_tostring(L, -1);
+      if (pr && strcmp(pr, "routine") == 0)
+        lane = 0;
+      else if (pr && strcmp(pr, "stat") == 0)
+        lane = 1;
+      else if (pr && strcmp(pr, "critical") == 0)
+        lane = 2;
+      else
+        return luaL_error(L, "ctx:route: priority must be \"routine\", \"stat\" or \"critical\"");
+    }
+  }
   char *payload = NULL;
   size_t plen = 0;
   bool is_hl7 = true;
@@ -396,6 +421,9 @@ static int ctx_route(lua_State *L) {
   char *d = malloc(dlen + 1);
   if (d)
     memcpy(d, dest, dlen + 1);
+  char *k = key ? malloc(klen + 1) : NULL;
+  if (k)
+    memcpy(k, key, klen + 1);
   if (payload && d && r->nroutes == s->routes_cap) {
     size_t cap = s->routes_cap ? s->routes_cap * 2 : 4;
     rr_script_route_t *nr = realloc(r->routes, cap * sizeof *nr);
@@ -404,13 +432,14 @@ static int ctx_route(lua_State *L) {
       s->routes_cap = cap;
     }
   }
-  if (!payload || !d || r->nroutes == s->routes_cap) {
+  if (!payload || !d || (key && !k) || r->nroutes == s->routes_cap) {
     free(payload);
     free(d);
+    free(k);
     s->oom = true;
     return luaL_error(L, "not enough memory");
   }
-  r->routes[r->nroutes++] = (rr_script_route_t){d, payload, plen, is_hl7};
+  r->routes[r->nroutes++] = (rr_script_route_t){d, payload, plen, is_hl7, k, lane};
   s->route_bytes += plen;
   return 0;
 }

@@ -60,6 +60,8 @@ typedef struct rr_script_route {
   char *payload;     /* owned: ER7 text (CR terminators) or JSON text */
   size_t len;
   bool is_hl7; /* false: a table routed as JSON */
+  char *key;   /* owned: the per-key order key the script chose; NULL = the channel's default */
+  int lane;    /* 0 routine, 1 stat, 2 critical; -1 = the channel's default */
 } rr_script_route_t;
 
 typedef struct rr_script_log {
