@@ -14,6 +14,7 @@
 
 #include "hl7/hl7.h"
 #include "mllp/listener.h"
+#include "queue/dispatch.h"
 #include "script/script.h"
 #include "store/journal.h"
 
@@ -33,6 +34,8 @@ typedef struct rr_channel_config {
   char script_lib[1024]; /* folder of shared modules for require */
   int on_script_error;   /* answer when the script fails: RR_HL7_ERROR (AE, default),
                             RR_HL7_REJECT (AR) or RR_HL7_ACCEPT (kept for review) */
+  rr_destination_config_t *destinations; /* owned, ndestinations entries */
+  size_t ndestinations;
 } rr_channel_config_t;
 
 typedef struct rr_engine rr_engine_t;

@@ -135,6 +135,56 @@ static void send_ack(void *ud, int status, int64_t id) {
   free(p);
 }
 
+/* The priority lane a message asks for by itself: STAT orders (ORC-7.6,
+ * OBR-27.6 or TQ1-9 "S") go before routine ones. */
+static int default_lane(const rr_hl7_msg_t *m) {
+  static const char *const paths[] = {"ORC-7.6", "OBR-27.6", "TQ1-9.1"};
+  for (size_t i = 0; i < sizeof paths / sizeof paths[0]; i++) {
+    char v[8];
+    value(m, paths[i], v, sizeof v);
+    if (strcmp(v, "S") == 0)
+      return 1;
+  }
+  return 0;
+}
+
+/* The script's routes as journal routes (pointing into sr), each to a
+ * destination the channel declares. RR_EINVAL (reason in sr) for a name it
+ * does not declare, RR_ENOMEM. */
+static int build_routes(const rr_channel_t *ch, const rr_hl7_msg_t *m, const char *mrn,
+                        rr_script_result_t *sr, rr_journal_route_t **out, size_t *nout) {
+  rr_journal_route_t *v = calloc(sr->nroutes, sizeof *v);
+  if (!v)
+    return RR_ENOMEM;
+  int lane = -1;
+  for (size_t i = 0; i < sr->nroutes; i++) {
+    const rr_script_route_t *rt = &sr->routes[i];
+    const rr_destination_config_t *d = NULL;
+    for (size_t k = 0; k < ch->cfg.ndestinations && !d; k++)
+      if (strcmp(ch->cfg.destinations[k].short_name, rt->destination) == 0)
+        d = &ch->cfg.destinations[k];
+    if (!d) {
+      snprintf(sr->reason, sizeof sr->reason, "ctx:route: channel %s has no destination \"%.64s\"",
+               ch->cfg.name, rt->destination);
+      free(v);
+      return RR_EINVAL;
+    }
+    if (rt->lane < 0 && lane < 0)
+      lane = default_lane(m);
+    v[i] = (rr_journal_route_t){.destination = d->name,
+                                .key = rt->key       ? rt->key
+                                       : d->key_none ? ""
+                                                     : mrn,
+                                .lane = rt->lane >= 0 ? rt->lane : lane,
+                                .content_type = rt->is_hl7 ? "hl7" : "json",
+                                .payload = rt->payload,
+                                .len = rt->len};
+  }
+  *out = v;
+  *nout = sr->nroutes;
+  return 0;
+}
+
 static void on_frame(void *ud, rr_mllp_conn_t *c, const char *data, size_t len, uint64_t offset) {
   rr_channel_t *ch = ud;
   rr_engine_t *e = ch->engine;
@@ -169,6 +219,10 @@ static void on_frame(void *ud, rr_mllp_conn_t *c, const char *data, size_t len, 
   rr_hl7_error_t ack_err = {0};
   size_t nerr = 0;
   rr_journal_dup_t dup = {0};
+  rr_journal_route_t *routes = NULL; /* point into sr */
+  size_t nroutes = 0;
+  rr_script_result_t sr;
+  memset(&sr, 0, sizeof sr);
   if (*ctl &&
       rr_journal_find(e->journal, *app ? app : NULL, *fac ? fac : NULL, ctl, data, len, &dup) != 0)
     dup.found = false; /* the lookup failed: treat as new, the journal keeps both */
@@ -247,8 +301,6 @@ static void on_frame(void *ud, rr_mllp_conn_t *c, const char *data, size_t len, 
   } else if (ch->script) {
     /* The channel's script decides: route, filter, reject, or fail. */
     rr_script_input_t in = {data, len, rr_mllp_conn_peer(c), ctl};
-    rr_script_result_t sr;
-    memset(&sr, 0, sizeof sr);
     if (rr_script_run(ch->script, &in, &sr) != 0) {
       sr.verdict = RR_SCRIPT_ERROR;
       snprintf(sr.reason, sizeof sr.reason, "out of memory building the script's result");
@@ -256,6 +308,15 @@ static void on_frame(void *ud, rr_mllp_conn_t *c, const char *data, size_t len, 
     for (size_t i = 0; i < sr.nlogs; i++)
       rr_log((rr_log_level_t)sr.logs[i].level, "script", "channel=%s control_id=%s msg=\"%s\"",
              ch->cfg.name, ctl, sr.logs[i].text);
+    if (sr.verdict == RR_SCRIPT_PASS && sr.nroutes &&
+        build_routes(ch, m, mrn, &sr, &routes, &nroutes) != 0) {
+      sr.verdict = RR_SCRIPT_ERROR;
+      if (!sr.reason[0])
+        snprintf(sr.reason, sizeof sr.reason, "out of memory queuing the routes");
+      free(routes);
+      routes = NULL;
+      nroutes = 0;
+    }
     switch (sr.verdict) {
     case RR_SCRIPT_PASS:
       for (size_t i = 0; i < sr.nroutes; i++)
@@ -292,7 +353,6 @@ static void on_frame(void *ud, rr_mllp_conn_t *c, const char *data, size_t len, 
              ch->cfg.name, ctl, sr.reason);
       break;
     }
-    rr_script_result_close(&sr);
   }
   rr_hl7_ack_code_t code = rr_hl7_ack_code_for(m, kind);
   const bool r2 = ch->cfg.mllp_release == 2;
@@ -336,6 +396,8 @@ static void on_frame(void *ud, rr_mllp_conn_t *c, const char *data, size_t len, 
   pending_ack_t *p = rc ? NULL : malloc(sizeof *p + ack.len);
   if (!p) {
     rr_buf_close(&ack);
+    free(routes);
+    rr_script_result_close(&sr);
     rr_mllp_conn_close(c);
     return;
   }
@@ -367,9 +429,14 @@ static void on_frame(void *ud, rr_mllp_conn_t *c, const char *data, size_t len, 
                            .raw_len = len,
                            .ack = p->send_ack ? p->data : NULL,
                            .ack_len = p->send_ack ? p->len : 0,
-                           .source = ((uint64_t)(uintptr_t)ch << 20) ^ rr_mllp_conn_id(c)};
+                           .source = ((uint64_t)(uintptr_t)ch << 20) ^ rr_mllp_conn_id(c),
+                           .routes = routes,
+                           .nroutes = nroutes};
   rr_mllp_conn_hold(c);
-  if (rr_journal_add(e->journal, &je, send_ack, p) != 0) {
+  int arc = rr_journal_add(e->journal, &je, send_ack, p);
+  free(routes);
+  rr_script_result_close(&sr);
+  if (arc != 0) {
     rr_mllp_conn_release(c);
     free(p);
     rr_mllp_conn_close(c);
@@ -631,6 +698,7 @@ void rr_engine_free(rr_engine_t *e) {
     for (size_t i = 0; i < ch->cfg.tls_cfg.nallow; i++)
       free(ch->cfg.tls_allow[i]);
     free(ch->cfg.tls_allow);
+    free(ch->cfg.destinations);
     free(ch);
   }
   free(e);

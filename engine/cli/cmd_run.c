@@ -15,7 +15,8 @@
 
 typedef struct run_state {
   rr_engine_t *engine;
-  uv_signal_t sigint, sigterm, sighup;
+  rr_dispatch_t *dispatch;
+  uv_signal_t sigint, sigterm, sighup, sigusr2;
   int stopping;
 } run_state_t;
 
@@ -28,6 +29,14 @@ static void on_sighup(uv_signal_t *h, int signum) {
   rr_engine_reload_scripts(s->engine);
 }
 
+/* SIGUSR2: `radrelay queue` / `radrelay replay` left requests in the store. */
+static void on_sigusr2(uv_signal_t *h, int signum) {
+  run_state_t *s = h->data;
+  (void)signum;
+  if (!s->stopping)
+    rr_dispatch_apply_ops(s->dispatch);
+}
+
 static void on_signal(uv_signal_t *h, int signum) {
   run_state_t *s = h->data;
   if (s->stopping)
@@ -35,9 +44,12 @@ static void on_signal(uv_signal_t *h, int signum) {
   s->stopping = 1;
   rr_log(RR_LOG_INFO, "engine", "event=shutdown signal=%s", signum == SIGINT ? "INT" : "TERM");
   rr_engine_stop(s->engine);
+  if (s->dispatch)
+    rr_dispatch_stop(s->dispatch, NULL, NULL);
   uv_close((uv_handle_t *)&s->sigint, NULL);
   uv_close((uv_handle_t *)&s->sigterm, NULL);
   uv_close((uv_handle_t *)&s->sighup, NULL);
+  uv_close((uv_handle_t *)&s->sigusr2, NULL);
 }
 
 /* mkdir -p of the folder holding path. */
@@ -203,8 +215,26 @@ int rr_cmd_run(int argc, char **argv) {
          cfg.sync == RR_JOURNAL_SYNC_FULL     ? "full"
          : cfg.sync == RR_JOURNAL_SYNC_NORMAL ? "normal"
                                               : "off");
-  if ((rc = rr_engine_new(&loop, journal, &s.engine)))
+  if ((rc = rr_engine_new(&loop, journal, &s.engine)) ||
+      (rc = rr_dispatch_new(&loop, journal, &s.dispatch)))
     goto out;
+  /* Destinations first: their queues may hold what earlier runs accepted. */
+  for (size_t i = 0; i < cfg.nchannels; i++)
+    for (size_t k = 0; k < cfg.channels[i].ndestinations; k++) {
+      rr_buf_t err;
+      rr_buf_init(&err, 1 << 16);
+      rc = rr_dispatch_add(s.dispatch, &cfg.channels[i].destinations[k], &err);
+      if (rc)
+        rr_log(RR_LOG_ERROR, "engine", "event=destination_failed destination=%s error=\"%s\"",
+               cfg.channels[i].destinations[k].name, err.data ? err.data : rr_strerror(rc));
+      rr_buf_close(&err);
+      if (rc) {
+        rr_engine_stop(s.engine);
+        rr_dispatch_stop(s.dispatch, NULL, NULL);
+        uv_run(&loop, UV_RUN_DEFAULT);
+        goto out;
+      }
+    }
   for (size_t i = 0; i < cfg.nchannels; i++) {
     rr_channel_t *ch;
     rc = rr_engine_add_channel(s.engine, &cfg.channels[i], &ch);
@@ -213,11 +243,14 @@ int rr_cmd_run(int argc, char **argv) {
              cfg.channels[i].name, cfg.channels[i].host, cfg.channels[i].listen.port,
              uv_err_name(rc));
       rr_engine_stop(s.engine);
+      rr_dispatch_stop(s.dispatch, NULL, NULL);
       uv_run(&loop, UV_RUN_DEFAULT);
       goto out;
     }
     cfg.channels[i].accept = NULL; /* handed to the channel */
     cfg.channels[i].tls_allow = NULL;
+    cfg.channels[i].destinations = NULL;
+    cfg.channels[i].ndestinations = 0;
     rr_log(RR_LOG_INFO, "engine", "event=ready channel=%s port=%d", cfg.channels[i].name,
            rr_channel_port(ch));
   }
@@ -229,6 +262,11 @@ int rr_cmd_run(int argc, char **argv) {
   uv_signal_start(&s.sigterm, on_signal, SIGTERM);
   uv_signal_start(&s.sighup, on_sighup, SIGHUP);
   uv_unref((uv_handle_t *)&s.sighup);
+  uv_signal_init(&loop, &s.sigusr2);
+  s.sigusr2.data = &s;
+  uv_signal_start(&s.sigusr2, on_sigusr2, SIGUSR2);
+  uv_unref((uv_handle_t *)&s.sigusr2);
+  rr_dispatch_apply_ops(s.dispatch); /* left while no engine ran */
   char pidfile[4200];
   pid_path(&cfg, pidfile, sizeof pidfile);
   FILE *pf = fopen(pidfile, "w");
@@ -241,6 +279,7 @@ int rr_cmd_run(int argc, char **argv) {
   rr_log(RR_LOG_INFO, "engine", "event=stopped");
   status = 0;
 out:
+  rr_dispatch_free(s.dispatch);
   rr_engine_free(s.engine);
   rr_journal_close(journal);
   uv_loop_close(&loop);

@@ -207,6 +207,127 @@ static void unknown_keys(ctx_t *c, json_t *obj, const char *path, const char *co
 
 static int join_path(const char *dir, const char *p, char *out, size_t cap);
 
+static bool good_name(const char *s) {
+  size_t n = strlen(s);
+  if (n == 0 || n > 63)
+    return false;
+  for (; *s; s++)
+    if (!((*s >= 'A' && *s <= 'Z') || (*s >= 'a' && *s <= 'z') || (*s >= '0' && *s <= '9') ||
+          *s == '_' || *s == '-'))
+      return false;
+  return true;
+}
+
+/* $.destinations: one rr_destination_config_t per entry. */
+static void load_destinations(ctx_t *c, json_t *obj, const char *base, rr_channel_config_t *ch) {
+  if (!obj)
+    return;
+  if (!json_is_object(obj)) {
+    problem(c, "$.destinations", "must be an object");
+    return;
+  }
+  ch->destinations = calloc(json_object_size(obj) + 1, sizeof *ch->destinations);
+  if (!ch->destinations) {
+    problem(c, "$.destinations", "out of memory");
+    return;
+  }
+  const char *name;
+  json_t *d;
+  json_object_foreach(obj, name, d) {
+    char path[160];
+    snprintf(path, sizeof path, "$.destinations.%s", name);
+    if (!good_name(name)) {
+      problem(c, path, "a destination name is 1 to 63 letters, digits, '_' or '-'");
+      continue;
+    }
+    if (!json_is_object(d)) {
+      problem(c, path, "must be an object");
+      continue;
+    }
+    rr_destination_config_t *x = &ch->destinations[ch->ndestinations];
+    rr_destination_config_default(x);
+    snprintf(x->short_name, sizeof x->short_name, "%s", name);
+    snprintf(x->name, sizeof x->name, "%s.%s", ch->name, name);
+    char type[16] = "";
+    get_string(c, d, "type", path, type, sizeof type, NULL);
+    x->kind = strcmp(type, "http") == 0 ? RR_DEST_HTTP : RR_DEST_MLLP;
+    uint64_t v;
+    if (x->kind == RR_DEST_MLLP) {
+      get_string(c, d, "host", path, x->host, sizeof x->host, NULL);
+      v = 0;
+      if (get_uint(c, d, "port", path, 1, 65535, &v) == 0 && v == 0)
+        problem(c, path, "port: required for an mllp destination");
+      x->port = (int)v;
+      json_t *ka = json_object_get(d, "keep_alive");
+      x->keep_alive = ka ? json_is_true(ka) : 1;
+      get_uint(c, d, "ack_timeout_ms", path, 1, UINT32_MAX, &x->ack_timeout_ms);
+      v = 1;
+      if (get_uint(c, d, "mllp_release", path, 1, 2, &v) == 0)
+        x->mllp_release = (int)v;
+      const char *ae = json_string_value(json_object_get(d, "ae"));
+      x->ae_is_permanent = ae && strcmp(ae, "dead") == 0;
+    } else if (x->kind == RR_DEST_HTTP) {
+      get_string(c, d, "url", path, x->url, sizeof x->url, NULL);
+      const char *m = json_string_value(json_object_get(d, "method"));
+      x->method = m && strcmp(m, "PUT") == 0 ? 2 /* RR_HTTP_PUT */ : 1 /* RR_HTTP_POST */;
+      get_string(c, d, "content_type", path, x->content_type, sizeof x->content_type, "");
+      char rel[1024] = "";
+      get_string(c, d, "bearer_token_file", path, rel, sizeof rel, "");
+      if (rel[0] && join_path(base, rel, x->token_file, sizeof x->token_file))
+        problem(c, path, "bearer_token_file: path too long");
+      get_uint(c, d, "timeout_ms", path, 1, UINT32_MAX, &x->timeout_ms);
+    }
+    get_uint(c, d, "connect_timeout_ms", path, 1, UINT32_MAX, &x->connect_timeout_ms);
+    json_t *tls = json_object_get(d, "tls");
+    if (json_is_object(tls)) {
+      char tpath[200];
+      snprintf(tpath, sizeof tpath, "%s.tls", path);
+      x->tls = true;
+      struct {
+        const char *key;
+        char *out;
+      } files[] = {{"ca", x->tls_ca}, {"cert", x->tls_cert}, {"key", x->tls_key}};
+      for (size_t i = 0; i < 3; i++) {
+        char rel[1024] = "";
+        get_string(c, tls, files[i].key, tpath, rel, sizeof rel, "");
+        if (rel[0] && join_path(base, rel, files[i].out, sizeof x->tls_ca))
+          problem(c, tpath, "path of %s too long", files[i].key);
+      }
+      get_string(c, tls, "server_name", tpath, x->tls_server_name, sizeof x->tls_server_name, "");
+    }
+    const char *key = json_string_value(json_object_get(d, "key"));
+    x->key_none = key && strcmp(key, "none") == 0;
+    v = x->sched.concurrency;
+    if (get_uint(c, d, "concurrency", path, 1, 1024, &v) == 0)
+      x->sched.concurrency = (uint32_t)v;
+    v = x->window;
+    if (get_uint(c, d, "window", path, 16, 10000000, &v) == 0)
+      x->window = (size_t)v;
+    v = x->sched.max_attempts;
+    if (get_uint(c, d, "max_attempts", path, 0, UINT32_MAX, &v) == 0)
+      x->sched.max_attempts = (uint32_t)v;
+    v = 86400;
+    if (get_uint(c, d, "max_age_s", path, 0, (uint64_t)1 << 40, &v) == 0)
+      x->sched.max_age_ms = (int64_t)v * 1000;
+    v = (uint64_t)x->sched.backoff_base_ms;
+    if (get_uint(c, d, "backoff_base_ms", path, 1, UINT32_MAX, &v) == 0)
+      x->sched.backoff_base_ms = (int64_t)v;
+    v = (uint64_t)x->sched.backoff_max_ms;
+    if (get_uint(c, d, "backoff_max_ms", path, 1, UINT32_MAX, &v) == 0)
+      x->sched.backoff_max_ms = (int64_t)v;
+    v = x->sched.breaker_failures;
+    if (get_uint(c, d, "breaker_failures", path, 0, UINT32_MAX, &v) == 0)
+      x->sched.breaker_failures = (uint32_t)v;
+    v = (uint64_t)x->sched.breaker_open_ms;
+    if (get_uint(c, d, "breaker_open_ms", path, 1, UINT32_MAX, &v) == 0)
+      x->sched.breaker_open_ms = (int64_t)v;
+    json_t *dbk = json_object_get(d, "dead_blocks_key");
+    if (dbk)
+      x->sched.dead_blocks_key = json_is_true(dbk);
+    ch->ndestinations++;
+  }
+}
+
 static int load_channel(const char *file, const char *base, rr_channel_config_t *ch,
                         rr_buf_t *err) {
   ctx_t c = {file, err, 0};
@@ -219,8 +340,9 @@ static int load_channel(const char *file, const char *base, rr_channel_config_t 
     json_decref(root);
     return RR_EINVAL;
   }
-  static const char *const top[] = {"name", "description", "source",          "accept",
-                                    "hl7",  "script",      "on_script_error", NULL};
+  static const char *const top[] = {"name",         "description", "source",          "accept",
+                                    "hl7",          "script",      "on_script_error", "script_lib",
+                                    "destinations", NULL};
   unknown_keys(&c, root, "$", top);
   get_string(&c, root, "name", "$", ch->name, sizeof ch->name, NULL);
   rr_mllp_listener_config_default(&ch->listen);
@@ -362,6 +484,7 @@ static int load_channel(const char *file, const char *base, rr_channel_config_t 
     if (get_uint(&c, h, "max_field_bytes", "$.hl7", 1, (uint64_t)1 << 30, &v) == 0)
       ch->hl7.max_field_length = (size_t)v;
   }
+  load_destinations(&c, json_object_get(root, "destinations"), base, ch);
   json_decref(root);
   return c.bad ? RR_EINVAL : 0;
 }
@@ -497,6 +620,9 @@ static void free_channel_lists(rr_channel_config_t *ch) {
     free(*a);
   free(ch->tls_allow);
   ch->tls_allow = NULL;
+  free(ch->destinations);
+  ch->destinations = NULL;
+  ch->ndestinations = 0;
 }
 
 void rr_config_free(rr_config_t *cfg) {

@@ -14,6 +14,12 @@ static void usage(FILE *f) {
              "  send HOST:PORT FILE...    send every message of the files over MLLP, print ACKs\n"
              "  script test CHANNEL SAMPLE.hl7... [--json]   run a channel's script on samples\n"
              "  script test CHANNEL --cases DIR [--update]  check a channel's script on cases\n"
+             "  queue ls -c CONFIG        destinations: pending, dead letters, oldest\n"
+             "  queue show DEST [--dead] [--limit N] -c CONFIG   what waits for a destination\n"
+             "  queue retry DEST (ID|--dead) -c CONFIG   retry a dead letter, or all of them\n"
+             "  queue drop DEST ID -c CONFIG   remove a pending or dead delivery\n"
+             "  replay -c CONFIG --to DEST (--id N|--mrn M|--accession A|--since T [--until T])\n"
+             "                            queue journaled messages again for a destination\n"
              "  hl7 dump [--decoded] FILE...   print every value of every message\n"
              "  hl7 get FILE PATH...      print values by path (e.g. PID-3[2].1)\n"
              "  hl7 check [--strict] FILE...   parse and report errors with byte offsets\n"
@@ -41,6 +47,10 @@ int main(int argc, char **argv) {
     return rr_cmd_send(argc - 2, argv + 2);
   if (strcmp(cmd, "script") == 0)
     return rr_cmd_script(argc - 2, argv + 2);
+  if (strcmp(cmd, "queue") == 0)
+    return rr_cmd_queue(argc - 2, argv + 2);
+  if (strcmp(cmd, "replay") == 0)
+    return rr_cmd_replay(argc - 2, argv + 2);
   if (strcmp(cmd, "help") == 0 || strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0) {
     usage(stdout);
     return 0;

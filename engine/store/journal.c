@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "core/array.h"
 #include "core/error.h"
@@ -17,6 +18,9 @@ typedef struct pending {
   bool kv;        /* a key-value write: key in e.control_id, value in e.raw */
   bool kv_delete; /* ... or its removal */
   bool delivery;  /* an attempt's outcome: in d, strings in blob */
+  bool replay;    /* a message queued again: routes[0], message replay_of */
+  int64_t replay_of;
+  int64_t ops_upto; /* > 0: delete queue_ops rows up to this id */
   rr_journal_delivery_t d;
   rr_journal_done_cb cb;
   void *ud;
@@ -40,6 +44,8 @@ struct rr_journal {
   sqlite3_stmt *kv_put, *kv_del;                                                /* on wdb */
   sqlite3_stmt *kv_get;                                                         /* on rdb */
   sqlite3_stmt *q_insert, *q_history, *q_delete, *q_retry, *q_dead, *q_requeue; /* wdb */
+  sqlite3_stmt *q_requeue_all, *q_replay, *ops_delete;                          /* wdb */
+  sqlite3_stmt *ops_read, *msg_mrn;                                             /* rdb */
   sqlite3_stmt *q_load, *q_payload, *q_depth;                                   /* rdb */
   rr_journal_enqueue_cb enqueue_cb;
   void *enqueue_ud;
@@ -114,6 +120,13 @@ static const char schema[] =
     " detail TEXT,"
     " response BLOB);"
     "CREATE INDEX IF NOT EXISTS deliveries_message ON deliveries(message_id);"
+    "CREATE TABLE IF NOT EXISTS queue_ops("
+    " id INTEGER PRIMARY KEY,"
+    " op TEXT NOT NULL," /* retry, retry_dead, drop, replay */
+    " destination TEXT NOT NULL,"
+    " queue_id INTEGER NOT NULL DEFAULT 0,"
+    " message_id INTEGER NOT NULL DEFAULT 0,"
+    " at_ms INTEGER NOT NULL);"
     "PRAGMA user_version=2;";
 
 static int fail(sqlite3 *db, const char *what, char **errmsg) {
@@ -131,6 +144,12 @@ static int prepare(sqlite3 *db, const char *sql, sqlite3_stmt **st, char **errms
   if (sqlite3_prepare_v3(db, sql, -1, SQLITE_PREPARE_PERSISTENT, st, NULL) != SQLITE_OK)
     return fail(db, sql, errmsg);
   return 0;
+}
+
+static int64_t wall_now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 /* ---- sender + control id fingerprints ------------------------------------ */
@@ -305,6 +324,22 @@ int rr_journal_open(uv_loop_t *loop, const char *path, rr_journal_sync_t sync, r
                     "UPDATE queue SET state = 'pending', attempts = 0, not_before_ms = 0"
                     " WHERE id = ?1",
                     &j->q_requeue, errmsg)) ||
+      (rc = prepare(j->wdb,
+                    "UPDATE queue SET state = 'pending', attempts = 0, not_before_ms = 0"
+                    " WHERE destination = ? AND state = 'dead'",
+                    &j->q_requeue_all, errmsg)) ||
+      (rc = prepare(j->wdb,
+                    "INSERT INTO queue(message_id, destination, key, lane, state, attempts,"
+                    " not_before_ms, enqueued_ms, content_type, payload)"
+                    " SELECT id, ?2, coalesce(mrn, ''), 0, 'pending', 0, 0, ?3, 'hl7', raw"
+                    " FROM messages WHERE id = ?1",
+                    &j->q_replay, errmsg)) ||
+      (rc = prepare(j->wdb, "DELETE FROM queue_ops WHERE id <= ?", &j->ops_delete, errmsg)) ||
+      (rc = prepare(j->rdb,
+                    "SELECT id, op, destination, queue_id, message_id FROM queue_ops ORDER BY id",
+                    &j->ops_read, errmsg)) ||
+      (rc = prepare(j->rdb, "SELECT coalesce(mrn, '') FROM messages WHERE id = ?", &j->msg_mrn,
+                    errmsg)) ||
       (rc = prepare(j->rdb,
                     "SELECT id, message_id, key, lane, state = 'dead', attempts, not_before_ms,"
                     " enqueued_ms FROM queue WHERE destination = ? AND id > ? ORDER BY id"
@@ -363,10 +398,11 @@ void rr_journal_close(rr_journal_t *j) {
   memset(&j->queue, 0, sizeof j->queue);
   report(NULL, &q, RR_EIO);
   free_batch(&q);
-  sqlite3_stmt *sts[] = {j->insert,    j->begin,     j->commit,    j->rollback, j->find,
-                         j->find_raw,  j->count,     j->kv_put,    j->kv_del,   j->kv_get,
-                         j->q_insert,  j->q_history, j->q_delete,  j->q_retry,  j->q_dead,
-                         j->q_requeue, j->q_load,    j->q_payload, j->q_depth};
+  sqlite3_stmt *sts[] = {j->insert,    j->begin,      j->commit,    j->rollback, j->find,
+                         j->find_raw,  j->count,      j->kv_put,    j->kv_del,   j->kv_get,
+                         j->q_insert,  j->q_history,  j->q_delete,  j->q_retry,  j->q_dead,
+                         j->q_requeue, j->q_load,     j->q_payload, j->q_depth,  j->q_requeue_all,
+                         j->q_replay,  j->ops_delete, j->ops_read,  j->msg_mrn};
   for (size_t i = 0; i < sizeof sts / sizeof sts[0]; i++)
     sqlite3_finalize(sts[i]);
   sqlite3_close(j->rdb);
@@ -597,7 +633,17 @@ static int delivery_write(rr_journal_t *j, pending_t *p) {
     sqlite3_bind_int64(st, 2, d->attempts);
     bind_text(st, 3, d->detail);
     break;
-  default: st = j->q_requeue; break;
+  default:
+    st = j->q_requeue;
+    if (d->queue_id == 0) { /* every dead row of the destination */
+      st = j->q_requeue_all;
+      bind_text(st, 1, d->destination);
+      rc = sqlite3_step(st);
+      sqlite3_reset(st);
+      sqlite3_clear_bindings(st);
+      return rc == SQLITE_DONE ? 0 : RR_EIO;
+    }
+    break;
   }
   sqlite3_bind_int64(st, 1, d->queue_id);
   rc = sqlite3_step(st);
@@ -625,6 +671,26 @@ static int step_once(sqlite3_stmt *st) {
   return rc == SQLITE_DONE ? 0 : RR_EIO;
 }
 
+static int replay_write(rr_journal_t *j, pending_t *p) {
+  sqlite3_stmt *st = j->q_replay;
+  sqlite3_bind_int64(st, 1, p->replay_of);
+  bind_text(st, 2, p->routes[0].destination);
+  sqlite3_bind_int64(st, 3, p->e.received_ms);
+  int rc = sqlite3_step(st);
+  sqlite3_reset(st);
+  sqlite3_clear_bindings(st);
+  if (rc != SQLITE_DONE || sqlite3_changes(j->wdb) != 1)
+    return RR_EIO;
+  p->qids[0] = sqlite3_last_insert_rowid(j->wdb);
+  p->id = p->replay_of;
+  return 0;
+}
+
+static int ops_delete(rr_journal_t *j, pending_t *p) {
+  sqlite3_bind_int64(j->ops_delete, 1, p->ops_upto);
+  return step_once(j->ops_delete);
+}
+
 /* Worker thread: writes the in-flight batch in one transaction. */
 static void commit_work(uv_work_t *w) {
   rr_journal_t *j = w->data;
@@ -634,6 +700,10 @@ static void commit_work(uv_work_t *w) {
   for (size_t i = 0; rc == 0 && i < b->n; i++)
     if (b->v[i].kv)
       rc = kv_write(j, &b->v[i]);
+    else if (b->v[i].replay)
+      rc = replay_write(j, &b->v[i]);
+    else if (b->v[i].ops_upto)
+      rc = ops_delete(j, &b->v[i]);
     else if (b->v[i].delivery)
       rc = delivery_write(j, &b->v[i]);
     else if (!b->v[i].barrier)
@@ -691,7 +761,8 @@ static void finish_flight(rr_journal_t *j) {
   batch_t b = j->flight;
   size_t entries = 0;
   for (size_t i = 0; i < b.n; i++)
-    entries += !b.v[i].barrier && !b.v[i].kv && !b.v[i].delivery;
+    entries +=
+        !b.v[i].barrier && !b.v[i].kv && !b.v[i].delivery && !b.v[i].replay && !b.v[i].ops_upto;
   j->last_batch = entries;
   if (entries)
     learn_sources(j, &b);
@@ -796,8 +867,8 @@ static bool find_in(const batch_t *b, const char *app, const char *fac, const ch
                     const void *raw, size_t raw_len, rr_journal_dup_t *out) {
   for (size_t i = 0; i < b->n; i++) {
     const rr_journal_entry_t *e = &b->v[i].e;
-    if (b->v[i].barrier || b->v[i].kv || b->v[i].delivery || !e->control_id ||
-        strcmp(e->control_id, ctl) != 0 || !same_str(e->sending_app, app) ||
+    if (b->v[i].barrier || b->v[i].kv || b->v[i].delivery || b->v[i].replay || b->v[i].ops_upto ||
+        !e->control_id || strcmp(e->control_id, ctl) != 0 || !same_str(e->sending_app, app) ||
         !same_str(e->sending_facility, fac))
       continue;
     out->found = true;
@@ -999,4 +1070,56 @@ int rr_journal_queue_depth(rr_journal_t *j,
   }
   sqlite3_reset(st);
   return rc == SQLITE_DONE ? n : RR_EIO;
+}
+
+int rr_journal_queue_replay(rr_journal_t *j, int64_t message_id, const char *destination) {
+  sqlite3_stmt *st = j->msg_mrn;
+  sqlite3_bind_int64(st, 1, message_id);
+  char key[256] = "";
+  int rc = sqlite3_step(st);
+  if (rc == SQLITE_ROW)
+    snprintf(key, sizeof key, "%s", (const char *)sqlite3_column_text(st, 0));
+  sqlite3_reset(st);
+  if (rc != SQLITE_ROW)
+    return rc == SQLITE_DONE ? RR_ENOTFOUND : RR_EIO;
+  pending_t *p = slot(&j->queue);
+  if (!p)
+    return RR_ENOMEM;
+  rr_journal_route_t r = {.destination = destination, .key = key, .content_type = "hl7"};
+  if (copy_routes(p, &r, 1))
+    return RR_ENOMEM;
+  p->e.nroutes = 1;
+  p->e.received_ms = wall_now_ms();
+  p->replay = true;
+  p->replay_of = message_id;
+  j->queue.n++;
+  return 0;
+}
+
+int rr_journal_ops_take(rr_journal_t *j, void (*cb)(void *ud, const rr_journal_op_t *op),
+                        void *ud) {
+  sqlite3_stmt *st = j->ops_read;
+  int n = 0, rc;
+  int64_t upto = 0;
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+    rr_journal_op_t op = {.op = (const char *)sqlite3_column_text(st, 1),
+                          .destination = (const char *)sqlite3_column_text(st, 2),
+                          .queue_id = sqlite3_column_int64(st, 3),
+                          .message_id = sqlite3_column_int64(st, 4)};
+    upto = sqlite3_column_int64(st, 0);
+    if (op.op && op.destination)
+      cb(ud, &op);
+    n++;
+  }
+  sqlite3_reset(st);
+  if (rc != SQLITE_DONE)
+    return RR_EIO;
+  if (upto) {
+    pending_t *p = slot(&j->queue);
+    if (!p)
+      return RR_ENOMEM;
+    p->ops_upto = upto;
+    j->queue.n++;
+  }
+  return n;
 }

@@ -78,7 +78,8 @@ typedef enum rr_journal_outcome {
   RR_JOURNAL_RETRY,         /* stays, attempts and not_before updated */
   RR_JOURNAL_DEAD,          /* stays as a dead letter */
   RR_JOURNAL_DROPPED,       /* removed by an operator */
-  RR_JOURNAL_REQUEUED       /* a dead letter made pending again by an operator */
+  RR_JOURNAL_REQUEUED       /* a dead letter made pending again by an operator
+                               (queue_id 0: every dead row of the destination) */
 } rr_journal_outcome_t;
 
 typedef struct rr_journal_delivery {
@@ -187,6 +188,22 @@ int rr_journal_queue_depth(rr_journal_t *j,
                            void (*cb)(void *ud, const char *destination, int64_t pending,
                                       int64_t dead, int64_t oldest_ms),
                            void *ud);
+
+/* rr_journal_queue_replay: queues message_id's raw message again, for
+ * destination (key: the message's MRN, routine lane), in the next batch;
+ * the enqueue callback reports the new row. RR_ENOTFOUND, RR_ENOMEM. */
+int rr_journal_queue_replay(rr_journal_t *j, int64_t message_id, const char *destination);
+
+/* Operator requests left in table queue_ops by `radrelay queue` and
+ * `radrelay replay` for the running engine: cb once per row, oldest first;
+ * the rows read are deleted with the next batch. Returns the number read or
+ * RR_EIO. */
+typedef struct rr_journal_op {
+  const char *op; /* "retry", "retry_dead", "drop", "replay" */
+  const char *destination;
+  int64_t queue_id, message_id;
+} rr_journal_op_t;
+int rr_journal_ops_take(rr_journal_t *j, void (*cb)(void *ud, const rr_journal_op_t *op), void *ud);
 
 /* rr_journal_count: rows in the journal (for tools and tests). */
 int64_t rr_journal_count(rr_journal_t *j);

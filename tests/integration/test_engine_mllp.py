@@ -209,6 +209,13 @@ def make_msg(control_id, mtype="ADT^A01", version="2.5.1", extra=b"", enhanced=F
     return m + extra
 
 
+def free_port():
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
 LOG_KV = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
 
 
@@ -218,6 +225,7 @@ function on_message(msg, ctx)
   if id:find("FILTER") then ctx:filter("not for us") return end
   if id:find("REJECT") then ctx:reject("no orders from this one") return end
   if id:find("ERROR") then error("deliberate failure") end
+  if id:find("NODEST") then ctx:route("nowhere", msg) return end
   ctx:route("out", msg)
 end
 """
@@ -826,6 +834,7 @@ class EngineTest(unittest.TestCase):
             f.write("function on_message(msg, ctx)\n  while true do end\nend\n")
         orders = self.channel("orders")
         orders["script"] = "orders.lua"
+        orders["destinations"] = {"out": {"type": "mllp", "host": HOST, "port": free_port()}}
         spin = self.channel("spin")
         spin["script"] = "spin.lua"
         e = self.engine([orders, spin]).start()
@@ -840,6 +849,9 @@ class EngineTest(unittest.TestCase):
             self.assertIn("no orders from this one", str(nak.segment("ERR")))
             nak = ask("S-ERROR")
             self.assertEqual(msa(nak)[0], "AE")
+            nak = ask("S-NODEST")  # a destination the channel does not declare
+            self.assertEqual(msa(nak)[0], "AE")
+            self.assertIn('no destination', str(nak.segment("ERR")))
             # a runaway script on the other channel, while this one keeps going
             with socket.create_connection((HOST, e.port("spin")), timeout=IO_TIMEOUT) as t:
                 t.sendall(frame(make_msg("SPIN-1")))
@@ -900,6 +912,7 @@ end
 """)
         ch = self.channel("orders", accept=("ADT^A01", "ORM^O01"))
         ch["script"] = "orders.lua"
+        ch["destinations"] = {"orders": {"type": "mllp", "host": HOST, "port": free_port()}}
         e = self.engine([ch]).start()
         with socket.create_connection((HOST, e.port()), timeout=IO_TIMEOUT) as s:
             s.sendall(frame(make_msg("KV-ORM-1", mtype="ORM^O01")))

@@ -1,0 +1,698 @@
+/* Destination queues on the loop: scheduler + transports + journal. */
+#include "queue/dispatch.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "core/error.h"
+#include "core/log.h"
+#include "http/client.h"
+#include "mllp/sender.h"
+#include "tls/tls.h"
+
+#define RESPONSE_KEEP 65536 /* bytes of a peer's answer kept in the history */
+
+typedef struct dest dest_t;
+
+typedef struct attempt {
+  dest_t *d;
+  int64_t id, message_id;
+  rr_buf_t payload;
+  const char *content_type; /* static */
+  unsigned slot;            /* MLLP: the sender used */
+  rr_http_transfer_t *xfer; /* HTTP: while running */
+  struct attempt *next;
+} attempt_t;
+
+struct dest {
+  rr_dispatch_t *owner;
+  rr_destination_config_t cfg;
+  rr_qsched_t *s;
+  uv_timer_t timer;
+  bool timer_open;
+  /* MLLP: one sender per concurrent delivery */
+  rr_mllp_sender_t **senders;
+  bool *busy;
+  unsigned nsenders, open_senders;
+  rr_tls_ctx_t *tls;
+  /* HTTP */
+  rr_http_client_t *http;
+  bool http_open;
+  char *token;
+  attempt_t *inflight;
+  int64_t loaded_upto; /* highest row id held or known delivered */
+  bool backlog;        /* rows beyond the window wait in the store */
+  bool pumping;
+  uint64_t rng;
+  uint64_t delivered, retried, dead;
+  dest_t *next;
+};
+
+struct rr_dispatch {
+  uv_loop_t *loop;
+  rr_journal_t *journal;
+  dest_t *dests, *last;
+  rr_dispatch_inject_fn inject;
+  void *inject_ud;
+  bool stopping;
+  unsigned closing; /* handles and transports not yet closed */
+  void (*stopped)(void *ud);
+  void *stopped_ud;
+};
+
+static int64_t wall_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static uint64_t next_rand(void *ud) {
+  uint64_t *x = ud; /* xorshift64* */
+  *x ^= *x >> 12;
+  *x ^= *x << 25;
+  *x ^= *x >> 27;
+  return *x * 0x2545F4914F6CDD1DULL;
+}
+
+void rr_destination_config_default(rr_destination_config_t *c) {
+  memset(c, 0, sizeof *c);
+  rr_qsched_config_default(&c->sched);
+  c->window = 20000;
+  c->keep_alive = 1;
+  c->connect_timeout_ms = 5000;
+  c->ack_timeout_ms = 10000;
+  c->mllp_release = 1;
+  c->method = RR_HTTP_POST;
+  c->timeout_ms = 30000;
+}
+
+static const char *kind_name(rr_dest_kind_t k) {
+  return k == RR_DEST_MLLP ? "mllp" : k == RR_DEST_HTTP ? "http" : "channel";
+}
+
+static dest_t *find_dest(const rr_dispatch_t *d, const char *name) {
+  for (dest_t *x = d->dests; x; x = x->next)
+    if (strcmp(x->cfg.name, name) == 0)
+      return x;
+  return NULL;
+}
+
+bool rr_dispatch_known(const rr_dispatch_t *d, const char *name) {
+  return find_dest(d, name) != NULL;
+}
+
+/* ---- the window ------------------------------------------------------------ */
+
+static void add_item(dest_t *x, const rr_journal_qitem_t *q) {
+  rr_qsched_item_t it = {.id = q->id,
+                         .key = q->key,
+                         .lane = (uint32_t)(q->lane < 0                  ? 0
+                                            : q->lane >= RR_QSCHED_LANES ? RR_QSCHED_LANES - 1
+                                                                         : q->lane),
+                         .enqueued_ms = q->enqueued_ms,
+                         .attempts = q->attempts,
+                         .not_before_ms = q->not_before_ms,
+                         .dead = q->dead};
+  int rc = rr_qsched_add(x->s, &it);
+  if (rc == 0) {
+    if (q->id > x->loaded_upto)
+      x->loaded_upto = q->id;
+  } else {
+    x->backlog = true; /* no room: it waits in the store */
+  }
+}
+
+static void on_loaded_row(void *ud, const rr_journal_qitem_t *q) {
+  dest_t *x = ud;
+  if (q->id > x->loaded_upto)
+    add_item(x, q);
+}
+
+/* Loads rows after the window's newest, up to the room there is. */
+static void refill(dest_t *x) {
+  size_t room = rr_qsched_room(x->s);
+  size_t want = x->cfg.window > rr_qsched_loaded(x->s) ? x->cfg.window - rr_qsched_loaded(x->s) : 0;
+  if (want > room)
+    want = room;
+  if (want == 0)
+    return;
+  int n =
+      rr_journal_queue_load(x->owner->journal, x->cfg.name, x->loaded_upto, want, on_loaded_row, x);
+  if (n < 0) {
+    rr_log(RR_LOG_ERROR, "queue", "event=load_failed destination=%s", x->cfg.name);
+    return;
+  }
+  x->backlog = (size_t)n == want;
+}
+
+static void pump(dest_t *x);
+
+static void on_enqueued(void *ud, const rr_journal_qitem_t *q) {
+  rr_dispatch_t *d = ud;
+  dest_t *x = find_dest(d, q->destination);
+  if (!x) {
+    rr_log(RR_LOG_WARN, "queue", "event=no_destination destination=%s queue_id=%lld",
+           q->destination, (long long)q->id);
+    return;
+  }
+  if (x->backlog || rr_qsched_loaded(x->s) >= x->cfg.window)
+    x->backlog = true; /* loaded in id order once the window drains */
+  else
+    add_item(x, q);
+  pump(x);
+}
+
+/* ---- delivering ------------------------------------------------------------- */
+
+static void on_timer(uv_timer_t *t) {
+  pump(t->data);
+}
+
+static void rearm(dest_t *x) {
+  if (x->owner->stopping || !x->timer_open)
+    return;
+  int64_t now = wall_ms();
+  int64_t at = rr_qsched_next_wakeup(x->s, now);
+  if (at == RR_QSCHED_NEVER)
+    uv_timer_stop(&x->timer);
+  else
+    uv_timer_start(&x->timer, on_timer, (uint64_t)(at > now ? at - now : 0), 0);
+}
+
+static void unlink_attempt(dest_t *x, attempt_t *a) {
+  for (attempt_t **p = &x->inflight; *p; p = &(*p)->next)
+    if (*p == a) {
+      *p = a->next;
+      return;
+    }
+}
+
+static void free_attempt(attempt_t *a) {
+  rr_buf_close(&a->payload);
+  free(a);
+}
+
+/* The outcome of one attempt: scheduler, history, counters; then more. */
+static void finish(attempt_t *a, rr_qsched_outcome_t outcome, const char *detail,
+                   const void *response, size_t response_len) {
+  dest_t *x = a->d;
+  rr_dispatch_t *d = x->owner;
+  unlink_attempt(x, a);
+  if (x->senders)
+    x->busy[a->slot] = false;
+  if (d->stopping) { /* canceled by the stop: the row stays queued */
+    rr_qsched_return(x->s, a->id);
+    free_attempt(a);
+    return;
+  }
+  int64_t now = wall_ms();
+  rr_qsched_result_t r;
+  if (rr_qsched_done(x->s, a->id, outcome, now, next_rand, &x->rng, &r) != 0) {
+    free_attempt(a);
+    return;
+  }
+  rr_journal_delivery_t rec = {.queue_id = a->id,
+                               .message_id = a->message_id,
+                               .destination = x->cfg.name,
+                               .attempts = r.attempts,
+                               .at_ms = now,
+                               .detail = detail,
+                               .response = response,
+                               .response_len =
+                                   response_len > RESPONSE_KEEP ? RESPONSE_KEEP : response_len};
+  switch (r.action) {
+  case RR_QSCHED_DELIVERED:
+    rec.outcome = RR_JOURNAL_DELIVERED;
+    x->delivered++;
+    break;
+  case RR_QSCHED_RESCHEDULED:
+    rec.outcome = RR_JOURNAL_RETRY;
+    rec.not_before_ms = r.not_before_ms;
+    x->retried++;
+    rr_log(RR_LOG_WARN, "queue",
+           "event=retry destination=%s queue_id=%lld attempts=%u delay_ms=%lld error=\"%s\"",
+           x->cfg.name, (long long)a->id, r.attempts, (long long)r.delay_ms, detail ? detail : "");
+    break;
+  default:
+    rec.outcome = RR_JOURNAL_DEAD;
+    x->dead++;
+    rr_log(RR_LOG_ERROR, "queue",
+           "event=dead_letter destination=%s queue_id=%lld attempts=%u error=\"%s\"", x->cfg.name,
+           (long long)a->id, r.attempts, detail ? detail : "");
+    break;
+  }
+  if (r.breaker_changed)
+    rr_log(r.breaker == RR_QSCHED_CLOSED ? RR_LOG_INFO : RR_LOG_WARN, "queue",
+           "event=breaker destination=%s state=%s", x->cfg.name,
+           r.breaker == RR_QSCHED_CLOSED ? "closed"
+           : r.breaker == RR_QSCHED_OPEN ? "open"
+                                         : "half_open");
+  if (rr_journal_queue_record(d->journal, &rec, NULL, NULL) != 0)
+    rr_log(RR_LOG_ERROR, "queue", "event=record_failed destination=%s queue_id=%lld", x->cfg.name,
+           (long long)a->id);
+  rr_journal_kick(d->journal);
+  free_attempt(a);
+  if (x->backlog && rr_qsched_loaded(x->s) < x->cfg.window / 2)
+    refill(x);
+  pump(x);
+}
+
+static void on_mllp_sent(void *ud, const rr_mllp_send_result_t *r) {
+  attempt_t *a = ud;
+  char detail[200];
+  rr_qsched_outcome_t o;
+  if (r->status == 0 && (strcmp(r->ack_code, "AA") == 0 || strcmp(r->ack_code, "CA") == 0)) {
+    o = RR_QSCHED_OK;
+    detail[0] = '\0';
+  } else if (r->status == 0) {
+    bool permanent = r->ack_code[1] == 'R' || a->d->cfg.ae_is_permanent;
+    o = permanent ? RR_QSCHED_PERMANENT : RR_QSCHED_RETRY;
+    snprintf(detail, sizeof detail, "negative acknowledgement %s", r->ack_code);
+  } else {
+    o = RR_QSCHED_RETRY;
+    snprintf(detail, sizeof detail, "%s", rr_mllp_sender_strerror(r->status));
+  }
+  finish(a, o, detail[0] ? detail : NULL, r->ack, r->ack ? r->ack_len : 0);
+}
+
+static void on_http_done(void *ud, rr_http_transfer_t *t, const rr_http_response_t *r) {
+  (void)t;
+  attempt_t *a = ud;
+  a->xfer = NULL;
+  char detail[300];
+  rr_qsched_outcome_t o;
+  long st = r->http_status;
+  if (r->status != 0) {
+    o = RR_QSCHED_RETRY;
+    snprintf(detail, sizeof detail, "%s", r->message);
+  } else if (st >= 200 && st < 300) {
+    o = RR_QSCHED_OK;
+    detail[0] = '\0';
+  } else {
+    o = st >= 500 || st == 408 || st == 425 || st == 429 ? RR_QSCHED_RETRY : RR_QSCHED_PERMANENT;
+    snprintf(detail, sizeof detail, "HTTP %ld", st);
+  }
+  finish(a, o, detail[0] ? detail : NULL, r->body, r->body_len);
+}
+
+static void on_injected(void *ud, int status, const char *detail) {
+  attempt_t *a = ud;
+  finish(a, status == 0 ? RR_QSCHED_OK : RR_QSCHED_RETRY, status ? detail : NULL, NULL, 0);
+}
+
+/* Starts one delivery of row id. */
+static int start(dest_t *x, int64_t id) {
+  rr_dispatch_t *d = x->owner;
+  attempt_t *a = calloc(1, sizeof *a);
+  if (!a)
+    return RR_ENOMEM;
+  a->d = x;
+  a->id = id;
+  rr_buf_init(&a->payload, (size_t)1 << 30);
+  int rc = rr_journal_queue_payload(d->journal, id, &a->payload, &a->content_type);
+  if (rc) {
+    free_attempt(a);
+    return rc;
+  }
+  a->next = x->inflight;
+  x->inflight = a;
+  switch (x->cfg.kind) {
+  case RR_DEST_MLLP: {
+    unsigned k = 0;
+    while (k < x->nsenders && x->busy[k])
+      k++;
+    if (k == x->nsenders) {
+      rc = RR_EAGAIN;
+      break;
+    }
+    a->slot = k;
+    x->busy[k] = true;
+    /* The sender takes the control id (for the MSA-2 check) from MSH-10. */
+    rc = rr_mllp_sender_send(x->senders[k], a->payload.data, a->payload.len, NULL, on_mllp_sent, a);
+    if (rc)
+      x->busy[k] = false;
+    break;
+  }
+  case RR_DEST_HTTP: {
+    rr_http_request_t req;
+    rr_http_client_request_default(&req);
+    req.method = (rr_http_method_t)x->cfg.method;
+    req.url = x->cfg.url;
+    req.body = a->payload.data;
+    req.body_len = a->payload.len;
+    req.body_borrowed = 1;
+    req.content_type = x->cfg.content_type[0]                 ? x->cfg.content_type
+                       : strcmp(a->content_type, "json") == 0 ? "application/json"
+                                                              : "application/hl7-v2";
+    req.bearer_token = x->token;
+    req.ca_file = x->cfg.tls_ca[0] ? x->cfg.tls_ca : NULL;
+    req.cert_file = x->cfg.tls_cert[0] ? x->cfg.tls_cert : NULL;
+    req.key_file = x->cfg.tls_key[0] ? x->cfg.tls_key : NULL;
+    req.connect_timeout_ms = x->cfg.connect_timeout_ms;
+    req.timeout_ms = x->cfg.timeout_ms;
+    rc = rr_http_client_submit(x->http, &req, on_http_done, a, &a->xfer);
+    break;
+  }
+  case RR_DEST_CHANNEL:
+    rc = d->inject ? d->inject(d->inject_ud, x->cfg.channel, a->payload.data, a->payload.len,
+                               on_injected, a)
+                   : RR_EINVAL;
+    break;
+  }
+  if (rc == RR_EAGAIN) { /* no free connection: not an attempt */
+    unlink_attempt(x, a);
+    free_attempt(a);
+    return rc;
+  }
+  if (rc) {
+    /* Refused before it left (a payload that cannot be framed or parsed,
+     * a limit): an attempt that failed, so back-off and dead letters
+     * apply; one the destination could never take is dead at once. */
+    char detail[160];
+    snprintf(detail, sizeof detail, "not sent: %s", rr_strerror(rc));
+    bool permanent = rc == RR_EINVAL || rc == RR_EPARSE;
+    finish(a, permanent ? RR_QSCHED_PERMANENT : RR_QSCHED_RETRY, detail, NULL, 0);
+  }
+  return 0;
+}
+
+static void pump(dest_t *x) {
+  rr_dispatch_t *d = x->owner;
+  if (d->stopping || x->pumping)
+    return;
+  x->pumping = true;
+  bool blocked = false; /* startable work waits for a transport: a finish pumps again */
+  int64_t id;
+  while (rr_qsched_next(x->s, wall_ms(), &id) == 0) {
+    int rc = start(x, id);
+    if (rc == RR_ENOTFOUND) { /* no longer in the store */
+      rr_qsched_return(x->s, id);
+      rr_qsched_drop(x->s, id);
+      continue;
+    }
+    if (rc) {
+      rr_qsched_return(x->s, id);
+      blocked = true;
+      if (rc != RR_EAGAIN)
+        rr_log(RR_LOG_ERROR, "queue", "event=start_failed destination=%s queue_id=%lld error=%s",
+               x->cfg.name, (long long)id, rr_strerror(rc));
+      break;
+    }
+  }
+  x->pumping = false;
+  if (!blocked)
+    rearm(x);
+}
+
+/* ---- setup and teardown --------------------------------------------------------- */
+
+int rr_dispatch_new(uv_loop_t *loop, rr_journal_t *journal, rr_dispatch_t **out) {
+  rr_dispatch_t *d = calloc(1, sizeof *d);
+  if (!d)
+    return RR_ENOMEM;
+  d->loop = loop;
+  d->journal = journal;
+  rr_journal_set_enqueue_cb(journal, on_enqueued, d);
+  *out = d;
+  return 0;
+}
+
+void rr_dispatch_set_inject(rr_dispatch_t *d, rr_dispatch_inject_fn fn, void *ud) {
+  d->inject = fn;
+  d->inject_ud = ud;
+}
+
+static int open_transport(dest_t *x, rr_buf_t *err) {
+  rr_dispatch_t *d = x->owner;
+  const rr_destination_config_t *c = &x->cfg;
+  if (c->kind == RR_DEST_MLLP) {
+    if (c->tls) {
+      rr_tls_config_t tc = {.role = RR_TLS_CLIENT,
+                            .cert_file = c->tls_cert[0] ? c->tls_cert : NULL,
+                            .key_file = c->tls_key[0] ? c->tls_key : NULL,
+                            .ca_file = c->tls_ca[0] ? c->tls_ca : NULL,
+                            .server_name = c->tls_server_name[0] ? c->tls_server_name : c->host};
+      int rc = rr_tls_ctx_new(&tc, &x->tls, err);
+      if (rc)
+        return rc;
+    }
+    x->nsenders = c->sched.concurrency ? c->sched.concurrency : 1;
+    x->senders = calloc(x->nsenders, sizeof *x->senders);
+    x->busy = calloc(x->nsenders, sizeof *x->busy);
+    if (!x->senders || !x->busy)
+      return RR_ENOMEM;
+    for (unsigned i = 0; i < x->nsenders; i++) {
+      rr_mllp_sender_config_t sc;
+      rr_mllp_sender_config_default(&sc);
+      sc.name = c->name;
+      sc.host = c->host;
+      sc.port = c->port;
+      sc.keep_alive = c->keep_alive;
+      sc.connect_timeout_ms = c->connect_timeout_ms;
+      sc.ack_timeout_ms = c->ack_timeout_ms;
+      sc.mllp_release = c->mllp_release;
+      sc.max_queue = 1;
+      if (x->tls) {
+        sc.transport_new = rr_mllp_transport_tls_new;
+        sc.transport_arg = x->tls;
+      }
+      int rc = rr_mllp_sender_new(d->loop, &sc, &x->senders[i]);
+      if (rc) {
+        rr_buf_printf(err, "destination %s: %s", c->name, rr_strerror(rc));
+        return rc;
+      }
+      x->open_senders++;
+    }
+  } else if (c->kind == RR_DEST_HTTP) {
+    if (c->token_file[0]) {
+      int rc = rr_http_client_read_token(c->token_file, &x->token, err);
+      if (rc)
+        return rc;
+    }
+    rr_http_client_config_t hc;
+    rr_http_client_config_default(&hc);
+    hc.name = c->name;
+    hc.max_concurrent = c->sched.concurrency ? c->sched.concurrency : 1;
+    int rc = rr_http_client_new(d->loop, &hc, &x->http);
+    if (rc) {
+      rr_buf_printf(err, "destination %s: %s", c->name, rr_strerror(rc));
+      return rc;
+    }
+    x->http_open = true;
+  }
+  return 0;
+}
+
+static void close_transports(dest_t *x);
+
+int rr_dispatch_add(rr_dispatch_t *d, const rr_destination_config_t *cfg, rr_buf_t *err) {
+  if (find_dest(d, cfg->name)) {
+    rr_buf_printf(err, "destination %s is defined twice", cfg->name);
+    return RR_EINVAL;
+  }
+  dest_t *x = calloc(1, sizeof *x);
+  if (!x)
+    return RR_ENOMEM;
+  x->owner = d;
+  x->cfg = *cfg;
+  if (x->cfg.window == 0)
+    x->cfg.window = 20000;
+  x->cfg.sched.max_items = x->cfg.window;
+  x->rng = (uint64_t)wall_ms() * 0x9E3779B97F4A7C15ULL ^ (uintptr_t)x;
+  if (!x->rng)
+    x->rng = 1;
+  int rc = rr_qsched_new(&x->cfg.sched, &x->s);
+  if (rc) {
+    rr_buf_printf(err, "destination %s: queue settings: %s", cfg->name, rr_strerror(rc));
+    free(x);
+    return rc;
+  }
+  uv_timer_init(d->loop, &x->timer);
+  x->timer.data = x;
+  x->timer_open = true;
+  /* Linked first, so that a failure below closes through the same path. */
+  if (d->last)
+    d->last->next = x;
+  else
+    d->dests = x;
+  d->last = x;
+  if ((rc = open_transport(x, err)) != 0) {
+    if (!err->len)
+      rr_buf_printf(err, "destination %s: %s", cfg->name, rr_strerror(rc));
+    return rc;
+  }
+  refill(x);
+  rr_qsched_stats_t st;
+  rr_qsched_stats(x->s, &st);
+  rr_log(RR_LOG_INFO, "queue",
+         "event=destination_ready destination=%s kind=%s pending=%zu dead=%zu backlog=%s",
+         x->cfg.name, kind_name(x->cfg.kind), st.total.pending, st.total.dead,
+         x->backlog ? "yes" : "no");
+  pump(x);
+  return 0;
+}
+
+int rr_dispatch_retry(rr_dispatch_t *d, const char *name, int64_t id) {
+  dest_t *x = find_dest(d, name);
+  if (!x)
+    return RR_ENOTFOUND;
+  rr_journal_delivery_t rec = {.destination = x->cfg.name,
+                               .outcome = RR_JOURNAL_REQUEUED,
+                               .at_ms = wall_ms(),
+                               .detail = "retried by an operator"};
+  int rc = 0;
+  if (id) {
+    if ((rc = rr_qsched_retry(x->s, id)) != 0)
+      return rc;
+    rec.queue_id = id;
+    rr_journal_queue_record(d->journal, &rec, NULL, NULL);
+  } else {
+    /* queue_id 0: every dead row of the destination, in the store too. */
+    rr_qsched_retry_all_dead(x->s);
+    rr_journal_queue_record(d->journal, &rec, NULL, NULL);
+  }
+  rr_journal_kick(d->journal);
+  pump(x);
+  return 0;
+}
+
+int rr_dispatch_drop(rr_dispatch_t *d, const char *name, int64_t id) {
+  dest_t *x = find_dest(d, name);
+  if (!x)
+    return RR_ENOTFOUND;
+  int rc = rr_qsched_drop(x->s, id);
+  if (rc)
+    return rc;
+  rr_journal_delivery_t rec = {.queue_id = id,
+                               .destination = x->cfg.name,
+                               .outcome = RR_JOURNAL_DROPPED,
+                               .at_ms = wall_ms(),
+                               .detail = "dropped by an operator"};
+  rr_journal_queue_record(d->journal, &rec, NULL, NULL);
+  rr_journal_kick(d->journal);
+  pump(x);
+  return 0;
+}
+
+static void on_op(void *ud, const rr_journal_op_t *op) {
+  rr_dispatch_t *d = ud;
+  int rc;
+  if (strcmp(op->op, "retry") == 0)
+    rc = rr_dispatch_retry(d, op->destination, op->queue_id);
+  else if (strcmp(op->op, "retry_dead") == 0)
+    rc = rr_dispatch_retry(d, op->destination, 0);
+  else if (strcmp(op->op, "drop") == 0)
+    rc = rr_dispatch_drop(d, op->destination, op->queue_id);
+  else if (strcmp(op->op, "replay") == 0)
+    rc = find_dest(d, op->destination)
+             ? rr_journal_queue_replay(d->journal, op->message_id, op->destination)
+             : RR_ENOTFOUND;
+  else
+    rc = RR_EINVAL;
+  rr_log(rc ? RR_LOG_WARN : RR_LOG_INFO, "queue",
+         "event=operator_request op=%s destination=%s queue_id=%lld message_id=%lld result=%s",
+         op->op, op->destination, (long long)op->queue_id, (long long)op->message_id,
+         rc ? rr_strerror(rc) : "ok");
+}
+
+int rr_dispatch_apply_ops(rr_dispatch_t *d) {
+  int n = rr_journal_ops_take(d->journal, on_op, d);
+  rr_journal_kick(d->journal);
+  return n;
+}
+
+void rr_dispatch_stats(const rr_dispatch_t *d,
+                       void (*cb)(void *ud, const rr_dispatch_dest_stats_t *s), void *ud) {
+  for (dest_t *x = d->dests; x; x = x->next) {
+    rr_qsched_stats_t st;
+    rr_qsched_breaker_t br;
+    rr_qsched_stats(x->s, &st);
+    rr_qsched_breaker(x->s, wall_ms(), &br);
+    rr_dispatch_dest_stats_t s = {.name = x->cfg.name,
+                                  .kind = x->cfg.kind,
+                                  .window = st.total,
+                                  .backlog = x->backlog,
+                                  .delivered = x->delivered,
+                                  .retried = x->retried,
+                                  .dead = x->dead,
+                                  .breaker = br.state};
+    cb(ud, &s);
+  }
+}
+
+static void one_closed(rr_dispatch_t *d) {
+  if (d->closing && --d->closing == 0 && d->stopped) {
+    void (*cb)(void *) = d->stopped;
+    d->stopped = NULL;
+    cb(d->stopped_ud);
+  }
+}
+
+static void on_timer_closed(uv_handle_t *h) {
+  dest_t *x = h->data;
+  one_closed(x->owner);
+}
+
+static void on_sender_closed(void *ud) {
+  dest_t *x = ud;
+  x->open_senders--;
+  one_closed(x->owner);
+}
+
+static void on_http_closed(void *ud) {
+  dest_t *x = ud;
+  x->http_open = false;
+  one_closed(x->owner);
+}
+
+static void close_transports(dest_t *x) {
+  rr_dispatch_t *d = x->owner;
+  if (x->timer_open) {
+    x->timer_open = false;
+    d->closing++;
+    uv_close((uv_handle_t *)&x->timer, on_timer_closed);
+  }
+  for (unsigned i = 0; i < x->nsenders; i++)
+    if (x->senders[i]) {
+      d->closing++;
+      rr_mllp_sender_close(x->senders[i], on_sender_closed, x);
+      x->senders[i] = NULL;
+    }
+  if (x->http && x->http_open) {
+    d->closing++;
+    rr_http_client_close(x->http, on_http_closed, x);
+  }
+}
+
+void rr_dispatch_stop(rr_dispatch_t *d, void (*done)(void *ud), void *ud) {
+  d->stopping = true;
+  d->stopped = done;
+  d->stopped_ud = ud;
+  d->closing++; /* held until every close below has been started */
+  for (dest_t *x = d->dests; x; x = x->next)
+    close_transports(x);
+  one_closed(d);
+}
+
+void rr_dispatch_free(rr_dispatch_t *d) {
+  if (!d)
+    return;
+  rr_journal_set_enqueue_cb(d->journal, NULL, NULL);
+  for (dest_t *x = d->dests, *n; x; x = n) {
+    n = x->next;
+    for (attempt_t *a = x->inflight, *an; a; a = an) {
+      an = a->next;
+      free_attempt(a);
+    }
+    rr_qsched_free(x->s);
+    free(x->senders);
+    free(x->busy);
+    rr_tls_ctx_free(x->tls);
+    if (x->token)
+      rr_http_client_token_free(x->token);
+    free(x);
+  }
+  free(d);
+}
