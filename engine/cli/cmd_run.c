@@ -6,6 +6,7 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "cli/cli.h"
@@ -17,6 +18,10 @@ typedef struct run_state {
   rr_engine_t *engine;
   rr_dispatch_t *dispatch;
   uv_signal_t sigint, sigterm, sighup, sigusr2;
+  uv_timer_t prune; /* retention: removes old messages in slices */
+  rr_journal_t *journal;
+  unsigned retention_days;
+  uint64_t pruned;
   int stopping;
 } run_state_t;
 
@@ -27,6 +32,44 @@ static void on_sighup(uv_signal_t *h, int signum) {
   rr_log(RR_LOG_INFO, "engine", "event=reload signal=HUP");
   rr_engine_reload_tls(s->engine);
   rr_engine_reload_scripts(s->engine);
+}
+
+#define PRUNE_SLICE 5000            /* messages per transaction */
+#define PRUNE_EVERY_MS (600 * 1000) /* between rounds */
+
+static void on_prune_timer(uv_timer_t *t);
+
+static void on_pruned(void *ud, int status, int64_t removed) {
+  run_state_t *s = ud;
+  if (s->stopping)
+    return;
+  if (status) {
+    rr_log(RR_LOG_ERROR, "journal", "event=prune_failed error=\"%s\"", rr_strerror(status));
+    uv_timer_start(&s->prune, on_prune_timer, PRUNE_EVERY_MS, 0);
+    return;
+  }
+  s->pruned += (uint64_t)removed;
+  if (removed >= PRUNE_SLICE) { /* more to do: the next slice after a breath */
+    uv_timer_start(&s->prune, on_prune_timer, 50, 0);
+    return;
+  }
+  if (s->pruned)
+    rr_log(RR_LOG_INFO, "journal", "event=pruned messages=%llu retention_days=%u",
+           (unsigned long long)s->pruned, s->retention_days);
+  s->pruned = 0;
+  uv_timer_start(&s->prune, on_prune_timer, PRUNE_EVERY_MS, 0);
+}
+
+static void on_prune_timer(uv_timer_t *t) {
+  run_state_t *s = t->data;
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  int64_t now = (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+  int64_t cutoff = now - (int64_t)s->retention_days * 86400000;
+  if (rr_journal_prune(s->journal, cutoff, PRUNE_SLICE, on_pruned, s) == 0)
+    rr_journal_kick(s->journal);
+  else
+    uv_timer_start(&s->prune, on_prune_timer, PRUNE_EVERY_MS, 0);
 }
 
 /* SIGUSR2: `radrelay queue` / `radrelay replay` left requests in the store. */
@@ -50,6 +93,8 @@ static void on_signal(uv_signal_t *h, int signum) {
   uv_close((uv_handle_t *)&s->sigterm, NULL);
   uv_close((uv_handle_t *)&s->sighup, NULL);
   uv_close((uv_handle_t *)&s->sigusr2, NULL);
+  if (s->retention_days)
+    uv_close((uv_handle_t *)&s->prune, NULL);
 }
 
 /* mkdir -p of the folder holding path. */
@@ -267,6 +312,14 @@ int rr_cmd_run(int argc, char **argv) {
   uv_signal_start(&s.sigusr2, on_sigusr2, SIGUSR2);
   uv_unref((uv_handle_t *)&s.sigusr2);
   rr_dispatch_apply_ops(s.dispatch); /* left while no engine ran */
+  s.journal = journal;
+  s.retention_days = cfg.retention_days;
+  if (s.retention_days) {
+    uv_timer_init(&loop, &s.prune);
+    s.prune.data = &s;
+    uv_timer_start(&s.prune, on_prune_timer, 1000, 0);
+    uv_unref((uv_handle_t *)&s.prune);
+  }
   char pidfile[4200];
   pid_path(&cfg, pidfile, sizeof pidfile);
   FILE *pf = fopen(pidfile, "w");

@@ -521,12 +521,16 @@ int rr_config_load(const char *path, rr_config_t *cfg, rr_buf_t *err) {
   if (!json_is_object(st)) {
     problem(&c, "$.store", st ? "must be an object" : "required");
   } else {
-    static const char *const keys[] = {"path", "synchronous", "group_commit_wait_us", NULL};
+    static const char *const keys[] = {"path", "synchronous", "group_commit_wait_us",
+                                       "retention_days", NULL};
     unknown_keys(&c, st, "$.store", keys);
     get_string(&c, st, "path", "$.store", store, sizeof store, NULL);
     uint64_t gw = 0;
     if (get_uint(&c, st, "group_commit_wait_us", "$.store", 0, 100000, &gw) == 0)
       cfg->group_commit_wait_us = (unsigned)gw;
+    uint64_t rd = 0;
+    if (get_uint(&c, st, "retention_days", "$.store", 0, 36500, &rd) == 0)
+      cfg->retention_days = (unsigned)rd;
     if (get_string(&c, st, "synchronous", "$.store", sync, sizeof sync, "full") == 0) {
       if (strcmp(sync, "full") == 0)
         cfg->sync = RR_JOURNAL_SYNC_FULL;

@@ -10,6 +10,7 @@ typedef struct rr_config {
   char store_path[4096];
   rr_journal_sync_t sync;
   unsigned group_commit_wait_us;
+  unsigned retention_days; /* 0 = keep everything */
   int log_level;
   rr_channel_config_t *channels; /* owned, nchannels entries */
   size_t nchannels;

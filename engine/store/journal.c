@@ -20,7 +20,9 @@ typedef struct pending {
   bool delivery;  /* an attempt's outcome: in d, strings in blob */
   bool replay;    /* a message queued again: routes[0], message replay_of */
   int64_t replay_of;
-  int64_t ops_upto; /* > 0: delete queue_ops rows up to this id */
+  int64_t ops_upto;     /* > 0: delete queue_ops rows up to this id */
+  int64_t prune_before; /* > 0: remove messages received before (prune_limit at most) */
+  unsigned prune_limit;
   rr_journal_delivery_t d;
   rr_journal_done_cb cb;
   void *ud;
@@ -270,8 +272,10 @@ int rr_journal_open(uv_loop_t *loop, const char *path, rr_journal_sync_t sync, r
   }
   static const char *const syncs[] = {"PRAGMA synchronous=FULL", "PRAGMA synchronous=NORMAL",
                                       "PRAGMA synchronous=OFF"};
-  const char *setup[] = {"PRAGMA busy_timeout=5000", "PRAGMA journal_mode=WAL", syncs[sync],
-                         schema};
+  /* auto_vacuum takes effect in a new file only (before its first table):
+   * pruned pages then go back to the file system. */
+  const char *setup[] = {"PRAGMA busy_timeout=5000", "PRAGMA auto_vacuum=INCREMENTAL",
+                         "PRAGMA journal_mode=WAL", syncs[sync], schema};
   for (size_t i = 0; i < sizeof setup / sizeof setup[0]; i++) {
     if (sqlite3_exec(j->wdb, setup[i], NULL, NULL, NULL) != SQLITE_OK) {
       rc = fail(j->wdb, setup[i], errmsg);
@@ -686,6 +690,31 @@ static int replay_write(rr_journal_t *j, pending_t *p) {
   return 0;
 }
 
+static int prune_write(rr_journal_t *j, pending_t *p) {
+  static const char *const sql[] = {
+      "DELETE FROM deliveries WHERE message_id IN (SELECT id FROM messages"
+      " WHERE received_ms < ?1 AND status <> 'error'"
+      " AND id NOT IN (SELECT message_id FROM queue) ORDER BY id LIMIT ?2)",
+      "DELETE FROM messages WHERE id IN (SELECT id FROM messages"
+      " WHERE received_ms < ?1 AND status <> 'error'"
+      " AND id NOT IN (SELECT message_id FROM queue) ORDER BY id LIMIT ?2)"};
+  for (int i = 0; i < 2; i++) {
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(j->wdb, sql[i], -1, &st, NULL) != SQLITE_OK)
+      return RR_EIO;
+    sqlite3_bind_int64(st, 1, p->prune_before);
+    sqlite3_bind_int64(st, 2, p->prune_limit);
+    int rc = sqlite3_step(st);
+    sqlite3_finalize(st);
+    if (rc != SQLITE_DONE)
+      return RR_EIO;
+  }
+  p->id = sqlite3_changes(j->wdb);
+  if (p->id > 0 && sqlite3_exec(j->wdb, "PRAGMA incremental_vacuum", NULL, NULL, NULL) != SQLITE_OK)
+    return RR_EIO;
+  return 0;
+}
+
 static int ops_delete(rr_journal_t *j, pending_t *p) {
   sqlite3_bind_int64(j->ops_delete, 1, p->ops_upto);
   return step_once(j->ops_delete);
@@ -704,6 +733,8 @@ static void commit_work(uv_work_t *w) {
       rc = replay_write(j, &b->v[i]);
     else if (b->v[i].ops_upto)
       rc = ops_delete(j, &b->v[i]);
+    else if (b->v[i].prune_before)
+      rc = prune_write(j, &b->v[i]);
     else if (b->v[i].delivery)
       rc = delivery_write(j, &b->v[i]);
     else if (!b->v[i].barrier)
@@ -761,8 +792,8 @@ static void finish_flight(rr_journal_t *j) {
   batch_t b = j->flight;
   size_t entries = 0;
   for (size_t i = 0; i < b.n; i++)
-    entries +=
-        !b.v[i].barrier && !b.v[i].kv && !b.v[i].delivery && !b.v[i].replay && !b.v[i].ops_upto;
+    entries += !b.v[i].barrier && !b.v[i].kv && !b.v[i].delivery && !b.v[i].replay &&
+               !b.v[i].ops_upto && !b.v[i].prune_before;
   j->last_batch = entries;
   if (entries)
     learn_sources(j, &b);
@@ -868,8 +899,8 @@ static bool find_in(const batch_t *b, const char *app, const char *fac, const ch
   for (size_t i = 0; i < b->n; i++) {
     const rr_journal_entry_t *e = &b->v[i].e;
     if (b->v[i].barrier || b->v[i].kv || b->v[i].delivery || b->v[i].replay || b->v[i].ops_upto ||
-        !e->control_id || strcmp(e->control_id, ctl) != 0 || !same_str(e->sending_app, app) ||
-        !same_str(e->sending_facility, fac))
+        b->v[i].prune_before || !e->control_id || strcmp(e->control_id, ctl) != 0 ||
+        !same_str(e->sending_app, app) || !same_str(e->sending_facility, fac))
       continue;
     out->found = true;
     out->committed = false;
@@ -1122,4 +1153,17 @@ int rr_journal_ops_take(rr_journal_t *j, void (*cb)(void *ud, const rr_journal_o
     j->queue.n++;
   }
   return n;
+}
+
+int rr_journal_prune(rr_journal_t *j, int64_t cutoff_ms, unsigned limit, rr_journal_done_cb cb,
+                     void *ud) {
+  pending_t *p = slot(&j->queue);
+  if (!p)
+    return RR_ENOMEM;
+  p->prune_before = cutoff_ms > 0 ? cutoff_ms : 1;
+  p->prune_limit = limit ? limit : 1;
+  p->cb = cb;
+  p->ud = ud;
+  j->queue.n++;
+  return 0;
 }

@@ -205,6 +205,14 @@ typedef struct rr_journal_op {
 } rr_journal_op_t;
 int rr_journal_ops_take(rr_journal_t *j, void (*cb)(void *ud, const rr_journal_op_t *op), void *ud);
 
+/* rr_journal_prune: queues the removal of up to limit messages received
+ * before cutoff_ms, with their delivery history, except messages with
+ * status "error" and messages with a queued delivery; the freed pages go
+ * back to the file system (incremental vacuum). cb (may be NULL) after the
+ * commit with the number removed as id (status 0). RR_ENOMEM. */
+int rr_journal_prune(rr_journal_t *j, int64_t cutoff_ms, unsigned limit, rr_journal_done_cb cb,
+                     void *ud);
+
 /* rr_journal_count: rows in the journal (for tools and tests). */
 int64_t rr_journal_count(rr_journal_t *j);
 
