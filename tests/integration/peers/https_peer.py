@@ -20,6 +20,14 @@ runs until its stdin closes. HTTP/1.1 with keep-alive. Paths (any method):
                    connections and max_connections (TLS connections at
                    once), counted since the last /stats/reset
     /stats/reset   zeroes the counters
+    /flaky/N/WHAT  the first N requests to this exact path get WHAT, later
+                   ones are answered like /echo. WHAT: an HTTP status
+                   (e.g. /flaky/2/503), delay-MS (200 after MS
+                   milliseconds, for client timeouts) or close
+    /requests      JSON list of the requests received (all paths but
+                   /stats and /requests; the last 10,000): method, path,
+                   content_type, authorization, body (its first 64 KiB,
+                   as latin-1 text)
 """
 import argparse
 import json
@@ -33,6 +41,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 lock = threading.Lock()
 stats = {"requests": 0, "active": 0, "max_active": 0, "connections": 0,
          "max_connections": 0, "open": 0}
+flaky_seen = {}  # /flaky/... path -> requests so far
+received = []    # what /requests lists
+RECEIVED_KEEP = 10000
+RECEIVED_BODY = 65536  # bytes of each body kept
 
 
 def bump(key, peak, delta):
@@ -92,11 +104,37 @@ class Handler(BaseHTTPRequestHandler):
                     stats[k] = 0
                 stats["max_connections"] = stats["open"]
             return self.reply(200, b"reset")
+        if path == "/requests":
+            with lock:
+                out = json.dumps(received).encode()
+            return self.reply(200, out, content_type="application/json")
         with lock:
             stats["requests"] += 1
+            received.append({"method": self.command, "path": path,
+                              "content_type": self.headers.get("Content-Type", ""),
+                              "authorization": self.headers.get("Authorization", ""),
+                              "body": body[:RECEIVED_BODY].decode("latin-1")})
+            del received[:-RECEIVED_KEEP]
         self.route(path, body)
 
     def route(self, path, body):
+        if path.startswith("/flaky/"):
+            parts = path.split("/", 3)
+            with lock:
+                n = flaky_seen.get(path, 0)
+                flaky_seen[path] = n + 1
+            if len(parts) == 4 and parts[2].isdigit() and n < int(parts[2]):
+                what = parts[3]
+                if what.startswith("delay-"):
+                    time.sleep(int(what[len("delay-"):]) / 1000.0)
+                    return self.reply(200, b"late")
+                if what == "close":
+                    path = "/close"
+                else:
+                    code = int(what)
+                    return self.reply(code, b"status %d" % code)
+            else:
+                path = "/echo"
         if path == "/echo":
             seen = [("X-Seen-Authorization", self.headers.get("Authorization", "")),
                     ("X-Seen-Content-Type", self.headers.get("Content-Type", "")),
