@@ -77,7 +77,7 @@ struct rr_journal {
 
 static const char schema[] =
     "CREATE TABLE IF NOT EXISTS messages("
-    " id INTEGER PRIMARY KEY,"
+    " id INTEGER PRIMARY KEY AUTOINCREMENT," /* never reused, also after pruning */
     " channel TEXT NOT NULL,"
     " peer TEXT,"
     " received_ms INTEGER NOT NULL,"
@@ -97,7 +97,7 @@ static const char schema[] =
     "CREATE TABLE IF NOT EXISTS kv(key TEXT PRIMARY KEY, value BLOB NOT NULL,"
     " updated_ms INTEGER NOT NULL) WITHOUT ROWID;"
     "CREATE TABLE IF NOT EXISTS queue("
-    " id INTEGER PRIMARY KEY,"
+    " id INTEGER PRIMARY KEY AUTOINCREMENT," /* never reused: rows go once delivered */
     " message_id INTEGER NOT NULL,"
     " destination TEXT NOT NULL,"
     " key TEXT NOT NULL,"
