@@ -454,6 +454,11 @@ static int open_transport(dest_t *x, rr_buf_t *err) {
       sc.ack_timeout_ms = c->ack_timeout_ms;
       sc.mllp_release = c->mllp_release;
       sc.max_queue = 1;
+      /* Pacing after failures is the queue's (back-off per delivery, the
+       * circuit breaker): a sender that waited on its own would hold the
+       * delivery handed to it long after its peer came back. */
+      sc.backoff_base_ms = 0;
+      sc.backoff_cap_ms = 0;
       if (x->tls) {
         sc.transport_new = rr_mllp_transport_tls_new;
         sc.transport_arg = x->tls;
