@@ -63,6 +63,13 @@ int rr_engine_reload_scripts(rr_engine_t *e);
  * the number of channels that failed. */
 int rr_engine_reload_tls(rr_engine_t *e);
 
+/* rr_engine_replay (an rr_dispatch_replay_fn, ud: the engine): runs the
+ * journaled message's channel script again and queues what it routes to
+ * destination (a queue name), as new deliveries of that message. Returns
+ * how many were queued (0: the script routes nothing there now), or
+ * RR_ENOTFOUND / a negative code. */
+int rr_engine_replay(void *ud, int64_t message_id, const char *destination);
+
 /* rr_channel_accepts: whether type ("ADT^A01") matches the accept list;
  * an entry "ADT^*" or "ADT" matches every ADT event. Pure. */
 bool rr_channel_accepts(char *const *accept, const char *type, const char *event);

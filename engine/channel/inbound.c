@@ -452,6 +452,58 @@ static void on_frame(void *ud, rr_mllp_conn_t *c, const char *data, size_t len, 
          ch->cfg.name, (unsigned long long)rr_mllp_conn_id(c), ctl, fulltype);
 }
 
+int rr_engine_replay(void *ud, int64_t message_id, const char *destination) {
+  rr_engine_t *e = ud;
+  char chname[64] = "", ctl[128] = "", mrn[128] = "";
+  rr_buf_t raw;
+  rr_buf_init(&raw, (size_t)1 << 30);
+  rr_script_result_t sr;
+  memset(&sr, 0, sizeof sr);
+  rr_journal_route_t *routes = NULL;
+  size_t n = 0, keep = 0;
+  int rc = rr_journal_message(e->journal, message_id, chname, sizeof chname, &raw);
+  rr_channel_t *ch = NULL;
+  for (ch = e->channels; rc == 0 && ch && strcmp(ch->cfg.name, chname) != 0; ch = ch->next)
+    ;
+  if (rc == 0 && !ch)
+    rc = RR_ENOTFOUND;
+  if (rc)
+    goto out;
+  rr_hl7_options_t opt = ch->cfg.hl7;
+  opt.borrow = true;
+  rr_hl7_error_t err;
+  if (!ch->script || rr_hl7_parse(ch->msg, raw.data, raw.len, &opt, &err) != 0)
+    goto out; /* nothing a script could route */
+  value(ch->msg, "MSH-10", ctl, sizeof ctl);
+  find_mrn(ch->msg, mrn, sizeof mrn);
+  rr_script_input_t in = {raw.data, raw.len, "replay", ctl};
+  if ((rc = rr_script_run(ch->script, &in, &sr)) != 0)
+    goto out;
+  if (sr.verdict != RR_SCRIPT_PASS || sr.nroutes == 0)
+    goto out;
+  if ((rc = build_routes(ch, ch->msg, mrn, &sr, &routes, &n)) != 0)
+    goto out;
+  for (size_t i = 0; i < n; i++)
+    if (strcmp(routes[i].destination, destination) == 0)
+      routes[keep++] = routes[i];
+  if (keep && (rc = rr_journal_queue_routes(e->journal, message_id, wall_ms(), routes, keep)) == 0)
+    rr_journal_kick(e->journal);
+out:
+  rr_log(rc ? RR_LOG_WARN : RR_LOG_INFO, "channel",
+         "event=replay channel=%s message_id=%lld destination=%s queued=%zu verdict=%s%s%s", chname,
+         (long long)message_id, destination, rc ? 0 : keep,
+         rc                                 ? "-"
+         : sr.verdict == RR_SCRIPT_PASS     ? "pass"
+         : sr.verdict == RR_SCRIPT_FILTERED ? "filtered"
+         : sr.verdict == RR_SCRIPT_REJECTED ? "rejected"
+                                            : "error",
+         rc ? " error=" : "", rc ? rr_strerror(rc) : "");
+  free(routes);
+  rr_script_result_close(&sr);
+  rr_buf_close(&raw);
+  return rc ? rc : (int)keep;
+}
+
 /* Group commit: everything the loop read in this iteration, in one
  * transaction, then the ACKs (Redis's before-sleep write barrier). */
 static void on_check(uv_check_t *h) {

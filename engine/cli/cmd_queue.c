@@ -4,8 +4,11 @@
  * Reading commands read the store directly (SQLite allows it beside the
  * running engine). Changing commands go through the running engine when
  * there is one (a row in queue_ops and SIGUSR2: the engine's scheduler
- * applies it and records it), else they change the store directly, for the
- * next start. */
+ * applies it and records it), else retry and drop change the store
+ * directly, for the next start. A replay runs the message through its
+ * channel's script again and queues what the script routes to the chosen
+ * destination: only the engine does that, so without a running engine the
+ * request waits in queue_ops for its next start. */
 #include <errno.h>
 #include <signal.h>
 #include <sqlite3.h>
@@ -241,7 +244,9 @@ static int exec1(sqlite3 *db, const char *sql, const char *dest, int64_t a, int6
 static int apply(qcli_t *q, const char *op, const char *dest, int64_t queue_id,
                  int64_t message_id) {
   int64_t t = now_ms();
-  if (q->pid) {
+  /* A replay runs the channel's script, which only the engine has: it is
+   * always left for the engine (now, or when it next starts). */
+  if (q->pid || strcmp(op, "replay") == 0) {
     sqlite3_stmt *st;
     if (sqlite3_prepare_v2(q->db,
                            "INSERT INTO queue_ops(op, destination, queue_id, message_id, at_ms)"
@@ -281,13 +286,7 @@ static int apply(qcli_t *q, const char *op, const char *dest, int64_t queue_id,
             dest, queue_id, t);
     return n;
   }
-  /* replay */
-  return exec1(q->db,
-               "INSERT INTO queue(message_id, destination, key, lane, state, attempts,"
-               " not_before_ms, enqueued_ms, content_type, payload)"
-               " SELECT id, ?1, coalesce(mrn, ''), 0, 'pending', 0, 0, ?3, 'hl7', raw"
-               " FROM messages WHERE id = ?2",
-               dest, message_id, t);
+  return -1;
 }
 
 static int signal_engine(qcli_t *q) {
@@ -458,7 +457,7 @@ int rr_cmd_replay(int argc, char **argv) {
       if (!rc)
         printf("%zu message(s) handed to the running engine (pid %ld) for %s\n", done, q.pid, to);
     } else {
-      printf("%zu message(s) queued again for %s (delivered when the engine runs)\n", done, to);
+      printf("%zu message(s) left for the engine: replayed to %s when it next starts\n", done, to);
     }
   } else {
     printf("no message matches\n");

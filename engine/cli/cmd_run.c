@@ -263,6 +263,7 @@ int rr_cmd_run(int argc, char **argv) {
   if ((rc = rr_engine_new(&loop, journal, &s.engine)) ||
       (rc = rr_dispatch_new(&loop, journal, &s.dispatch)))
     goto out;
+  rr_dispatch_set_replay(s.dispatch, rr_engine_replay, s.engine);
   /* Destinations first: their queues may hold what earlier runs accepted. */
   for (size_t i = 0; i < cfg.nchannels; i++)
     for (size_t k = 0; k < cfg.channels[i].ndestinations; k++) {

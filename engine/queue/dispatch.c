@@ -56,6 +56,8 @@ struct rr_dispatch {
   dest_t *dests, *last;
   rr_dispatch_inject_fn inject;
   void *inject_ud;
+  rr_dispatch_replay_fn replay;
+  void *replay_ud;
   bool stopping;
   unsigned closing; /* handles and transports not yet closed */
   void (*stopped)(void *ud);
@@ -419,6 +421,11 @@ int rr_dispatch_new(uv_loop_t *loop, rr_journal_t *journal, rr_dispatch_t **out)
   return 0;
 }
 
+void rr_dispatch_set_replay(rr_dispatch_t *d, rr_dispatch_replay_fn fn, void *ud) {
+  d->replay = fn;
+  d->replay_ud = ud;
+}
+
 void rr_dispatch_set_inject(rr_dispatch_t *d, rr_dispatch_inject_fn fn, void *ud) {
   d->inject = fn;
   d->inject_ud = ud;
@@ -591,15 +598,15 @@ static void on_op(void *ud, const rr_journal_op_t *op) {
   else if (strcmp(op->op, "drop") == 0)
     rc = rr_dispatch_drop(d, op->destination, op->queue_id);
   else if (strcmp(op->op, "replay") == 0)
-    rc = find_dest(d, op->destination)
-             ? rr_journal_queue_replay(d->journal, op->message_id, op->destination)
-             : RR_ENOTFOUND;
+    rc = !find_dest(d, op->destination) ? RR_ENOTFOUND
+         : d->replay                    ? d->replay(d->replay_ud, op->message_id, op->destination)
+                                        : RR_EINVAL;
   else
     rc = RR_EINVAL;
-  rr_log(rc ? RR_LOG_WARN : RR_LOG_INFO, "queue",
+  rr_log(rc < 0 ? RR_LOG_WARN : RR_LOG_INFO, "queue",
          "event=operator_request op=%s destination=%s queue_id=%lld message_id=%lld result=%s",
          op->op, op->destination, (long long)op->queue_id, (long long)op->message_id,
-         rc ? rr_strerror(rc) : "ok");
+         rc < 0 ? rr_strerror(rc) : "ok");
 }
 
 int rr_dispatch_apply_ops(rr_dispatch_t *d) {

@@ -75,6 +75,11 @@ typedef void (*rr_dispatch_inject_done)(void *ud, int status, const char *detail
 typedef int (*rr_dispatch_inject_fn)(void *ud, const char *channel, const char *payload, size_t len,
                                      rr_dispatch_inject_done done, void *done_ud);
 
+/* Routes a journaled message again for one destination (runs its
+ * channel's script; queues what the script routes there). Returns the
+ * number of deliveries queued, or a negative code. */
+typedef int (*rr_dispatch_replay_fn)(void *ud, int64_t message_id, const char *destination);
+
 typedef struct rr_dispatch rr_dispatch_t;
 
 typedef struct rr_dispatch_dest_stats {
@@ -93,6 +98,7 @@ void rr_destination_config_default(rr_destination_config_t *c);
  * enqueue callback. */
 int rr_dispatch_new(uv_loop_t *loop, rr_journal_t *journal, rr_dispatch_t **out);
 void rr_dispatch_set_inject(rr_dispatch_t *d, rr_dispatch_inject_fn fn, void *ud);
+void rr_dispatch_set_replay(rr_dispatch_t *d, rr_dispatch_replay_fn fn, void *ud);
 /* rr_dispatch_add: a destination (cfg copied): opens its transport, loads
  * its queue's first window and starts delivering. On failure a description
  * is appended to err. */

@@ -5,7 +5,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "core/array.h"
 #include "core/error.h"
@@ -18,7 +17,7 @@ typedef struct pending {
   bool kv;        /* a key-value write: key in e.control_id, value in e.raw */
   bool kv_delete; /* ... or its removal */
   bool delivery;  /* an attempt's outcome: in d, strings in blob */
-  bool replay;    /* a message queued again: routes[0], message replay_of */
+  bool replay;    /* routes only, for message replay_of (queued again) */
   int64_t replay_of;
   int64_t ops_upto;     /* > 0: delete queue_ops rows up to this id */
   int64_t prune_before; /* > 0: remove messages received before (prune_limit at most) */
@@ -46,8 +45,8 @@ struct rr_journal {
   sqlite3_stmt *kv_put, *kv_del;                                                /* on wdb */
   sqlite3_stmt *kv_get;                                                         /* on rdb */
   sqlite3_stmt *q_insert, *q_history, *q_delete, *q_retry, *q_dead, *q_requeue; /* wdb */
-  sqlite3_stmt *q_requeue_all, *q_replay, *ops_delete;                          /* wdb */
-  sqlite3_stmt *ops_read, *msg_mrn;                                             /* rdb */
+  sqlite3_stmt *q_requeue_all, *ops_delete;                                     /* wdb */
+  sqlite3_stmt *ops_read, *msg_get;                                             /* rdb */
   sqlite3_stmt *q_load, *q_payload, *q_depth;                                   /* rdb */
   rr_journal_enqueue_cb enqueue_cb;
   void *enqueue_ud;
@@ -146,12 +145,6 @@ static int prepare(sqlite3 *db, const char *sql, sqlite3_stmt **st, char **errms
   if (sqlite3_prepare_v3(db, sql, -1, SQLITE_PREPARE_PERSISTENT, st, NULL) != SQLITE_OK)
     return fail(db, sql, errmsg);
   return 0;
-}
-
-static int64_t wall_now_ms(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_REALTIME, &ts);
-  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 /* ---- sender + control id fingerprints ------------------------------------ */
@@ -332,17 +325,11 @@ int rr_journal_open(uv_loop_t *loop, const char *path, rr_journal_sync_t sync, r
                     "UPDATE queue SET state = 'pending', attempts = 0, not_before_ms = 0"
                     " WHERE destination = ? AND state = 'dead'",
                     &j->q_requeue_all, errmsg)) ||
-      (rc = prepare(j->wdb,
-                    "INSERT INTO queue(message_id, destination, key, lane, state, attempts,"
-                    " not_before_ms, enqueued_ms, content_type, payload)"
-                    " SELECT id, ?2, coalesce(mrn, ''), 0, 'pending', 0, 0, ?3, 'hl7', raw"
-                    " FROM messages WHERE id = ?1",
-                    &j->q_replay, errmsg)) ||
       (rc = prepare(j->wdb, "DELETE FROM queue_ops WHERE id <= ?", &j->ops_delete, errmsg)) ||
       (rc = prepare(j->rdb,
                     "SELECT id, op, destination, queue_id, message_id FROM queue_ops ORDER BY id",
                     &j->ops_read, errmsg)) ||
-      (rc = prepare(j->rdb, "SELECT coalesce(mrn, '') FROM messages WHERE id = ?", &j->msg_mrn,
+      (rc = prepare(j->rdb, "SELECT channel, raw FROM messages WHERE id = ?", &j->msg_get,
                     errmsg)) ||
       (rc = prepare(j->rdb,
                     "SELECT id, message_id, key, lane, state = 'dead', attempts, not_before_ms,"
@@ -402,11 +389,11 @@ void rr_journal_close(rr_journal_t *j) {
   memset(&j->queue, 0, sizeof j->queue);
   report(NULL, &q, RR_EIO);
   free_batch(&q);
-  sqlite3_stmt *sts[] = {j->insert,    j->begin,      j->commit,    j->rollback, j->find,
-                         j->find_raw,  j->count,      j->kv_put,    j->kv_del,   j->kv_get,
-                         j->q_insert,  j->q_history,  j->q_delete,  j->q_retry,  j->q_dead,
-                         j->q_requeue, j->q_load,     j->q_payload, j->q_depth,  j->q_requeue_all,
-                         j->q_replay,  j->ops_delete, j->ops_read,  j->msg_mrn};
+  sqlite3_stmt *sts[] = {j->insert,     j->begin,     j->commit,    j->rollback, j->find,
+                         j->find_raw,   j->count,     j->kv_put,    j->kv_del,   j->kv_get,
+                         j->q_insert,   j->q_history, j->q_delete,  j->q_retry,  j->q_dead,
+                         j->q_requeue,  j->q_load,    j->q_payload, j->q_depth,  j->q_requeue_all,
+                         j->ops_delete, j->ops_read,  j->msg_get};
   for (size_t i = 0; i < sizeof sts / sizeof sts[0]; i++)
     sqlite3_finalize(sts[i]);
   sqlite3_close(j->rdb);
@@ -555,6 +542,8 @@ static int bind_text(sqlite3_stmt *st, int i, const char *s) {
   return s ? sqlite3_bind_text(st, i, s, -1, SQLITE_STATIC) : sqlite3_bind_null(st, i);
 }
 
+static int insert_routes(rr_journal_t *j, pending_t *p);
+
 static int insert_one(rr_journal_t *j, pending_t *p) {
   sqlite3_stmt *st = j->insert;
   const rr_journal_entry_t *e = &p->e;
@@ -581,6 +570,14 @@ static int insert_one(rr_journal_t *j, pending_t *p) {
   if (rc != SQLITE_DONE)
     return RR_EIO;
   p->id = sqlite3_last_insert_rowid(j->wdb);
+  return insert_routes(j, p);
+}
+
+/* The entry's routes as queue rows of message p->id. */
+static int insert_routes(rr_journal_t *j, pending_t *p) {
+  const rr_journal_entry_t *e = &p->e;
+  sqlite3_stmt *st;
+  int rc;
   for (size_t i = 0; i < e->nroutes; i++) {
     const rr_journal_route_t *r = &p->routes[i];
     st = j->q_insert;
@@ -676,18 +673,8 @@ static int step_once(sqlite3_stmt *st) {
 }
 
 static int replay_write(rr_journal_t *j, pending_t *p) {
-  sqlite3_stmt *st = j->q_replay;
-  sqlite3_bind_int64(st, 1, p->replay_of);
-  bind_text(st, 2, p->routes[0].destination);
-  sqlite3_bind_int64(st, 3, p->e.received_ms);
-  int rc = sqlite3_step(st);
-  sqlite3_reset(st);
-  sqlite3_clear_bindings(st);
-  if (rc != SQLITE_DONE || sqlite3_changes(j->wdb) != 1)
-    return RR_EIO;
-  p->qids[0] = sqlite3_last_insert_rowid(j->wdb);
   p->id = p->replay_of;
-  return 0;
+  return insert_routes(j, p);
 }
 
 static int prune_write(rr_journal_t *j, pending_t *p) {
@@ -1103,28 +1090,35 @@ int rr_journal_queue_depth(rr_journal_t *j,
   return rc == SQLITE_DONE ? n : RR_EIO;
 }
 
-int rr_journal_queue_replay(rr_journal_t *j, int64_t message_id, const char *destination) {
-  sqlite3_stmt *st = j->msg_mrn;
-  sqlite3_bind_int64(st, 1, message_id);
-  char key[256] = "";
-  int rc = sqlite3_step(st);
-  if (rc == SQLITE_ROW)
-    snprintf(key, sizeof key, "%s", (const char *)sqlite3_column_text(st, 0));
-  sqlite3_reset(st);
-  if (rc != SQLITE_ROW)
-    return rc == SQLITE_DONE ? RR_ENOTFOUND : RR_EIO;
+int rr_journal_queue_routes(rr_journal_t *j, int64_t message_id, int64_t now_ms,
+                            const rr_journal_route_t *routes, size_t n) {
+  if (n == 0)
+    return 0;
   pending_t *p = slot(&j->queue);
   if (!p)
     return RR_ENOMEM;
-  rr_journal_route_t r = {.destination = destination, .key = key, .content_type = "hl7"};
-  if (copy_routes(p, &r, 1))
+  if (copy_routes(p, routes, n))
     return RR_ENOMEM;
-  p->e.nroutes = 1;
-  p->e.received_ms = wall_now_ms();
+  p->e.nroutes = n;
+  p->e.received_ms = now_ms;
   p->replay = true;
   p->replay_of = message_id;
   j->queue.n++;
   return 0;
+}
+
+int rr_journal_message(rr_journal_t *j, int64_t id, char *channel, size_t cap, rr_buf_t *raw) {
+  sqlite3_stmt *st = j->msg_get;
+  sqlite3_bind_int64(st, 1, id);
+  int rc = sqlite3_step(st), result = RR_ENOTFOUND;
+  if (rc == SQLITE_ROW) {
+    snprintf(channel, cap, "%s", (const char *)sqlite3_column_text(st, 0));
+    result = rr_buf_append(raw, sqlite3_column_blob(st, 1), (size_t)sqlite3_column_bytes(st, 1));
+  } else if (rc != SQLITE_DONE) {
+    result = RR_EIO;
+  }
+  sqlite3_reset(st);
+  return result;
 }
 
 int rr_journal_ops_take(rr_journal_t *j, void (*cb)(void *ud, const rr_journal_op_t *op),

@@ -189,10 +189,14 @@ int rr_journal_queue_depth(rr_journal_t *j,
                                       int64_t dead, int64_t oldest_ms),
                            void *ud);
 
-/* rr_journal_queue_replay: queues message_id's raw message again, for
- * destination (key: the message's MRN, routine lane), in the next batch;
- * the enqueue callback reports the new row. RR_ENOTFOUND, RR_ENOMEM. */
-int rr_journal_queue_replay(rr_journal_t *j, int64_t message_id, const char *destination);
+/* rr_journal_queue_routes: queues deliveries for an already journaled
+ * message (a replay), in the next batch; the enqueue callback reports them.
+ * Copies everything. RR_ENOMEM. */
+int rr_journal_queue_routes(rr_journal_t *j, int64_t message_id, int64_t now_ms,
+                            const rr_journal_route_t *routes, size_t n);
+/* rr_journal_message: a journaled message's channel (into channel, cap
+ * bytes) and raw bytes (appended to raw). RR_ENOTFOUND, RR_EIO, RR_ENOMEM. */
+int rr_journal_message(rr_journal_t *j, int64_t id, char *channel, size_t cap, rr_buf_t *raw);
 
 /* Operator requests left in table queue_ops by `radrelay queue` and
  * `radrelay replay` for the running engine: cb once per row, oldest first;

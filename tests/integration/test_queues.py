@@ -832,6 +832,16 @@ end
         wait_for(lambda: e.queue_counts("h.gone") == {"pending": 0, "dead": 0}, 15,
                  "the dropped row gone from the store")
         self.assertEqual(e.outcomes("h.gone", qid), ["dead", "requeued", "dead", "dropped"])
+        # a replay runs the script again: the destination gets what the
+        # script routes (the JSON), not the raw HL7
+        (mid,) = e.sql("SELECT id FROM messages WHERE control_id = ?", (ids["ok"],))[0]
+        r = e.cli("replay", "--to", "h.ok", "--id", str(mid))
+        self.assertEqual(r.returncode, 0, r.stderr)
+        e.wait_log("event=replay", f"message_id={mid}", "destination=h.ok", "queued=1")
+        wait_for(lambda: len(requests("/echo")) == 2, 15, "the replayed delivery")
+        again = requests("/echo")[1]
+        self.assertEqual(again["content_type"], "application/json")
+        self.assertEqual(json.loads(again["body"]), json.loads(ok["body"]))
         self.stop_ok(e)
         summary("case 4 https", destinations=len(dests),
                 requests=sum(len(requests(p)) for p in ("/echo", "/flaky/2/503",
