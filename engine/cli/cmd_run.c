@@ -333,9 +333,9 @@ int rr_cmd_run(int argc, char **argv) {
   rr_log(RR_LOG_INFO, "engine", "event=stopped");
   status = 0;
 out:
-  rr_dispatch_free(s.dispatch);
   rr_engine_free(s.engine);
-  rr_journal_close(journal);
+  rr_journal_close(journal); /* idle by now; anything left reports to the dispatcher */
+  rr_dispatch_free(s.dispatch);
   uv_loop_close(&loop);
   rr_config_free(&cfg);
   return status;

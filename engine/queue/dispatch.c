@@ -16,6 +16,16 @@
 
 typedef struct dest dest_t;
 
+/* An outcome on its way to the store; kept and written again when its
+ * commit fails (e.g. the disk is full), so the store catches up with what
+ * was delivered once it can. */
+typedef struct record {
+  struct record *next;
+  rr_dispatch_t *owner;
+  rr_journal_delivery_t d; /* strings and response point into data */
+  char data[];
+} record_t;
+
 typedef struct attempt {
   dest_t *d;
   int64_t id, message_id;
@@ -59,6 +69,10 @@ struct rr_dispatch {
   rr_dispatch_replay_fn replay;
   void *replay_ud;
   bool stopping;
+  record_t *unrecorded; /* outcomes whose commit failed, to write again */
+  uv_timer_t rewrite;   /* when to try them again */
+  bool rewrite_open;
+  uint64_t record_failures;
   unsigned closing; /* handles and transports not yet closed */
   void (*stopped)(void *ud);
   void *stopped_ud;
@@ -166,6 +180,89 @@ static void on_enqueued(void *ud, const rr_journal_qitem_t *q) {
   pump(x);
 }
 
+/* ---- outcomes to the store ---------------------------------------------------- */
+
+#define REWRITE_MS 1000 /* after a failed commit of outcomes */
+
+static void submit_record(record_t *r);
+
+static void on_rewrite(uv_timer_t *t) {
+  rr_dispatch_t *d = t->data;
+  record_t *list = d->unrecorded;
+  d->unrecorded = NULL;
+  while (list) { /* oldest first: the list is kept in failure order */
+    record_t *r = list;
+    list = r->next;
+    r->next = NULL;
+    submit_record(r);
+  }
+  rr_journal_kick(d->journal);
+}
+
+static void keep_unrecorded(record_t *r) {
+  rr_dispatch_t *d = r->owner;
+  if (d->stopping || !d->rewrite_open) { /* made again after the restart */
+    free(r);
+    return;
+  }
+  record_t **tail = &d->unrecorded;
+  while (*tail)
+    tail = &(*tail)->next;
+  *tail = r;
+  if (!uv_is_active((uv_handle_t *)&d->rewrite))
+    uv_timer_start(&d->rewrite, on_rewrite, REWRITE_MS, 0);
+}
+
+static void on_recorded(void *ud, int status, int64_t id) {
+  (void)id;
+  record_t *r = ud;
+  if (status == 0) {
+    free(r);
+    return;
+  }
+  if (r->owner->record_failures++ % 100 == 0)
+    rr_log(RR_LOG_ERROR, "queue",
+           "event=record_failed destination=%s queue_id=%lld error=\"%s\" detail=\"kept in memory "
+           "and written again when the store can\"",
+           r->d.destination, (long long)r->d.queue_id, rr_strerror(status));
+  keep_unrecorded(r);
+}
+
+static void submit_record(record_t *r) {
+  if (rr_journal_queue_record(r->owner->journal, &r->d, on_recorded, r) != 0)
+    keep_unrecorded(r);
+}
+
+/* Copies rec and queues it for the next commit. */
+static void record(rr_dispatch_t *d, const rr_journal_delivery_t *rec) {
+  size_t dl = strlen(rec->destination) + 1, tl = rec->detail ? strlen(rec->detail) + 1 : 0;
+  record_t *r = malloc(sizeof *r + dl + tl + rec->response_len);
+  if (!r) {
+    rr_log(RR_LOG_ERROR, "queue", "event=record_failed destination=%s queue_id=%lld error=%s",
+           rec->destination, (long long)rec->queue_id, rr_strerror(RR_ENOMEM));
+    return;
+  }
+  r->next = NULL;
+  r->owner = d;
+  r->d = *rec;
+  char *w = r->data;
+  memcpy(w, rec->destination, dl);
+  r->d.destination = w;
+  w += dl;
+  if (tl) {
+    memcpy(w, rec->detail, tl);
+    r->d.detail = w;
+    w += tl;
+  }
+  if (rec->response) {
+    if (rec->response_len)
+      memcpy(w, rec->response, rec->response_len);
+    r->d.response = w;
+  }
+  submit_record(r);
+  rr_journal_kick(d->journal);
+}
+
 /* ---- delivering ------------------------------------------------------------- */
 
 static void on_timer(uv_timer_t *t) {
@@ -251,10 +348,7 @@ static void finish(attempt_t *a, rr_qsched_outcome_t outcome, const char *detail
            r.breaker == RR_QSCHED_CLOSED ? "closed"
            : r.breaker == RR_QSCHED_OPEN ? "open"
                                          : "half_open");
-  if (rr_journal_queue_record(d->journal, &rec, NULL, NULL) != 0)
-    rr_log(RR_LOG_ERROR, "queue", "event=record_failed destination=%s queue_id=%lld", x->cfg.name,
-           (long long)a->id);
-  rr_journal_kick(d->journal);
+  record(d, &rec);
   free_attempt(a);
   if (x->backlog && rr_qsched_loaded(x->s) < x->cfg.window / 2)
     refill(x);
@@ -416,6 +510,10 @@ int rr_dispatch_new(uv_loop_t *loop, rr_journal_t *journal, rr_dispatch_t **out)
     return RR_ENOMEM;
   d->loop = loop;
   d->journal = journal;
+  uv_timer_init(loop, &d->rewrite);
+  d->rewrite.data = d;
+  d->rewrite_open = true;
+  uv_unref((uv_handle_t *)&d->rewrite);
   rr_journal_set_enqueue_cb(journal, on_enqueued, d);
   *out = d;
   return 0;
@@ -559,13 +657,11 @@ int rr_dispatch_retry(rr_dispatch_t *d, const char *name, int64_t id) {
     if ((rc = rr_qsched_retry(x->s, id)) != 0)
       return rc;
     rec.queue_id = id;
-    rr_journal_queue_record(d->journal, &rec, NULL, NULL);
   } else {
     /* queue_id 0: every dead row of the destination, in the store too. */
     rr_qsched_retry_all_dead(x->s);
-    rr_journal_queue_record(d->journal, &rec, NULL, NULL);
   }
-  rr_journal_kick(d->journal);
+  record(d, &rec);
   pump(x);
   return 0;
 }
@@ -582,8 +678,7 @@ int rr_dispatch_drop(rr_dispatch_t *d, const char *name, int64_t id) {
                                .outcome = RR_JOURNAL_DROPPED,
                                .at_ms = wall_ms(),
                                .detail = "dropped by an operator"};
-  rr_journal_queue_record(d->journal, &rec, NULL, NULL);
-  rr_journal_kick(d->journal);
+  record(d, &rec);
   pump(x);
   return 0;
 }
@@ -659,6 +754,10 @@ static void on_http_closed(void *ud) {
   one_closed(x->owner);
 }
 
+static void on_rewrite_closed(uv_handle_t *h) {
+  one_closed(h->data);
+}
+
 static void close_transports(dest_t *x) {
   rr_dispatch_t *d = x->owner;
   if (x->timer_open) {
@@ -685,6 +784,11 @@ void rr_dispatch_stop(rr_dispatch_t *d, void (*done)(void *ud), void *ud) {
   d->closing++; /* held until every close below has been started */
   for (dest_t *x = d->dests; x; x = x->next)
     close_transports(x);
+  if (d->rewrite_open) {
+    d->rewrite_open = false;
+    d->closing++;
+    uv_close((uv_handle_t *)&d->rewrite, on_rewrite_closed);
+  }
   one_closed(d);
 }
 
@@ -692,6 +796,10 @@ void rr_dispatch_free(rr_dispatch_t *d) {
   if (!d)
     return;
   rr_journal_set_enqueue_cb(d->journal, NULL, NULL);
+  for (record_t *r = d->unrecorded, *n; r; r = n) {
+    n = r->next;
+    free(r);
+  }
   for (dest_t *x = d->dests, *n; x; x = n) {
     n = x->next;
     for (attempt_t *a = x->inflight, *an; a; a = an) {
