@@ -795,7 +795,6 @@ void rr_dispatch_stop(rr_dispatch_t *d, void (*done)(void *ud), void *ud) {
 void rr_dispatch_free(rr_dispatch_t *d) {
   if (!d)
     return;
-  rr_journal_set_enqueue_cb(d->journal, NULL, NULL);
   for (record_t *r = d->unrecorded, *n; r; r = n) {
     n = r->next;
     free(r);

@@ -120,8 +120,9 @@ void rr_dispatch_stats(const rr_dispatch_t *d,
 /* rr_dispatch_stop: starts nothing more; deliveries in flight are canceled
  * (their rows stay queued); done runs once every transport has closed. */
 void rr_dispatch_stop(rr_dispatch_t *d, void (*done)(void *ud), void *ud);
-/* rr_dispatch_free: after stop's done (or when nothing was added). NULL is
- * a no-op. */
+/* rr_dispatch_free: after stop's done (or when nothing was added), and
+ * after the journal has been closed: the journal reports to the dispatcher
+ * until then (outcomes still queued when it closes). NULL is a no-op. */
 void rr_dispatch_free(rr_dispatch_t *d);
 
 #endif
