@@ -36,6 +36,11 @@ Cases:
     engine
   5 operator commands: `queue ls` against the store, `replay --to --id` on a
     running engine, `queue retry --dead` with the engine stopped
+  6 disk full (the store on a small tmpfs; needs root to mount, skipped
+    otherwise): new messages are refused with AR "message store
+    unavailable, resend later" on connections that stay open, nothing
+    ACKed AA is lost, and once space returns the same engine accepts new
+    messages and the resent refused ones and delivers everything
 
 Environment: RR_QUEUE_TEST_MESSAGES (case 1, default 10000),
 RR_QUEUE_DOWN_SECONDS (case 1, default 120), RR_QUEUE_KILL_TRIALS (case 2,
@@ -153,6 +158,39 @@ def make_msg(control_id, mrn):
             f"{control_id}|P|2.5.1\r"
             f"EVN||20240315082955\r"
             f"PID|1||{mrn}^^^RR_TEST_FAC^MR||ZZTEST^PATIENT||19700101|M\r").encode()
+
+
+def make_padded_msg(control_id, mrn, size=1024):
+    """make_msg with an NTE segment that brings it to about size bytes."""
+    base = make_msg(control_id, mrn)
+    text = ("STORE FILLER " * (size // 13 + 1))[:max(0, size - len(base) - 9)]
+    return base + f"NTE|1||{text}\r".encode()
+
+
+def mount_tmpfs(path, mib):
+    """Mounts a tmpfs of mib MiB on path (made if missing); None when done,
+    else why it could not be (not root, no mount privilege)."""
+    if os.geteuid() != 0:
+        return "not root: mounting a tmpfs needs root"
+    if not shutil.which("mount") or not shutil.which("umount"):
+        return "mount/umount not found"
+    os.makedirs(path, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m,mode=0750", "tmpfs", path],
+                       capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        return f"mount -t tmpfs failed ({r.returncode}): {r.stderr.strip()}"
+    return None
+
+
+def unmount(path):
+    subprocess.run(["umount", path], capture_output=True, timeout=30)
+    if not os.path.ismount(path):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def free_bytes(path):
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
 
 
 LOG_KV = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
@@ -435,7 +473,8 @@ class Senders:
     A thread ends at the end of its list, on stop, or when the engine goes
     away (a connection error is expected only where the test kills it)."""
 
-    def __init__(self, port, conns, stop=None):
+    def __init__(self, port, conns, stop=None, make=make_msg):
+        self.make = make  # (control id, mrn) -> the message's bytes
         self.lock = threading.Lock()
         self.sent, self.acked, self.naks, self.errors = [], [], [], []
         self.stop = stop or threading.Event()
@@ -454,7 +493,7 @@ class Senders:
                         return
                     with self.lock:
                         self.sent.append(cid)
-                    s.sendall(frame(make_msg(cid, mrn)))
+                    s.sendall(frame(self.make(cid, mrn)))
                     code, ref = msa(read_frame(s))
                     with self.lock:
                         if (code, ref) == ("AA", cid):
@@ -541,8 +580,8 @@ class QueueTest(unittest.TestCase):
         self.assertEqual(rc, 0, f"radrelay did not exit 0 on SIGTERM:\n{e.tail()}")
         self.assertEqual(e.reports + e.sanitizer_reports(), [])
 
-    def send_all(self, e, conns, timeout=900):
-        s = Senders(e.port(), conns)
+    def send_all(self, e, conns, timeout=900, make=make_msg):
+        s = Senders(e.port(), conns, make=make)
         self.assertTrue(s.join(timeout), "senders did not finish")
         self.assertEqual(s.errors, [], f"connection errors while sending:\n{e.tail()}")
         self.assertEqual(s.naks, [], "negative ACKs")
@@ -911,6 +950,183 @@ end
         self.assertEqual(peer.count(), 7)
         self.stop_ok(e)
         summary("case 5 operator", messages=len(msgs), replayed=1,
+                seconds=f"{time.monotonic() - self.t0:.1f}")
+
+    # ---- 6 ------------------------------------------------------------------
+    def test_6_disk_full(self):
+        """Disk full on a small tmpfs: refused, not lost; resumes. The store
+        is on a 16 MiB tmpfs; a filler file leaves 6 MiB of it while the
+        destination is down, so the messages and the queue both grow (each
+        ~1 KB message is kept twice: raw and routed). Senders keep going
+        until every connection has had refusals: each is AR for its control
+        id, the connection stays open and answers the next message, a
+        refused message is not in the store, every message ACKed AA is. The
+        receiver starts while the disk is still full (delivery outcomes meet
+        the full disk too). Then the filler goes: the same engine, not
+        restarted, ACKs AA a new message on the connection that had the
+        refusals, the resent refused messages and more; every message ACKed
+        AA reaches the receiver and the queue empties in the store. The log
+        names the failure (event=commit_failed ... full, event=not_stored);
+        the store passes PRAGMA integrity_check. Skipped without root."""
+        why = npm_peer_missing()
+        if why:
+            self.skipTest(why)
+        mib, leave = 16, 6 << 20
+        mnt = tempfile.mkdtemp(prefix="rr-q-tmpfs-")
+        why = mount_tmpfs(mnt, mib)
+        if why:
+            os.rmdir(mnt)
+            self.skipTest(f"the disk full case needs a small tmpfs: {why}")
+        self.addCleanup(unmount, mnt)  # cleanups run after tearDown stopped the engine
+        os.symlink(mnt, os.path.join(self.tmp.name, "store"))  # the engine's store folder
+        port = free_port()  # the receiver is down at first
+        e = self.engine([channel("full", {"out": mllp_dest(
+            port, concurrency=2, max_attempts=0, backoff_base_ms=50, backoff_max_ms=300,
+            breaker_failures=3, breaker_open_ms=300, connect_timeout_ms=1000)})]).start()
+        acked, refused, mrn_of = set(), [], {}
+
+        def alive():
+            self.assertTrue(e.alive(), f"radrelay exited with {e.proc.returncode}:\n{e.tail()}")
+
+        # One connection stays open through the whole case.
+        keep = socket.create_connection((HOST, e.port()), timeout=IO_TIMEOUT)
+        self.addCleanup(keep.close)
+        keep.settimeout(None)
+        set_os_timeouts(keep, IO_TIMEOUT)
+
+        def send_kept(cid):
+            mrn_of[cid] = "MRNKEEP"
+            keep.sendall(frame(make_padded_msg(cid, "MRNKEEP")))
+            ack = read_frame(keep)
+            code, ref = msa(ack)
+            self.assertEqual(ref, cid, f"MSA-2 of {ack!r}")
+            if code == "AA":
+                acked.add(cid)
+            else:
+                refused.append(cid)
+            return code, ack
+
+        self.assertEqual(send_kept("KEEP-0")[0], "AA")
+        room = self.send_all(e, [[(f"ROOM-{c}-{j:04d}", f"MRNR{c}") for j in range(25)]
+                                 for c in range(4)], make=make_padded_msg)
+        acked |= set(room.acked)
+
+        # Fill the tmpfs but for `leave` bytes, then send until every
+        # connection has been refused a few times.
+        filler = os.path.join(mnt, "filler")
+        with open(filler, "wb") as f:
+            chunk, left = b"\xa5" * (1 << 20), free_bytes(mnt) - leave
+            while left > 0:
+                left -= f.write(chunk[:min(left, len(chunk))])
+        nconn = 4
+        conns = [[(f"FULL-{c}-{j:06d}", f"MRNF{c}{j % 5}") for j in range(50000)]
+                 for c in range(nconn)]
+        mrn_of.update((cid, mrn) for c in conns for cid, mrn in c)
+        fill = Senders(e.port(), conns, make=make_padded_msg)
+
+        def refused_on_every_connection():
+            alive()
+            with fill.lock:
+                per = collections.Counter(cid.split("-")[1] for cid, _, _ in fill.naks)
+                errors = list(fill.errors)
+            self.assertEqual(errors, [], f"connection errors while the disk fills:\n{e.tail()}")
+            return len(per) == nconn and min(per.values()) >= 3
+
+        t_fill = time.monotonic()
+        wait_for(refused_on_every_connection, 60,
+                 f"3 refusals on each of {nconn} connections as the disk fills")
+        fill.stop.set()
+        self.assertTrue(fill.join(IO_TIMEOUT + 5), "a sender did not finish")
+        t_fill = time.monotonic() - t_fill
+        self.assertEqual(fill.errors, [], "connections stay open after a refusal")
+        wrong = [n for n in fill.naks if n[1:] != ("AR", n[0])]
+        self.assertEqual(wrong[:5], [], "each refusal is AR for the message's control id")
+        acked |= set(fill.acked)
+        refused += [cid for cid, _, _ in fill.naks]
+        accepted_while_filling = len(fill.acked)
+        # The kept connection: refused with the engine's reason, still open
+        # after that (a commit can still succeed now and then; an AA is fine
+        # as long as the message is in the store, checked below).
+        naks = []
+        for i in range(20):
+            code, ack = send_kept(f"KEEP-F-{i}")
+            if code != "AA":
+                naks.append((code, ack))
+            if len(naks) == 2:
+                break
+        self.assertEqual(len(naks), 2, "the kept connection refused twice while the disk is full")
+        self.assertEqual([c for c, _ in naks], ["AR", "AR"], naks)
+        self.assertIn(b"message store unavailable, resend later", naks[0][1])
+        alive()
+        # Refused means not kept; ACKed AA means kept.
+        stored = {r[0] for r in e.sql("SELECT control_id FROM messages")}
+        self.assertEqual(sorted(acked - stored)[:10], [], "ACKed AA but not in the store")
+        self.assertEqual(sorted(set(refused) & stored)[:10], [], "refused but in the store")
+        failed = e.wait_log("event=commit_failed")
+        self.assertTrue(any("full" in log_fields(l).get("error", "").lower() for l in failed),
+                        f"commit_failed names the full disk: {failed[:3]}")
+        e.wait_log("event=not_stored", "channel=full")
+
+        # The receiver comes up while the disk is still full: deliveries
+        # go on, their outcome records meet the full disk.
+        peer = self.npm_peer(port)
+        wait_for(lambda: alive() or peer.count() >= min(50, len(acked)), 20,
+                 "deliveries while the disk is full")
+        delivered_while_full = peer.count()
+        strangers = sorted(set(peer.ids()) - acked)
+        self.assertEqual(strangers[:10], [], "delivered but never ACKed AA")
+        commit_failed_while_full = len(e.logged("event=commit_failed"))
+        alive()
+
+        # Space returns: the same engine takes messages again.
+        os.remove(filler)
+        code, ack = send_kept("KEEP-AFTER")
+        self.assertEqual(code, "AA", f"ENGINE: still refusing once space returned: {ack!r}\n"
+                         f"{e.tail()}")
+        groups = collections.defaultdict(list)  # resends keep their connection's order
+        for cid in refused:
+            groups[cid.rsplit("-", 1)[0]].append((cid, mrn_of[cid]))
+        again = self.send_all(e, list(groups.values()), make=make_padded_msg)
+        acked |= set(again.acked)
+        more = self.send_all(e, [[(f"AFTER-{c}-{j:04d}", f"MRNA{c}") for j in range(25)]
+                                 for c in range(4)], make=make_padded_msg)
+        acked |= set(more.acked)
+        # Nothing ACKed is lost: at the receiver, and the queue empties in
+        # the store (each delivery's outcome committed once there is room).
+        wait_for(lambda: alive() or acked <= set(peer.ids()), 30,
+                 f"every message ACKed AA at the receiver "
+                 f"({len(acked - set(peer.ids()))} of {len(acked)} missing)")
+        stuck = None
+        try:
+            self.wait_drained(e, 30)
+        except AssertionError as x:
+            stuck = str(x)
+        if stuck:
+            left = e.sql("SELECT q.id, m.control_id FROM queue q JOIN messages m"
+                         " ON m.id = q.message_id ORDER BY q.id LIMIT 5")
+            self.fail(f"ENGINE: queue rows stay in the store after space returned, although "
+                      f"the receiver has their messages (delivery outcome records lost on the "
+                      f"full disk?): {stuck}; e.g. {left}\n{e.tail()}")
+        stored = {r[0] for r in e.sql("SELECT control_id FROM messages")}
+        self.assertEqual(sorted(acked - stored)[:10], [], "ACKed AA but not in the store")
+        # One route per message: one queue row each, and each row's
+        # delivered record committed (rows go once delivered, so count the
+        # records' distinct queue ids).
+        self.assertEqual(e.scalar("SELECT count(DISTINCT queue_id) FROM deliveries"
+                                  " WHERE outcome = 'delivered'"), len(stored),
+                         "queue rows with a committed 'delivered' record")
+        got = peer.ids()
+        self.assertEqual(sorted(set(got) - acked)[:10], [], "delivered but never ACKed AA")
+        self.assertTrue(e.logged("event=record_failed", "destination=full.out"),
+                        "the log names the outcome records that met the full disk")
+        self.stop_ok(e)
+        self.assertEqual(e.sql("PRAGMA integrity_check"), [("ok",)])
+        summary("case 6 disk_full", tmpfs_mib=mib, left_mib=leave >> 20, acked=len(acked),
+                accepted_while_filling=accepted_while_filling, refused=len(refused),
+                fill_s=f"{t_fill:.1f}", delivered_while_full=delivered_while_full,
+                commit_failed=commit_failed_while_full,
+                record_failed=len(e.logged("event=record_failed")), received=len(got),
+                duplicates=len(got) - len(set(got)),
                 seconds=f"{time.monotonic() - self.t0:.1f}")
 
 
