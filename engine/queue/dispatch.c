@@ -13,6 +13,18 @@
 #include "tls/tls.h"
 
 #define RESPONSE_KEEP 65536 /* bytes of a peer's answer kept in the history */
+#define CACHE_BUCKETS 4096
+#define CACHE_BYTES ((size_t)16 << 20) /* payloads held per destination at most */
+
+/* A payload at hand (from the commit that queued it, or a window load), so
+ * a delivery needs no read of the store. */
+typedef struct cached {
+  struct cached *next;
+  int64_t id, message_id;
+  const char *content_type; /* static */
+  size_t len;
+  char data[];
+} cached_t;
 
 typedef struct dest dest_t;
 
@@ -52,6 +64,8 @@ struct dest {
   bool http_open;
   char *token;
   attempt_t *inflight;
+  cached_t **cache; /* CACHE_BUCKETS chains by id */
+  size_t cache_bytes;
   int64_t loaded_upto; /* highest row id held or known delivered */
   bool backlog;        /* rows beyond the window wait in the store */
   bool pumping;
@@ -119,6 +133,51 @@ bool rr_dispatch_known(const rr_dispatch_t *d, const char *name) {
   return find_dest(d, name) != NULL;
 }
 
+/* ---- payloads at hand --------------------------------------------------------- */
+
+static void cache_put(dest_t *x, int64_t id, int64_t message_id, const char *content_type,
+                      const void *data, size_t len) {
+  if (!x->cache || x->cache_bytes + len > CACHE_BYTES)
+    return; /* read from the store when its turn comes */
+  cached_t *c = malloc(sizeof *c + len);
+  if (!c)
+    return;
+  c->id = id;
+  c->message_id = message_id;
+  c->content_type = content_type;
+  c->len = len;
+  if (len)
+    memcpy(c->data, data, len);
+  cached_t **b = &x->cache[(uint64_t)id % CACHE_BUCKETS];
+  c->next = *b;
+  *b = c;
+  x->cache_bytes += len;
+}
+
+/* Removes and returns the payload of id, or NULL. */
+static cached_t *cache_take(dest_t *x, int64_t id) {
+  if (!x->cache)
+    return NULL;
+  for (cached_t **p = &x->cache[(uint64_t)id % CACHE_BUCKETS]; *p; p = &(*p)->next)
+    if ((*p)->id == id) {
+      cached_t *c = *p;
+      *p = c->next;
+      x->cache_bytes -= c->len;
+      return c;
+    }
+  return NULL;
+}
+
+static void cache_free(dest_t *x) {
+  for (size_t i = 0; x->cache && i < CACHE_BUCKETS; i++)
+    for (cached_t *c = x->cache[i], *n; c; c = n) {
+      n = c->next;
+      free(c);
+    }
+  free(x->cache);
+  x->cache = NULL;
+}
+
 /* ---- the window ------------------------------------------------------------ */
 
 static void add_item(dest_t *x, const rr_journal_qitem_t *q) {
@@ -135,6 +194,8 @@ static void add_item(dest_t *x, const rr_journal_qitem_t *q) {
   if (rc == 0) {
     if (q->id > x->loaded_upto)
       x->loaded_upto = q->id;
+    if (q->payload && !q->dead)
+      cache_put(x, q->id, q->message_id, q->content_type, q->payload, q->len);
   } else {
     x->backlog = true; /* no room: it waits in the store */
   }
@@ -154,8 +215,8 @@ static void refill(dest_t *x) {
     want = room;
   if (want == 0)
     return;
-  int n =
-      rr_journal_queue_load(x->owner->journal, x->cfg.name, x->loaded_upto, want, on_loaded_row, x);
+  int n = rr_journal_queue_load(x->owner->journal, x->cfg.name, x->loaded_upto, want,
+                                x->cache_bytes < CACHE_BYTES / 2, on_loaded_row, x);
   if (n < 0) {
     rr_log(RR_LOG_ERROR, "queue", "event=load_failed destination=%s", x->cfg.name);
     return;
@@ -327,6 +388,7 @@ static void finish(attempt_t *a, rr_qsched_outcome_t outcome, const char *detail
     x->delivered++;
     break;
   case RR_QSCHED_RESCHEDULED:
+    cache_put(x, a->id, a->message_id, a->content_type, a->payload.data, a->payload.len);
     rec.outcome = RR_JOURNAL_RETRY;
     rec.not_before_ms = r.not_before_ms;
     x->retried++;
@@ -407,7 +469,16 @@ static int start(dest_t *x, int64_t id) {
   a->d = x;
   a->id = id;
   rr_buf_init(&a->payload, (size_t)1 << 30);
-  int rc = rr_journal_queue_payload(d->journal, id, &a->payload, &a->content_type);
+  int rc;
+  cached_t *c = cache_take(x, id);
+  if (c) {
+    a->content_type = c->content_type;
+    a->message_id = c->message_id;
+    rc = rr_buf_append(&a->payload, c->data, c->len);
+    free(c);
+  } else {
+    rc = rr_journal_queue_payload(d->journal, id, &a->payload, &a->content_type, &a->message_id);
+  }
   if (rc) {
     free_attempt(a);
     return rc;
@@ -610,12 +681,14 @@ int rr_dispatch_add(rr_dispatch_t *d, const rr_destination_config_t *cfg, rr_buf
   if (x->cfg.window == 0)
     x->cfg.window = 20000;
   x->cfg.sched.max_items = x->cfg.window;
+  x->cache = calloc(CACHE_BUCKETS, sizeof *x->cache); /* NULL: every payload is read */
   x->rng = (uint64_t)wall_ms() * 0x9E3779B97F4A7C15ULL ^ (uintptr_t)x;
   if (!x->rng)
     x->rng = 1;
   int rc = rr_qsched_new(&x->cfg.sched, &x->s);
   if (rc) {
     rr_buf_printf(err, "destination %s: queue settings: %s", cfg->name, rr_strerror(rc));
+    free(x->cache);
     free(x);
     return rc;
   }
@@ -673,6 +746,7 @@ int rr_dispatch_drop(rr_dispatch_t *d, const char *name, int64_t id) {
   int rc = rr_qsched_drop(x->s, id);
   if (rc)
     return rc;
+  free(cache_take(x, id));
   rr_journal_delivery_t rec = {.queue_id = id,
                                .destination = x->cfg.name,
                                .outcome = RR_JOURNAL_DROPPED,
@@ -806,6 +880,7 @@ void rr_dispatch_free(rr_dispatch_t *d) {
       free_attempt(a);
     }
     rr_qsched_free(x->s);
+    cache_free(x);
     free(x->senders);
     free(x->busy);
     rr_tls_ctx_free(x->tls);

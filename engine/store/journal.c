@@ -333,11 +333,11 @@ int rr_journal_open(uv_loop_t *loop, const char *path, rr_journal_sync_t sync, r
                     errmsg)) ||
       (rc = prepare(j->rdb,
                     "SELECT id, message_id, key, lane, state = 'dead', attempts, not_before_ms,"
-                    " enqueued_ms FROM queue WHERE destination = ? AND id > ? ORDER BY id"
-                    " LIMIT ?",
+                    " enqueued_ms, content_type, CASE WHEN ?4 AND state = 'pending' THEN payload"
+                    " END FROM queue WHERE destination = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
                     &j->q_load, errmsg)) ||
-      (rc = prepare(j->rdb, "SELECT content_type, payload FROM queue WHERE id = ?", &j->q_payload,
-                    errmsg)) ||
+      (rc = prepare(j->rdb, "SELECT content_type, payload, message_id FROM queue WHERE id = ?",
+                    &j->q_payload, errmsg)) ||
       (rc = prepare(j->rdb,
                     "SELECT destination, sum(state = 'pending'), sum(state = 'dead'),"
                     " min(enqueued_ms) FROM queue GROUP BY destination ORDER BY destination",
@@ -370,7 +370,12 @@ static void report(rr_journal_t *j, batch_t *b, int status) {
                               .destination = rt->destination,
                               .key = rt->key ? rt->key : "",
                               .lane = rt->lane,
-                              .enqueued_ms = p->e.received_ms};
+                              .enqueued_ms = p->e.received_ms,
+                              .content_type =
+                                  rt->content_type && strcmp(rt->content_type, "json") == 0 ? "json"
+                                                                                            : "hl7",
+                              .payload = rt->payload,
+                              .len = rt->len};
       j->enqueue_cb(j->enqueue_ud, &q);
     }
     if (p->cb)
@@ -1005,11 +1010,13 @@ void rr_journal_set_enqueue_cb(rr_journal_t *j, rr_journal_enqueue_cb cb, void *
 }
 
 int rr_journal_queue_load(rr_journal_t *j, const char *destination, int64_t after_id, size_t limit,
-                          void (*cb)(void *ud, const rr_journal_qitem_t *item), void *ud) {
+                          bool payloads, void (*cb)(void *ud, const rr_journal_qitem_t *item),
+                          void *ud) {
   sqlite3_stmt *st = j->q_load;
   bind_text(st, 1, destination);
   sqlite3_bind_int64(st, 2, after_id);
   sqlite3_bind_int64(st, 3, (sqlite3_int64)limit);
+  sqlite3_bind_int(st, 4, payloads);
   int n = 0, rc;
   while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
     rr_journal_qitem_t q = {.id = sqlite3_column_int64(st, 0),
@@ -1023,6 +1030,14 @@ int rr_journal_queue_load(rr_journal_t *j, const char *destination, int64_t afte
                             .enqueued_ms = sqlite3_column_int64(st, 7)};
     if (!q.key)
       q.key = "";
+    if (sqlite3_column_type(st, 9) != SQLITE_NULL) {
+      const char *ct = (const char *)sqlite3_column_text(st, 8);
+      q.content_type = ct && strcmp(ct, "json") == 0 ? "json" : "hl7";
+      q.payload = sqlite3_column_blob(st, 9);
+      q.len = (size_t)sqlite3_column_bytes(st, 9);
+      if (!q.payload)
+        q.payload = "";
+    }
     cb(ud, &q);
     n++;
   }
@@ -1031,14 +1046,15 @@ int rr_journal_queue_load(rr_journal_t *j, const char *destination, int64_t afte
   return rc == SQLITE_DONE ? n : RR_EIO;
 }
 
-int rr_journal_queue_payload(rr_journal_t *j, int64_t id, rr_buf_t *out,
-                             const char **content_type) {
+int rr_journal_queue_payload(rr_journal_t *j, int64_t id, rr_buf_t *out, const char **content_type,
+                             int64_t *message_id) {
   sqlite3_stmt *st = j->q_payload;
   sqlite3_bind_int64(st, 1, id);
   int rc = sqlite3_step(st), result = RR_ENOTFOUND;
   if (rc == SQLITE_ROW) {
     const char *ct = (const char *)sqlite3_column_text(st, 0);
     *content_type = ct && strcmp(ct, "json") == 0 ? "json" : "hl7";
+    *message_id = sqlite3_column_int64(st, 2);
     result = rr_buf_append(out, sqlite3_column_blob(st, 1), (size_t)sqlite3_column_bytes(st, 1));
   } else if (rc != SQLITE_DONE) {
     result = RR_EIO;

@@ -70,6 +70,9 @@ typedef struct rr_journal_qitem {
   bool dead;
   unsigned attempts;
   int64_t not_before_ms, enqueued_ms;
+  const char *content_type; /* "hl7"/"json" (static) when payload is given */
+  const void *payload;      /* borrowed for the call; NULL when not at hand */
+  size_t len;
 } rr_journal_qitem_t;
 
 /* What became of one delivery attempt, or an operator's action. */
@@ -172,12 +175,16 @@ typedef void (*rr_journal_enqueue_cb)(void *ud, const rr_journal_qitem_t *item);
 void rr_journal_set_enqueue_cb(rr_journal_t *j, rr_journal_enqueue_cb cb, void *ud);
 /* rr_journal_queue_load: committed queue rows of destination with
  * id > after_id, in id order, at most limit; cb per row. Returns the number
- * of rows or RR_EIO. Pending and dead rows both come (item->dead). */
+ * of rows or RR_EIO. Pending and dead rows both come (item->dead). With
+ * payloads, each pending row's payload comes too (item->payload). */
 int rr_journal_queue_load(rr_journal_t *j, const char *destination, int64_t after_id, size_t limit,
-                          void (*cb)(void *ud, const rr_journal_qitem_t *item), void *ud);
-/* rr_journal_queue_payload: appends the row's payload to out and sets
- * *content_type ("hl7"/"json", static). RR_ENOTFOUND, RR_EIO, RR_ENOMEM. */
-int rr_journal_queue_payload(rr_journal_t *j, int64_t id, rr_buf_t *out, const char **content_type);
+                          bool payloads, void (*cb)(void *ud, const rr_journal_qitem_t *item),
+                          void *ud);
+/* rr_journal_queue_payload: appends the row's payload to out, sets
+ * *content_type ("hl7"/"json", static) and *message_id. RR_ENOTFOUND,
+ * RR_EIO, RR_ENOMEM. */
+int rr_journal_queue_payload(rr_journal_t *j, int64_t id, rr_buf_t *out, const char **content_type,
+                             int64_t *message_id);
 /* rr_journal_queue_record: queues the outcome of an attempt (copied); it
  * commits with the next batch; cb (may be NULL) after that commit. */
 int rr_journal_queue_record(rr_journal_t *j, const rr_journal_delivery_t *d, rr_journal_done_cb cb,

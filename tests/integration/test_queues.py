@@ -839,6 +839,10 @@ end
         self.assertEqual(json.loads(ok["body"]), {"control_id": ids["ok"], "mrn": "MRN-ok",
                                                   "note": "queued over https"})
         self.assertEqual(e.outcomes("h.ok"), ["delivered"])
+        # every history row names its message
+        self.assertEqual(e.sql("SELECT count(*) FROM deliveries d LEFT JOIN messages m"
+                               " ON m.id = d.message_id WHERE d.queue_id > 0 AND m.id IS NULL"),
+                         [(0,)])
         self.assertEqual(len(requests("/flaky/2/503")), 3)
         self.assertEqual(e.outcomes("h.flaky"), ["retry", "retry", "delivered"])
         self.assertEqual({r[0] for r in e.sql("SELECT detail FROM deliveries WHERE destination ="
