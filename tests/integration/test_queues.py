@@ -1133,6 +1133,61 @@ end
                 duplicates=len(got) - len(set(got)),
                 seconds=f"{time.monotonic() - self.t0:.1f}")
 
+    # ---- 7 ------------------------------------------------------------------
+    def test_7_retention(self):
+        """store.retention_days: messages older than that go, with their
+        history, and their pages go back to the file (page_count drops);
+        kept regardless: status error, and messages whose delivery is still
+        queued."""
+        ch = channel("ret", {"out": mllp_dest(free_port(), breaker_failures=0,
+                                              backoff_base_ms=1000, backoff_max_ms=5000)},
+                     script="ret.lua")
+        ch["on_script_error"] = "accept"
+        e = self.engine([ch], {"ret.lua": RETENTION_SCRIPT}).start()
+        old = [(f"P-{i}", f"MRN{i % 7}") for i in range(300)]
+        keep = [(f"Q-{i}", f"MRNQ{i}") for i in range(5)] + [(f"ERR-{i}", "MRNE") for i in range(5)]
+        self.send_all(e, [old, keep])
+        self.stop_ok(e)
+        self.assertEqual(e.scalar("SELECT count(*) FROM messages"), 310)
+        # two days pass
+        db = sqlite3.connect(e.store, timeout=10)
+        db.execute("UPDATE messages SET received_ms = received_ms - 2 * 86400000")
+        db.commit()
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        pages_before = db.execute("PRAGMA page_count").fetchone()[0]
+        db.close()
+        with open(e.config) as f:
+            cfg = json.load(f)
+        cfg["store"]["retention_days"] = 1
+        with open(e.config, "w") as f:
+            json.dump(cfg, f)
+        e.start()
+        e.wait_log("event=pruned", "messages=300", timeout=30)
+        left = {r[0] for r in e.sql("SELECT control_id FROM messages")}
+        self.assertEqual(left, {cid for cid, _ in keep})
+        self.assertEqual(e.scalar("SELECT count(*) FROM messages WHERE status = 'error'"), 5)
+        self.assertEqual(e.scalar("SELECT count(*) FROM queue"), 5)
+        self.stop_ok(e)
+        db = sqlite3.connect(e.store, timeout=10)
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        pages_after = db.execute("PRAGMA page_count").fetchone()[0]
+        self.assertEqual(db.execute("PRAGMA integrity_check").fetchone()[0], "ok")
+        db.close()
+        self.assertLess(pages_after, pages_before // 2,
+                        f"pages not given back: {pages_before} -> {pages_after}")
+        summary("case 7 retention", pruned=300, kept=len(left), pages_before=pages_before,
+                pages_after=pages_after, seconds=f"{time.monotonic() - self.t0:.1f}")
+
+
+RETENTION_SCRIPT = """
+function on_message(msg, ctx)
+  local id = msg:get("MSH-10")
+  if id:find("^ERR") then error("kept for review") end
+  if id:find("^Q") then ctx:route("out", msg) return end
+  ctx:filter("nothing to send")
+end
+"""
+
 
 def main():
     global RADRELAY, GEN_CERTS, NODE, PKI
