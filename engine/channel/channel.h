@@ -70,6 +70,14 @@ int rr_engine_reload_tls(rr_engine_t *e);
  * RR_ENOTFOUND / a negative code. */
 int rr_engine_replay(void *ud, int64_t message_id, const char *destination);
 
+/* rr_engine_inject (an rr_dispatch_inject_fn, ud: the engine): a message
+ * another channel routed to channel, handled as if it had arrived there
+ * (its own duplicate check, accept list, script, journal); done once it is
+ * kept. The caller keeps payload until this returns. RR_ENOTFOUND for an
+ * unknown channel. */
+int rr_engine_inject(void *ud, const char *channel, const char *payload, size_t len,
+                     rr_dispatch_inject_done done, void *done_ud);
+
 /* rr_channel_accepts: whether type ("ADT^A01") matches the accept list;
  * an entry "ADT^*" or "ADT" matches every ADT event. Pure. */
 bool rr_channel_accepts(char *const *accept, const char *type, const char *event);

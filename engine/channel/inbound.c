@@ -35,7 +35,10 @@ struct rr_engine {
 
 /* A reply waiting for the commit. */
 typedef struct pending_ack {
-  rr_mllp_conn_t *conn;
+  rr_mllp_conn_t *conn;         /* NULL for a message another channel routed here */
+  rr_dispatch_inject_done done; /* ... then told once it is kept (or not) */
+  void *done_ud;
+  bool refused; /* answered AE/AR: a routed message the channel did not take */
   rr_channel_t *ch;
   size_t len;     /* the ACK: data[0..len) */
   size_t nak_len; /* the NAK for a failed commit: data[len..len+nak_len) */
@@ -115,6 +118,17 @@ static void send_ack(void *ud, int status, int64_t id) {
   pending_ack_t *p = ud;
   rr_channel_t *ch = p->ch;
   (void)id;
+  if (!p->conn) { /* routed here by another channel */
+    if (status)
+      rr_log(RR_LOG_ERROR, "channel", "event=not_stored channel=%s source=channel error=\"%s\"",
+             ch->cfg.name, rr_strerror(status));
+    if (status == 0 && p->refused)
+      p->done(p->done_ud, RR_EINVAL, "refused by the channel (see its journal)");
+    else
+      p->done(p->done_ud, status, status ? "not kept by the channel's journal" : NULL);
+    free(p);
+    return;
+  }
   if (status == 0) {
     if (p->send_ack)
       rr_mllp_conn_reply(p->conn, p->data, p->len);
@@ -185,9 +199,15 @@ static int build_routes(const rr_channel_t *ch, const rr_hl7_msg_t *m, const cha
   return 0;
 }
 
-static void on_frame(void *ud, rr_mllp_conn_t *c, const char *data, size_t len, uint64_t offset) {
-  rr_channel_t *ch = ud;
+/* One inbound message, from a connection (c) or routed here by another
+ * channel (c NULL: done is told once it is kept). Returns 0, or for a
+ * routed message a negative code when nothing was queued (done not
+ * called). */
+static int process(rr_channel_t *ch, rr_mllp_conn_t *c, const char *data, size_t len,
+                   uint64_t offset, rr_dispatch_inject_done done, void *done_ud) {
   rr_engine_t *e = ch->engine;
+  const unsigned long long cid = c ? (unsigned long long)rr_mllp_conn_id(c) : 0;
+  const char *peer = c ? rr_mllp_conn_peer(c) : "channel";
   rr_hl7_msg_t *m = ch->msg;
   rr_hl7_error_t err;
   ch->received++;
@@ -223,23 +243,27 @@ static void on_frame(void *ud, rr_mllp_conn_t *c, const char *data, size_t len, 
   size_t nroutes = 0;
   rr_script_result_t sr;
   memset(&sr, 0, sizeof sr);
-  if (*ctl &&
-      rr_journal_find(e->journal, *app ? app : NULL, *fac ? fac : NULL, ctl, data, len, &dup) != 0)
+  if (*ctl && rr_journal_find(e->journal, ch->cfg.name, *app ? app : NULL, *fac ? fac : NULL, ctl,
+                              data, len, &dup) != 0)
     dup.found = false; /* the lookup failed: treat as new, the journal keeps both */
   if (dup.found && dup.same_content) {
     /* A resend: the stored answer again, byte for byte, in order behind
      * what this connection sent before; not processed a second time. */
     ch->duplicates++;
     rr_log(RR_LOG_INFO, "channel",
-           "event=duplicate channel=%s conn=%llu control_id=%s first_id=%lld", ch->cfg.name,
-           (unsigned long long)rr_mllp_conn_id(c), ctl, (long long)dup.id);
+           "event=duplicate channel=%s conn=%llu control_id=%s first_id=%lld", ch->cfg.name, cid,
+           ctl, (long long)dup.id);
     pending_ack_t *p = malloc(sizeof *p + dup.ack_len);
     if (!p) {
       free(dup.ack);
-      rr_mllp_conn_close(c);
-      return;
+      if (c)
+        rr_mllp_conn_close(c);
+      return RR_ENOMEM;
     }
     p->conn = c;
+    p->done = done;
+    p->done_ud = done_ud;
+    p->refused = false;
     p->ch = ch;
     p->len = dup.ack_len;
     p->nak_len = 0;
@@ -249,13 +273,16 @@ static void on_frame(void *ud, rr_mllp_conn_t *c, const char *data, size_t len, 
     if (dup.ack_len)
       memcpy(p->data, dup.ack, dup.ack_len);
     free(dup.ack);
-    rr_mllp_conn_hold(c);
+    if (c)
+      rr_mllp_conn_hold(c);
     if (rr_journal_add_barrier(e->journal, send_ack, p) != 0) {
-      rr_mllp_conn_release(c);
       free(p);
+      if (!c)
+        return RR_ENOMEM;
+      rr_mllp_conn_release(c);
       rr_mllp_conn_close(c);
     }
-    return;
+    return 0;
   }
   free(dup.ack);
   if (prc) {
@@ -268,8 +295,8 @@ static void on_frame(void *ud, rr_mllp_conn_t *c, const char *data, size_t len, 
     rr_log(RR_LOG_WARN, "channel",
            "event=parse_error channel=%s conn=%llu peer=%s control_id=%s offset=%llu hl7_code=%d "
            "detail=\"%s\"",
-           ch->cfg.name, (unsigned long long)rr_mllp_conn_id(c), rr_mllp_conn_peer(c), ctl,
-           (unsigned long long)(offset + 1 + err.offset), err.hl7_code, err.text);
+           ch->cfg.name, cid, peer, ctl, (unsigned long long)(offset + 1 + err.offset),
+           err.hl7_code, err.text);
   } else if (dup.found) {
     /* Same sender and control id, different content: refused, kept. */
     status = "rejected";
@@ -284,7 +311,7 @@ static void on_frame(void *ud, rr_mllp_conn_t *c, const char *data, size_t len, 
     nerr = 1;
     rr_log(RR_LOG_WARN, "channel",
            "event=duplicate_conflict channel=%s conn=%llu control_id=%s first_id=%lld",
-           ch->cfg.name, (unsigned long long)rr_mllp_conn_id(c), ctl, (long long)dup.id);
+           ch->cfg.name, cid, ctl, (long long)dup.id);
   } else if (!rr_channel_accepts(ch->cfg.accept, type, event)) {
     status = "rejected";
     kind = RR_HL7_REJECT;
@@ -297,10 +324,10 @@ static void on_frame(void *ud, rr_mllp_conn_t *c, const char *data, size_t len, 
     snprintf(etext, sizeof etext, "%s", ack_err.text);
     nerr = 1;
     rr_log(RR_LOG_WARN, "channel", "event=rejected channel=%s conn=%llu control_id=%s type=%s^%s",
-           ch->cfg.name, (unsigned long long)rr_mllp_conn_id(c), ctl, type, event);
+           ch->cfg.name, cid, ctl, type, event);
   } else if (ch->script) {
     /* The channel's script decides: route, filter, reject, or fail. */
-    rr_script_input_t in = {data, len, rr_mllp_conn_peer(c), ctl};
+    rr_script_input_t in = {data, len, peer, ctl};
     if (rr_script_run(ch->script, &in, &sr) != 0) {
       sr.verdict = RR_SCRIPT_ERROR;
       snprintf(sr.reason, sizeof sr.reason, "out of memory building the script's result");
@@ -336,7 +363,7 @@ static void on_frame(void *ud, rr_mllp_conn_t *c, const char *data, size_t len, 
       snprintf(etext, sizeof etext, "%s", sr.reason);
       nerr = 1;
       rr_log(RR_LOG_WARN, "channel", "event=script_rejected channel=%s conn=%llu control_id=%s",
-             ch->cfg.name, (unsigned long long)rr_mllp_conn_id(c), ctl);
+             ch->cfg.name, cid, ctl);
       break;
     default:
       /* Kept with the script's file:line and message, for review. */
@@ -398,13 +425,17 @@ static void on_frame(void *ud, rr_mllp_conn_t *c, const char *data, size_t len, 
     rr_buf_close(&ack);
     free(routes);
     rr_script_result_close(&sr);
-    rr_mllp_conn_close(c);
-    return;
+    if (c)
+      rr_mllp_conn_close(c);
+    return RR_ENOMEM;
   }
   p->conn = c;
+  p->done = done;
+  p->done_ud = done_ud;
   p->ch = ch;
   p->send_ack = r2 || rr_hl7_ack_wanted(m, code);
   p->send_nak = r2 || rr_hl7_ack_wanted(m, nak_code);
+  p->refused = kind != RR_HL7_ACCEPT;
   p->len = ack_len;
   p->nak_len = nak_end - ack_len;
   p->app_len = ack.len - nak_end;
@@ -414,7 +445,7 @@ static void on_frame(void *ud, rr_mllp_conn_t *c, const char *data, size_t len, 
   char fulltype[72];
   snprintf(fulltype, sizeof fulltype, "%s%s%s", type, *event ? "^" : "", event);
   rr_journal_entry_t je = {.channel = ch->cfg.name,
-                           .peer = rr_mllp_conn_peer(c),
+                           .peer = peer,
                            .received_ms = now,
                            .sending_app = *app ? app : NULL,
                            .sending_facility = *fac ? fac : NULL,
@@ -429,18 +460,21 @@ static void on_frame(void *ud, rr_mllp_conn_t *c, const char *data, size_t len, 
                            .raw_len = len,
                            .ack = p->send_ack ? p->data : NULL,
                            .ack_len = p->send_ack ? p->len : 0,
-                           .source = ((uint64_t)(uintptr_t)ch << 20) ^ rr_mllp_conn_id(c),
+                           .source = c ? ((uint64_t)(uintptr_t)ch << 20) ^ cid : 0,
                            .routes = routes,
                            .nroutes = nroutes};
-  rr_mllp_conn_hold(c);
+  if (c)
+    rr_mllp_conn_hold(c);
   int arc = rr_journal_add(e->journal, &je, send_ack, p);
   free(routes);
   rr_script_result_close(&sr);
   if (arc != 0) {
-    rr_mllp_conn_release(c);
     free(p);
+    if (!c)
+      return arc;
+    rr_mllp_conn_release(c);
     rr_mllp_conn_close(c);
-    return;
+    return 0;
   }
   if (kind == RR_HL7_ACCEPT)
     ch->accepted++;
@@ -449,7 +483,25 @@ static void on_frame(void *ud, rr_mllp_conn_t *c, const char *data, size_t len, 
   else
     ch->rejected++;
   rr_log(RR_LOG_DEBUG, "channel", "event=received channel=%s conn=%llu control_id=%s type=%s",
-         ch->cfg.name, (unsigned long long)rr_mllp_conn_id(c), ctl, fulltype);
+         ch->cfg.name, cid, ctl, fulltype);
+  return 0;
+}
+
+static void on_frame(void *ud, rr_mllp_conn_t *c, const char *data, size_t len, uint64_t offset) {
+  process(ud, c, data, len, offset, NULL, NULL);
+}
+
+int rr_engine_inject(void *ud, const char *channel, const char *payload, size_t len,
+                     rr_dispatch_inject_done done, void *done_ud) {
+  rr_engine_t *e = ud;
+  rr_channel_t *ch = e->channels;
+  while (ch && strcmp(ch->cfg.name, channel) != 0)
+    ch = ch->next;
+  if (!ch)
+    return RR_ENOTFOUND;
+  if (e->stopping)
+    return UV_ECANCELED;
+  return process(ch, NULL, payload, len, 0, done, done_ud);
 }
 
 int rr_engine_replay(void *ud, int64_t message_id, const char *destination) {

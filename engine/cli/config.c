@@ -250,7 +250,9 @@ static void load_destinations(ctx_t *c, json_t *obj, const char *base, rr_channe
     snprintf(x->name, sizeof x->name, "%s.%s", ch->name, name);
     char type[16] = "";
     get_string(c, d, "type", path, type, sizeof type, NULL);
-    x->kind = strcmp(type, "http") == 0 ? RR_DEST_HTTP : RR_DEST_MLLP;
+    x->kind = strcmp(type, "http") == 0      ? RR_DEST_HTTP
+              : strcmp(type, "channel") == 0 ? RR_DEST_CHANNEL
+                                             : RR_DEST_MLLP;
     uint64_t v;
     if (x->kind == RR_DEST_MLLP) {
       get_string(c, d, "host", path, x->host, sizeof x->host, NULL);
@@ -276,6 +278,8 @@ static void load_destinations(ctx_t *c, json_t *obj, const char *base, rr_channe
       if (rel[0] && join_path(base, rel, x->token_file, sizeof x->token_file))
         problem(c, path, "bearer_token_file: path too long");
       get_uint(c, d, "timeout_ms", path, 1, UINT32_MAX, &x->timeout_ms);
+    } else if (x->kind == RR_DEST_CHANNEL) {
+      get_string(c, d, "channel", path, x->channel, sizeof x->channel, NULL);
     }
     get_uint(c, d, "connect_timeout_ms", path, 1, UINT32_MAX, &x->connect_timeout_ms);
     json_t *tls = json_object_get(d, "tls");
@@ -610,6 +614,21 @@ int rr_config_load(const char *path, rr_config_t *cfg, rr_buf_t *err) {
     for (size_t k = 0; k < i; k++)
       if (strcmp(cfg->channels[i].name, cfg->channels[k].name) == 0)
         problem(&c, "$.channels", "two channels are named \"%s\"", cfg->channels[i].name);
+  /* A channel destination names a channel of this configuration. */
+  for (size_t i = 0; i < cfg->nchannels; i++)
+    for (size_t k = 0; k < cfg->channels[i].ndestinations; k++) {
+      const rr_destination_config_t *x = &cfg->channels[i].destinations[k];
+      bool found = x->kind != RR_DEST_CHANNEL;
+      for (size_t m = 0; m < cfg->nchannels && !found; m++)
+        found = strcmp(cfg->channels[m].name, x->channel) == 0;
+      if (!found) {
+        char p[200];
+        snprintf(p, sizeof p, "$.destinations.%s.channel", x->short_name);
+        ctx_t cc = {cfg->channels[i].name, err, 0};
+        problem(&cc, p, "no channel named \"%s\" in this configuration", x->channel);
+        c.bad++;
+      }
+    }
 out:
   json_decref(root);
   return c.bad ? RR_EINVAL : 0;

@@ -457,7 +457,12 @@ static void on_http_done(void *ud, rr_http_transfer_t *t, const rr_http_response
 
 static void on_injected(void *ud, int status, const char *detail) {
   attempt_t *a = ud;
-  finish(a, status == 0 ? RR_QSCHED_OK : RR_QSCHED_RETRY, status ? detail : NULL, NULL, 0);
+  /* Refused by the channel (its accept list, its script): never taken. */
+  finish(a,
+         status == 0           ? RR_QSCHED_OK
+         : status == RR_EINVAL ? RR_QSCHED_PERMANENT
+                               : RR_QSCHED_RETRY,
+         status ? detail : NULL, NULL, 0);
 }
 
 /* Starts one delivery of row id. */

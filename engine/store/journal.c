@@ -86,8 +86,11 @@ static const char schema[] =
     " error TEXT,"
     " raw BLOB NOT NULL,"
     " ack BLOB);"
-    "CREATE INDEX IF NOT EXISTS messages_control ON messages(control_id, sending_app, "
-    "sending_facility);"
+    /* Duplicates are per channel (a resend comes to the channel it was sent
+     * to); the index also covers the fingerprint load at open. */
+    "DROP INDEX IF EXISTS messages_control;"
+    "CREATE INDEX IF NOT EXISTS messages_dedupe ON messages(control_id, sending_app, "
+    "sending_facility, channel);"
     "CREATE INDEX IF NOT EXISTS messages_mrn ON messages(mrn) WHERE mrn IS NOT NULL;"
     "CREATE INDEX IF NOT EXISTS messages_accession ON messages(accession) WHERE accession IS NOT "
     "NULL;"
@@ -160,8 +163,8 @@ static uint64_t fp_mix(uint64_t h, const char *s) {
   }
 }
 
-static uint64_t fp_hash(const char *app, const char *fac, const char *ctl) {
-  uint64_t h = fp_mix(fp_mix(fp_mix(0xcbf29ce484222325ull, app), fac), ctl);
+static uint64_t fp_hash(const char *channel, const char *app, const char *fac, const char *ctl) {
+  uint64_t h = fp_mix(fp_mix(fp_mix(fp_mix(0xcbf29ce484222325ull, channel), app), fac), ctl);
   h ^= h >> 29; /* spread the low bits, which pick the slot */
   h *= 0xbf58476d1ce4e5b9ull;
   return h ^ (h >> 32);
@@ -222,8 +225,8 @@ static int fp_add(rr_journal_t *j, uint32_t t) {
 static int fp_load(rr_journal_t *j, char **errmsg) {
   sqlite3_stmt *st = NULL;
   int rc = prepare(j->rdb,
-                   "SELECT sending_app, sending_facility, control_id FROM messages"
-                   " INDEXED BY messages_control WHERE control_id IS NOT NULL",
+                   "SELECT sending_app, sending_facility, control_id, channel FROM messages"
+                   " INDEXED BY messages_dedupe WHERE control_id IS NOT NULL",
                    &st, errmsg);
   while (rc == 0) {
     int step = sqlite3_step(st);
@@ -233,7 +236,8 @@ static int fp_load(rr_journal_t *j, char **errmsg) {
       rc = fail(j->rdb, "load control ids", errmsg);
       break;
     }
-    rc = fp_add(j, fp_tag(fp_hash((const char *)sqlite3_column_text(st, 0),
+    rc = fp_add(j, fp_tag(fp_hash((const char *)sqlite3_column_text(st, 3),
+                                  (const char *)sqlite3_column_text(st, 0),
                                   (const char *)sqlite3_column_text(st, 1),
                                   (const char *)sqlite3_column_text(st, 2))));
   }
@@ -291,7 +295,8 @@ int rr_journal_open(uv_loop_t *loop, const char *path, rr_journal_sync_t sync, r
       (rc = prepare(j->wdb, "ROLLBACK", &j->rollback, errmsg)) ||
       (rc = prepare(j->rdb,
                     "SELECT id, length(raw), ack FROM messages WHERE control_id = ?1"
-                    " AND sending_app IS ?2 AND sending_facility IS ?3 ORDER BY id LIMIT 1",
+                    " AND sending_app IS ?2 AND sending_facility IS ?3 AND channel = ?4"
+                    " ORDER BY id LIMIT 1",
                     &j->find, errmsg)) ||
       (rc = prepare(j->rdb, "SELECT raw FROM messages WHERE id = ?", &j->find_raw, errmsg)) ||
       (rc = prepare(j->rdb, "SELECT count(*) FROM messages", &j->count, errmsg)) ||
@@ -478,7 +483,7 @@ static int add_entry(rr_journal_t *j, const rr_journal_entry_t *e, rr_journal_do
   if (e->nroutes && copy_routes(p, e->routes, e->nroutes))
     return RR_ENOMEM;
   if (!kv && e->control_id && *e->control_id &&
-      fp_add(j, fp_tag(fp_hash(e->sending_app, e->sending_facility, e->control_id))))
+      fp_add(j, fp_tag(fp_hash(e->channel, e->sending_app, e->sending_facility, e->control_id))))
     return RR_ENOMEM;
   const char *strs[] = {e->channel,      e->peer,       e->sending_app, e->sending_facility,
                         e->message_type, e->control_id, e->mrn,         e->accession,
@@ -886,13 +891,14 @@ static bool same_str(const char *a, const char *b) {
   return (!a && !b) || (a && b && strcmp(a, b) == 0);
 }
 
-static bool find_in(const batch_t *b, const char *app, const char *fac, const char *ctl,
-                    const void *raw, size_t raw_len, rr_journal_dup_t *out) {
+static bool find_in(const batch_t *b, const char *channel, const char *app, const char *fac,
+                    const char *ctl, const void *raw, size_t raw_len, rr_journal_dup_t *out) {
   for (size_t i = 0; i < b->n; i++) {
     const rr_journal_entry_t *e = &b->v[i].e;
     if (b->v[i].barrier || b->v[i].kv || b->v[i].delivery || b->v[i].replay || b->v[i].ops_upto ||
         b->v[i].prune_before || !e->control_id || strcmp(e->control_id, ctl) != 0 ||
-        !same_str(e->sending_app, app) || !same_str(e->sending_facility, fac))
+        !same_str(e->sending_app, app) || !same_str(e->sending_facility, fac) ||
+        !same_str(e->channel, channel))
       continue;
     out->found = true;
     out->committed = false;
@@ -904,16 +910,19 @@ static bool find_in(const batch_t *b, const char *app, const char *fac, const ch
   return false;
 }
 
-int rr_journal_find(rr_journal_t *j, const char *app, const char *facility, const char *control_id,
-                    const void *raw, size_t raw_len, rr_journal_dup_t *out) {
+int rr_journal_find(rr_journal_t *j, const char *channel, const char *app, const char *facility,
+                    const char *control_id, const void *raw, size_t raw_len,
+                    rr_journal_dup_t *out) {
   memset(out, 0, sizeof *out);
-  if (!control_id || !*control_id || !fp_has(j, fp_tag(fp_hash(app, facility, control_id))))
+  if (!control_id || !*control_id ||
+      !fp_has(j, fp_tag(fp_hash(channel, app, facility, control_id))))
     return 0;
   /* Oldest first: committed rows, then the batch in flight, then the queue. */
   sqlite3_stmt *st = j->find;
   bind_text(st, 1, control_id);
   bind_text(st, 2, app);
   bind_text(st, 3, facility);
+  bind_text(st, 4, channel);
   int rc = sqlite3_step(st);
   int result = 0;
   if (rc == SQLITE_ROW) {
@@ -942,8 +951,8 @@ int rr_journal_find(rr_journal_t *j, const char *app, const char *facility, cons
   }
   sqlite3_reset(st);
   sqlite3_clear_bindings(st);
-  if (!out->found && !find_in(&j->flight, app, facility, control_id, raw, raw_len, out))
-    find_in(&j->queue, app, facility, control_id, raw, raw_len, out);
+  if (!out->found && !find_in(&j->flight, channel, app, facility, control_id, raw, raw_len, out))
+    find_in(&j->queue, channel, app, facility, control_id, raw, raw_len, out);
   return result;
 }
 

@@ -144,11 +144,11 @@ bool rr_journal_idle(const rr_journal_t *j);
  * becomes idle after a kick; for shutdown. */
 void rr_journal_set_idle_cb(rr_journal_t *j, void (*cb)(void *ud), void *ud);
 size_t rr_journal_pending(const rr_journal_t *j);
-/* rr_journal_find: an earlier message from (app, facility) with this
- * control id, among queued, in-flight and committed ones; compares raw.
- * The earliest such message wins. */
-int rr_journal_find(rr_journal_t *j, const char *app, const char *facility, const char *control_id,
-                    const void *raw, size_t raw_len, rr_journal_dup_t *out);
+/* rr_journal_find: an earlier message of channel from (app, facility)
+ * with this control id, among queued, in-flight and committed ones;
+ * compares raw. The earliest such message wins. */
+int rr_journal_find(rr_journal_t *j, const char *channel, const char *app, const char *facility,
+                    const char *control_id, const void *raw, size_t raw_len, rr_journal_dup_t *out);
 /* Counters since open (loop thread). */
 typedef struct rr_journal_stats {
   uint64_t commits, entries, max_batch, failed_commits;

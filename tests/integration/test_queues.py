@@ -1178,6 +1178,50 @@ end
         summary("case 7 retention", pruned=300, kept=len(left), pages_before=pages_before,
                 pages_after=pages_after, seconds=f"{time.monotonic() - self.t0:.1f}")
 
+    # ---- 8 ------------------------------------------------------------------
+    def test_8_channel_destination(self):
+        """A destination of type channel: the payload is handled by the other
+        channel as if it had arrived there (its own journal row, accept list
+        and duplicate check); a message the other channel refuses (not on its
+        accept list) is a dead letter at once; a replay reaches the other
+        channel's duplicate check and is answered from its journal."""
+        front = channel("front", {"back": {"type": "channel", "channel": "back"}},
+                        script="front.lua")
+        front["accept"] = ["ADT^A01", "ADT^A08"]
+        back = {"name": "back", "source": {"type": "mllp", "host": HOST, "port": 0},
+                "accept": ["ADT^A01"], "hl7": {"strict": False}}
+        script = """
+function on_message(msg, ctx)
+  ctx:route("back", msg)
+end
+"""
+        e = self.engine([front, back], {"front.lua": script}).start()
+        msgs = [(f"CH-{i}", f"MRN{i % 3}") for i in range(20)]
+        self.send_all(e, [msgs])
+        self.wait_drained(e, 20, "front.back")
+        got = e.sql("SELECT control_id FROM messages WHERE channel = 'back' ORDER BY id")
+        self.assertEqual([r[0] for r in got], [cid for cid, _ in msgs])
+        self.assertEqual(e.outcomes("front.back"), ["delivered"] * len(msgs))
+        # an ADT^A08 the back channel does not accept: dead at once
+        a08 = make_msg("CH-A08", "MRN9").replace(b"ADT^A01", b"ADT^A08")
+        s = Senders(e.port("front"), [[("CH-A08", "MRN9")]], make=lambda cid, mrn: a08)
+        self.assertTrue(s.join(30))
+        self.assertEqual(s.naks, [])
+        wait_for(lambda: e.queue_counts("front.back") == {"pending": 0, "dead": 1}, 15,
+                 f"the refused one dead ({e.queue_counts('front.back')})")
+        self.assertEqual(e.scalar("SELECT status FROM messages WHERE channel = 'back'"
+                                  " AND control_id = 'CH-A08'"), "rejected")
+        # a replay to the back channel: its duplicate check answers, nothing new
+        (mid,) = e.sql("SELECT id FROM messages WHERE channel = 'front' AND control_id = 'CH-0'")[0]
+        r = e.cli("replay", "--to", "front.back", "--id", str(mid))
+        self.assertEqual(r.returncode, 0, r.stderr)
+        e.wait_log("event=duplicate", "channel=back", "control_id=CH-0")
+        self.assertEqual(e.scalar("SELECT count(*) FROM messages WHERE channel = 'back'"
+                                  " AND control_id = 'CH-0'"), 1)
+        self.stop_ok(e)
+        summary("case 8 channel", messages=len(msgs) + 1,
+                seconds=f"{time.monotonic() - self.t0:.1f}")
+
 
 RETENTION_SCRIPT = """
 function on_message(msg, ctx)
