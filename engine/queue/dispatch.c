@@ -722,6 +722,19 @@ int rr_dispatch_add(rr_dispatch_t *d, const rr_destination_config_t *cfg, rr_buf
   return 0;
 }
 
+/* The message a queue row delivers (0 when the row is gone), for the
+ * history of operator actions. */
+static int64_t message_of(rr_dispatch_t *d, int64_t id) {
+  rr_buf_t b;
+  rr_buf_init(&b, (size_t)1 << 30);
+  const char *ct;
+  int64_t mid = 0;
+  if (rr_journal_queue_payload(d->journal, id, &b, &ct, &mid) != 0)
+    mid = 0;
+  rr_buf_close(&b);
+  return mid;
+}
+
 int rr_dispatch_retry(rr_dispatch_t *d, const char *name, int64_t id) {
   dest_t *x = find_dest(d, name);
   if (!x)
@@ -735,6 +748,7 @@ int rr_dispatch_retry(rr_dispatch_t *d, const char *name, int64_t id) {
     if ((rc = rr_qsched_retry(x->s, id)) != 0)
       return rc;
     rec.queue_id = id;
+    rec.message_id = message_of(d, id);
   } else {
     /* queue_id 0: every dead row of the destination, in the store too. */
     rr_qsched_retry_all_dead(x->s);
@@ -753,6 +767,7 @@ int rr_dispatch_drop(rr_dispatch_t *d, const char *name, int64_t id) {
     return rc;
   free(cache_take(x, id));
   rr_journal_delivery_t rec = {.queue_id = id,
+                               .message_id = message_of(d, id),
                                .destination = x->cfg.name,
                                .outcome = RR_JOURNAL_DROPPED,
                                .at_ms = wall_ms(),
