@@ -38,7 +38,8 @@ typedef struct pending_ack {
   rr_mllp_conn_t *conn;         /* NULL for a message another channel routed here */
   rr_dispatch_inject_done done; /* ... then told once it is kept (or not) */
   void *done_ud;
-  bool refused; /* answered AE/AR: a routed message the channel did not take */
+  bool refused;  /* answered AE/AR: a routed message the channel did not take */
+  char ctl[128]; /* MSH-10, for logs */
   rr_channel_t *ch;
   size_t len;     /* the ACK: data[0..len) */
   size_t nak_len; /* the NAK for a failed commit: data[len..len+nak_len) */
@@ -120,8 +121,9 @@ static void send_ack(void *ud, int status, int64_t id) {
   (void)id;
   if (!p->conn) { /* routed here by another channel */
     if (status)
-      rr_log(RR_LOG_ERROR, "channel", "event=not_stored channel=%s source=channel error=\"%s\"",
-             ch->cfg.name, rr_strerror(status));
+      rr_log(RR_LOG_ERROR, "channel",
+             "event=not_stored channel=%s source=channel control_id=%s error=\"%s\"", ch->cfg.name,
+             p->ctl, rr_strerror(status));
     if (status == 0 && p->refused)
       p->done(p->done_ud, RR_EINVAL, "refused by the channel (see its journal)");
     else
@@ -142,8 +144,10 @@ static void send_ack(void *ud, int status, int64_t id) {
       rr_mllp_conn_reply(p->conn, p->data + p->len, p->nak_len);
     else
       rr_mllp_conn_done(p->conn);
-    rr_log(RR_LOG_ERROR, "channel", "event=not_stored channel=%s conn=%llu error=\"%s\"",
-           ch->cfg.name, (unsigned long long)rr_mllp_conn_id(p->conn), rr_strerror(status));
+    rr_log(RR_LOG_ERROR, "channel",
+           "event=not_stored channel=%s conn=%llu control_id=%s error=\"%s\" detail=\"answered "
+           "resend later; the cause is in event=commit_failed\"",
+           ch->cfg.name, (unsigned long long)rr_mllp_conn_id(p->conn), p->ctl, rr_strerror(status));
   }
   rr_mllp_conn_release(p->conn);
   free(p);
@@ -264,6 +268,7 @@ static int process(rr_channel_t *ch, rr_mllp_conn_t *c, const char *data, size_t
     p->done = done;
     p->done_ud = done_ud;
     p->refused = false;
+    snprintf(p->ctl, sizeof p->ctl, "%s", ctl);
     p->ch = ch;
     p->len = dup.ack_len;
     p->nak_len = 0;
@@ -436,6 +441,7 @@ static int process(rr_channel_t *ch, rr_mllp_conn_t *c, const char *data, size_t
   p->send_ack = r2 || rr_hl7_ack_wanted(m, code);
   p->send_nak = r2 || rr_hl7_ack_wanted(m, nak_code);
   p->refused = kind != RR_HL7_ACCEPT;
+  snprintf(p->ctl, sizeof p->ctl, "%s", ctl);
   p->len = ack_len;
   p->nak_len = nak_end - ack_len;
   p->app_len = ack.len - nak_end;
