@@ -19,8 +19,9 @@ typedef struct pending {
   bool delivery;  /* an attempt's outcome: in d, strings in blob */
   bool replay;    /* routes only, for message replay_of (queued again) */
   int64_t replay_of;
-  int64_t ops_upto;     /* > 0: delete queue_ops rows up to this id */
-  int64_t prune_before; /* > 0: remove messages received before (prune_limit at most) */
+  int64_t ops_upto;                /* > 0: delete queue_ops rows up to this id */
+  int64_t prune_before;            /* > 0: remove messages received before (prune_limit at most) */
+  rr_journal_instance_t *instance; /* a DICOM instance (strings in blob) */
   unsigned prune_limit;
   rr_journal_delivery_t d;
   rr_journal_done_cb cb;
@@ -124,6 +125,24 @@ static const char schema[] =
     " detail TEXT,"
     " response BLOB);"
     "CREATE INDEX IF NOT EXISTS deliveries_message ON deliveries(message_id);"
+    "CREATE TABLE IF NOT EXISTS instances("
+    " sop_instance_uid TEXT PRIMARY KEY,"
+    " study_uid TEXT NOT NULL, series_uid TEXT NOT NULL, sop_class_uid TEXT NOT NULL,"
+    " channel TEXT NOT NULL, calling_ae TEXT, peer TEXT,"
+    " path TEXT NOT NULL, size INTEGER NOT NULL,"
+    " patient_id TEXT, accession TEXT, modality TEXT, body_part TEXT, description TEXT,"
+    " study_date TEXT, study_time TEXT, series_number TEXT, instance_number TEXT,"
+    " received_ms INTEGER NOT NULL) WITHOUT ROWID;"
+    "CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid);"
+    "CREATE TABLE IF NOT EXISTS studies("
+    " study_uid TEXT PRIMARY KEY,"
+    " channel TEXT NOT NULL,"
+    " patient_id TEXT, accession TEXT, modality TEXT, body_part TEXT, description TEXT,"
+    " study_date TEXT, study_time TEXT,"
+    " instances INTEGER NOT NULL,"
+    " first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL,"
+    " state TEXT NOT NULL) WITHOUT ROWID;" /* arriving (stable, dispatched: later) */
+    "CREATE INDEX IF NOT EXISTS studies_accession ON studies(accession);"
     "CREATE TABLE IF NOT EXISTS queue_ops("
     " id INTEGER PRIMARY KEY,"
     " op TEXT NOT NULL," /* retry, retry_dead, drop, replay */
@@ -712,6 +731,60 @@ static int prune_write(rr_journal_t *j, pending_t *p) {
   return 0;
 }
 
+static int instance_write(rr_journal_t *j, pending_t *p) {
+  static const char *const sql[] = {
+      "INSERT INTO instances(sop_instance_uid, study_uid, series_uid, sop_class_uid, channel,"
+      " calling_ae, peer, path, size, patient_id, accession, modality, body_part, description,"
+      " study_date, study_time, series_number, instance_number, received_ms)"
+      " VALUES(?3,?4,?5,?6,?1,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?2)"
+      " ON CONFLICT(sop_instance_uid) DO UPDATE SET path = excluded.path, size = excluded.size,"
+      " received_ms = excluded.received_ms",
+      "INSERT INTO studies(study_uid, channel, patient_id, accession, modality, body_part,"
+      " description, study_date, study_time, instances, first_ms, last_ms, state)"
+      " VALUES(?4, ?1, ?11, ?12, ?13, ?14, ?15, ?16, ?17, 1, ?2, ?2, 'arriving')"
+      " ON CONFLICT(study_uid) DO UPDATE SET last_ms = excluded.last_ms,"
+      " instances = (SELECT count(*) FROM instances WHERE study_uid = excluded.study_uid)"};
+  const rr_journal_instance_t *in = p->instance;
+  const char *text[] = {in->channel,
+                        NULL,
+                        in->sop_instance_uid,
+                        in->study_uid,
+                        in->series_uid,
+                        in->sop_class_uid,
+                        in->calling_ae,
+                        in->peer,
+                        in->path,
+                        NULL,
+                        in->patient_id,
+                        in->accession,
+                        in->modality,
+                        in->body_part,
+                        in->description,
+                        in->study_date,
+                        in->study_time,
+                        in->series_number,
+                        in->instance_number};
+  for (int k = 0; k < 2; k++) {
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v3(j->wdb, sql[k], -1, SQLITE_PREPARE_PERSISTENT, &st, NULL) != SQLITE_OK)
+      return RR_EIO;
+    int np = sqlite3_bind_parameter_count(st);
+    for (int i = 1; i <= np && i <= 19; i++) {
+      if (i == 2)
+        sqlite3_bind_int64(st, i, in->received_ms);
+      else if (i == 10)
+        sqlite3_bind_int64(st, i, (sqlite3_int64)in->size);
+      else
+        bind_text(st, i, text[i - 1] && *text[i - 1] ? text[i - 1] : NULL);
+    }
+    int rc = sqlite3_step(st);
+    sqlite3_finalize(st);
+    if (rc != SQLITE_DONE)
+      return RR_EIO;
+  }
+  return 0;
+}
+
 static int ops_delete(rr_journal_t *j, pending_t *p) {
   sqlite3_bind_int64(j->ops_delete, 1, p->ops_upto);
   return step_once(j->ops_delete);
@@ -732,6 +805,8 @@ static void commit_work(uv_work_t *w) {
       rc = ops_delete(j, &b->v[i]);
     else if (b->v[i].prune_before)
       rc = prune_write(j, &b->v[i]);
+    else if (b->v[i].instance)
+      rc = instance_write(j, &b->v[i]);
     else if (b->v[i].delivery)
       rc = delivery_write(j, &b->v[i]);
     else if (!b->v[i].barrier)
@@ -790,7 +865,7 @@ static void finish_flight(rr_journal_t *j) {
   size_t entries = 0;
   for (size_t i = 0; i < b.n; i++)
     entries += !b.v[i].barrier && !b.v[i].kv && !b.v[i].delivery && !b.v[i].replay &&
-               !b.v[i].ops_upto && !b.v[i].prune_before;
+               !b.v[i].ops_upto && !b.v[i].prune_before && !b.v[i].instance;
   j->last_batch = entries;
   if (entries)
     learn_sources(j, &b);
@@ -896,9 +971,9 @@ static bool find_in(const batch_t *b, const char *channel, const char *app, cons
   for (size_t i = 0; i < b->n; i++) {
     const rr_journal_entry_t *e = &b->v[i].e;
     if (b->v[i].barrier || b->v[i].kv || b->v[i].delivery || b->v[i].replay || b->v[i].ops_upto ||
-        b->v[i].prune_before || !e->control_id || strcmp(e->control_id, ctl) != 0 ||
-        !same_str(e->sending_app, app) || !same_str(e->sending_facility, fac) ||
-        !same_str(e->channel, channel))
+        b->v[i].prune_before || b->v[i].instance || !e->control_id ||
+        strcmp(e->control_id, ctl) != 0 || !same_str(e->sending_app, app) ||
+        !same_str(e->sending_facility, fac) || !same_str(e->channel, channel))
       continue;
     out->found = true;
     out->committed = false;
@@ -1181,6 +1256,40 @@ int rr_journal_prune(rr_journal_t *j, int64_t cutoff_ms, unsigned limit, rr_jour
     return RR_ENOMEM;
   p->prune_before = cutoff_ms > 0 ? cutoff_ms : 1;
   p->prune_limit = limit ? limit : 1;
+  p->cb = cb;
+  p->ud = ud;
+  j->queue.n++;
+  return 0;
+}
+
+int rr_journal_add_instance(rr_journal_t *j, const rr_journal_instance_t *in, rr_journal_done_cb cb,
+                            void *ud) {
+  const char *strs[] = {in->channel,        in->calling_ae,       in->peer,       in->path,
+                        in->sop_class_uid,  in->sop_instance_uid, in->study_uid,  in->series_uid,
+                        in->patient_id,     in->accession,        in->modality,   in->body_part,
+                        in->description,    in->study_date,       in->study_time, in->series_number,
+                        in->instance_number};
+  size_t need = sizeof(rr_journal_instance_t);
+  for (size_t i = 0; i < sizeof strs / sizeof strs[0]; i++)
+    need += (strs[i] ? strlen(strs[i]) : 0) + 1;
+  pending_t *p = slot(&j->queue);
+  if (!p)
+    return RR_ENOMEM;
+  char *blob = malloc(need);
+  if (!blob)
+    return RR_ENOMEM;
+  rr_journal_instance_t *c = (rr_journal_instance_t *)(void *)blob;
+  *c = *in;
+  char *w = blob + sizeof *c;
+  const char **dst[] = {&c->channel,        &c->calling_ae,       &c->peer,       &c->path,
+                        &c->sop_class_uid,  &c->sop_instance_uid, &c->study_uid,  &c->series_uid,
+                        &c->patient_id,     &c->accession,        &c->modality,   &c->body_part,
+                        &c->description,    &c->study_date,       &c->study_time, &c->series_number,
+                        &c->instance_number};
+  for (size_t i = 0; i < sizeof strs / sizeof strs[0]; i++)
+    *dst[i] = put_str(&w, strs[i] ? strs[i] : "");
+  p->instance = c;
+  p->blob = blob;
   p->cb = cb;
   p->ud = ud;
   j->queue.n++;

@@ -224,6 +224,25 @@ int rr_journal_ops_take(rr_journal_t *j, void (*cb)(void *ud, const rr_journal_o
 int rr_journal_prune(rr_journal_t *j, int64_t cutoff_ms, unsigned limit, rr_journal_done_cb cb,
                      void *ud);
 
+/* ---- studies ---------------------------------------------------------------
+ * Table instances: one row per stored DICOM instance (its spool file and
+ * header fields); table studies: one row per Study Instance UID with the
+ * count of its instances and when the first and the last came. */
+typedef struct rr_journal_instance {
+  const char *channel, *calling_ae, *peer, *path;
+  const char *sop_class_uid, *sop_instance_uid, *study_uid, *series_uid;
+  const char *patient_id, *accession, *modality, *body_part, *description;
+  const char *study_date, *study_time, *series_number, *instance_number;
+  uint64_t size;
+  int64_t received_ms;
+} rr_journal_instance_t;
+/* rr_journal_add_instance: queues the instance (copied) for the next batch;
+ * a SOP Instance UID already stored keeps its first row (the new file is
+ * recorded in place of the old). cb (may be NULL) after the commit.
+ * RR_ENOMEM. */
+int rr_journal_add_instance(rr_journal_t *j, const rr_journal_instance_t *in, rr_journal_done_cb cb,
+                            void *ud);
+
 /* rr_journal_count: rows in the journal (for tools and tests). */
 int64_t rr_journal_count(rr_journal_t *j);
 
