@@ -29,11 +29,18 @@ typedef struct rr_channel_config {
   bool tls;         /* the source speaks TLS, with tls_cfg (strings below) */
   rr_tls_config_t tls_cfg;
   char tls_cert[1024], tls_key[1024], tls_ca[1024], tls_crl[1024];
-  char **tls_allow;      /* owned, tls_cfg.nallow entries */
-  char script[1024];     /* the channel's Lua script; "" = none */
-  char script_lib[1024]; /* folder of shared modules for require */
-  int on_script_error;   /* answer when the script fails: RR_HL7_ERROR (AE, default),
-                            RR_HL7_REJECT (AR) or RR_HL7_ACCEPT (kept for review) */
+  char **tls_allow;         /* owned, tls_cfg.nallow entries */
+  char script[1024];        /* the channel's Lua script; "" = none */
+  char script_lib[1024];    /* folder of shared modules for require */
+  int on_script_error;      /* answer when the script fails: RR_HL7_ERROR (AE, default),
+                               RR_HL7_REJECT (AR) or RR_HL7_ACCEPT (kept for review) */
+  bool dicom;               /* the source is a DICOM listener (the fields below) */
+  char dicom_ae[17];        /* our AE title */
+  char **dicom_calling_aes; /* owned, NULL-terminated; NULL = none allowed */
+  char **dicom_peers;       /* owned, NULL-terminated; NULL = loopback only */
+  unsigned dicom_max_associations;
+  char dicom_spool[1024];
+  uint64_t dicom_min_free_bytes;
   rr_destination_config_t *destinations; /* owned, ndestinations entries */
   size_t ndestinations;
 } rr_channel_config_t;

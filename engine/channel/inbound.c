@@ -1,12 +1,15 @@
 /* Inbound MLLP channel: parse, classify, journal, then acknowledge. */
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 
 #include "channel/channel.h"
 #include "core/error.h"
 #include "core/log.h"
+#include "dicom/scp.h"
 
 struct rr_channel {
   rr_engine_t *engine;
@@ -21,6 +24,7 @@ struct rr_channel {
   uint64_t filtered, script_errors;
   rr_hl7_msg_t *msg; /* reused for every message */
   uint64_t received, accepted, errored, rejected, duplicates;
+  rr_dicom_scp_t *scp; /* a DICOM source; NULL for MLLP */
 };
 
 struct rr_engine {
@@ -666,6 +670,110 @@ static void watch_script(rr_engine_t *e, rr_channel_t *ch) {
   ch->watching = true;
 }
 
+/* ---- DICOM sources ------------------------------------------------------------ */
+
+/* A stored instance: into the store (instances, studies), with the batch. */
+static void on_instance(void *ud, const rr_dicom_instance_t *in) {
+  rr_channel_t *ch = ud;
+  rr_engine_t *e = ch->engine;
+  ch->received++;
+  rr_journal_instance_t ji = {.channel = ch->cfg.name,
+                              .calling_ae = in->calling_ae,
+                              .peer = in->peer,
+                              .path = in->path,
+                              .sop_class_uid = in->sop_class_uid,
+                              .sop_instance_uid = in->sop_instance_uid,
+                              .study_uid = in->study_instance_uid,
+                              .series_uid = in->series_instance_uid,
+                              .patient_id = in->patient_id,
+                              .accession = in->accession_number,
+                              .modality = in->modality,
+                              .body_part = in->body_part_examined,
+                              .description = in->study_description,
+                              .study_date = in->study_date,
+                              .study_time = in->study_time,
+                              .series_number = in->series_number,
+                              .instance_number = in->instance_number,
+                              .size = in->size,
+                              .received_ms = wall_ms()};
+  if (rr_journal_add_instance(e->journal, &ji, NULL, NULL) != 0) {
+    ch->errored++;
+    rr_log(RR_LOG_ERROR, "dicom", "event=instance_not_recorded channel=%s assoc=%llu error=%s",
+           ch->cfg.name, (unsigned long long)in->assoc_id, rr_strerror(RR_ENOMEM));
+    return;
+  }
+  ch->accepted++;
+  rr_journal_kick(e->journal);
+  rr_log(RR_LOG_DEBUG, "dicom",
+         "event=instance channel=%s assoc=%llu study_uid=%s sop_instance_uid=%s modality=%s "
+         "bytes=%llu",
+         ch->cfg.name, (unsigned long long)in->assoc_id, in->study_instance_uid,
+         in->sop_instance_uid, in->modality, (unsigned long long)in->size);
+}
+
+static void on_association(void *ud, const rr_dicom_assoc_event_t *ev) {
+  rr_channel_t *ch = ud;
+  if (ev->kind == RR_DICOM_ASSOC_REFUSED)
+    rr_log(RR_LOG_WARN, "dicom",
+           "event=association_refused channel=%s assoc=%llu peer=%s calling=%s called=%s "
+           "reason=\"%s\"",
+           ch->cfg.name, (unsigned long long)ev->assoc_id, ev->peer, ev->calling_ae, ev->called_ae,
+           ev->reason ? ev->reason : "");
+  else
+    rr_log(RR_LOG_INFO, "dicom",
+           "event=association_%s channel=%s assoc=%llu peer=%s calling=%s%s%s",
+           ev->kind == RR_DICOM_ASSOC_ACCEPTED ? "accepted" : "ended", ch->cfg.name,
+           (unsigned long long)ev->assoc_id, ev->peer, ev->calling_ae,
+           ev->kind == RR_DICOM_ASSOC_ENDED ? " how=" : "",
+           ev->kind == RR_DICOM_ASSOC_ENDED && ev->reason ? ev->reason : "");
+}
+
+static int mkdirs(const char *path) {
+  char d[1024];
+  snprintf(d, sizeof d, "%s", path);
+  for (char *p = d + 1;; p++) {
+    bool end = *p == '\0';
+    if (*p == '/' || end) {
+      *p = '\0';
+      if (mkdir(d, 0750) != 0 && errno != EEXIST)
+        return -errno;
+      if (end)
+        return 0;
+      *p = '/';
+    }
+  }
+}
+
+static int start_dicom(rr_engine_t *e, rr_channel_t *ch) {
+  const rr_channel_config_t *c = &ch->cfg;
+  static const char *const loopback[] = {"127.0.0.1", "::1"};
+  size_t ncalling = 0, npeers = 0;
+  while (c->dicom_calling_aes && c->dicom_calling_aes[ncalling])
+    ncalling++;
+  while (c->dicom_peers && c->dicom_peers[npeers])
+    npeers++;
+  int rc = mkdirs(c->dicom_spool);
+  if (rc) {
+    rr_log(RR_LOG_ERROR, "dicom", "event=spool_failed channel=%s path=%s error=%s", c->name,
+           c->dicom_spool, rr_strerror(rc));
+    return rc;
+  }
+  rr_dicom_scp_config_t sc = {.name = c->name,
+                              .host = c->host,
+                              .port = c->listen.port,
+                              .ae_title = c->dicom_ae,
+                              .allowed_calling_aes = (const char *const *)c->dicom_calling_aes,
+                              .n_allowed_calling_aes = ncalling,
+                              .allowed_peers =
+                                  c->dicom_peers ? (const char *const *)c->dicom_peers : loopback,
+                              .n_allowed_peers = c->dicom_peers ? npeers : 2,
+                              .max_associations = c->dicom_max_associations,
+                              .spool_dir = c->dicom_spool,
+                              .min_free_bytes = c->dicom_min_free_bytes};
+  rr_dicom_scp_callbacks_t cb = {.on_instance = on_instance, .on_association = on_association};
+  return rr_dicom_scp_start(e->loop, &sc, &cb, ch, &ch->scp);
+}
+
 int rr_engine_add_channel(rr_engine_t *e, const rr_channel_config_t *cfg, rr_channel_t **out) {
   rr_channel_t *ch = calloc(1, sizeof *ch);
   if (!ch)
@@ -693,7 +801,9 @@ int rr_engine_add_channel(rr_engine_t *e, const rr_channel_config_t *cfg, rr_cha
   }
   if (rc == 0 && ch->cfg.script[0])
     rc = load_script(ch) ? RR_EINVAL : 0;
-  if (rc == 0)
+  if (rc == 0 && ch->cfg.dicom)
+    rc = start_dicom(e, ch);
+  else if (rc == 0)
     rc = rr_mllp_listener_start(e->loop, &ch->cfg.listen, on_frame, ch, &ch->listener);
   if (rc) {
     rr_script_free(ch->script);
@@ -712,6 +822,8 @@ int rr_engine_add_channel(rr_engine_t *e, const rr_channel_config_t *cfg, rr_cha
 }
 
 int rr_channel_port(const rr_channel_t *ch) {
+  if (ch->cfg.dicom)
+    return ch->scp ? rr_dicom_scp_port(ch->scp) : 0;
   return rr_mllp_listener_port(ch->listener);
 }
 
@@ -788,8 +900,13 @@ void rr_engine_stop(rr_engine_t *e) {
   e->stopping = 1;
   /* First: no new connections, no more reads. Then finish the commits in
    * flight, so every message read gets its answer. */
-  for (rr_channel_t *ch = e->channels; ch; ch = ch->next)
+  for (rr_channel_t *ch = e->channels; ch; ch = ch->next) {
     rr_mllp_listener_quiesce(ch->listener);
+    if (ch->scp) { /* associations get a few seconds to finish */
+      rr_dicom_scp_stop(ch->scp, 5000, NULL, NULL);
+      ch->scp = NULL;
+    }
+  }
   rr_journal_set_idle_cb(e->journal, on_journal_idle, e);
   rr_journal_kick(e->journal);
 }
@@ -809,6 +926,12 @@ void rr_engine_free(rr_engine_t *e) {
       free(ch->cfg.tls_allow[i]);
     free(ch->cfg.tls_allow);
     free(ch->cfg.destinations);
+    for (char **a = ch->cfg.dicom_calling_aes; a && *a; a++)
+      free(*a);
+    free(ch->cfg.dicom_calling_aes);
+    for (char **a = ch->cfg.dicom_peers; a && *a; a++)
+      free(*a);
+    free(ch->cfg.dicom_peers);
     free(ch);
   }
   free(e);

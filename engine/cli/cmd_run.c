@@ -179,8 +179,9 @@ int rr_cmd_check(int argc, char **argv) {
   if (!bad) {
     printf("configuration ok: store %s, %zu channel(s)\n", cfg.store_path, cfg.nchannels);
     for (size_t i = 0; i < cfg.nchannels; i++)
-      printf("  channel %s: mllp%s %s:%d\n", cfg.channels[i].name,
-             cfg.channels[i].tls ? "+tls" : "", cfg.channels[i].host, cfg.channels[i].listen.port);
+      printf("  channel %s: %s%s %s:%d\n", cfg.channels[i].name,
+             cfg.channels[i].dicom ? "dicom" : "mllp", cfg.channels[i].tls ? "+tls" : "",
+             cfg.channels[i].host, cfg.channels[i].listen.port);
   }
   rr_config_free(&cfg);
   return bad ? 1 : 0;
@@ -298,6 +299,8 @@ int rr_cmd_run(int argc, char **argv) {
     cfg.channels[i].tls_allow = NULL;
     cfg.channels[i].destinations = NULL;
     cfg.channels[i].ndestinations = 0;
+    cfg.channels[i].dicom_calling_aes = NULL;
+    cfg.channels[i].dicom_peers = NULL;
     rr_log(RR_LOG_INFO, "engine", "event=ready channel=%s port=%d", cfg.channels[i].name,
            rr_channel_port(ch));
   }

@@ -332,6 +332,35 @@ static void load_destinations(ctx_t *c, json_t *obj, const char *base, rr_channe
   }
 }
 
+/* NULL-terminated copies of a JSON array of strings (NULL when absent). */
+static char **string_list(json_t *arr) {
+  if (!json_is_array(arr))
+    return NULL;
+  size_t n = json_array_size(arr);
+  char **v = calloc(n + 1, sizeof *v);
+  for (size_t i = 0; v && i < n; i++)
+    v[i] = strdup(
+        json_string_value(json_array_get(arr, i)) ? json_string_value(json_array_get(arr, i)) : "");
+  return v;
+}
+
+static void load_dicom_source(ctx_t *c, json_t *src, const char *base, rr_channel_config_t *ch) {
+  ch->dicom = true;
+  get_string(c, src, "ae_title", "$.source", ch->dicom_ae, sizeof ch->dicom_ae, NULL);
+  ch->dicom_calling_aes = string_list(json_object_get(src, "calling_aes"));
+  ch->dicom_peers = string_list(json_object_get(src, "peers"));
+  uint64_t v = 8;
+  if (get_uint(c, src, "max_associations", "$.source", 1, 1000, &v) == 0)
+    ch->dicom_max_associations = (unsigned)v;
+  char rel[1024] = "";
+  get_string(c, src, "spool", "$.source", rel, sizeof rel, NULL);
+  if (rel[0] && join_path(base, rel, ch->dicom_spool, sizeof ch->dicom_spool))
+    problem(c, "$.source.spool", "path too long");
+  v = 1024;
+  if (get_uint(c, src, "min_free_mb", "$.source", 0, (uint64_t)1 << 30, &v) == 0)
+    ch->dicom_min_free_bytes = v * 1024 * 1024;
+}
+
 static int load_channel(const char *file, const char *base, rr_channel_config_t *ch,
                         rr_buf_t *err) {
   ctx_t c = {file, err, 0};
@@ -368,12 +397,20 @@ static int load_channel(const char *file, const char *base, rr_channel_config_t 
                                        "mllp_release",
                                        "tls",
                                        "handshake_timeout_ms",
+                                       "ae_title",
+                                       "calling_aes",
+                                       "peers",
+                                       "max_associations",
+                                       "spool",
+                                       "min_free_mb",
                                        NULL};
     unknown_keys(&c, src, "$.source", keys);
     char type[32];
     if (get_string(&c, src, "type", "$.source", type, sizeof type, NULL) == 0 &&
-        strcmp(type, "mllp") != 0)
-      problem(&c, "$.source.type", "\"%s\" is not a source type (mllp)", type);
+        strcmp(type, "mllp") != 0 && strcmp(type, "dicom") != 0)
+      problem(&c, "$.source.type", "\"%s\" is not a source type (mllp, dicom)", type);
+    if (strcmp(type, "dicom") == 0)
+      load_dicom_source(&c, src, base, ch);
     get_string(&c, src, "host", "$.source", ch->host, sizeof ch->host, "127.0.0.1");
     uint64_t v = 2575;
     if (get_uint(&c, src, "port", "$.source", 0, 65535, &v) == 0)
@@ -646,6 +683,14 @@ static void free_channel_lists(rr_channel_config_t *ch) {
   free(ch->destinations);
   ch->destinations = NULL;
   ch->ndestinations = 0;
+  for (char **a = ch->dicom_calling_aes; a && *a; a++)
+    free(*a);
+  free(ch->dicom_calling_aes);
+  ch->dicom_calling_aes = NULL;
+  for (char **a = ch->dicom_peers; a && *a; a++)
+    free(*a);
+  free(ch->dicom_peers);
+  ch->dicom_peers = NULL;
 }
 
 void rr_config_free(rr_config_t *cfg) {

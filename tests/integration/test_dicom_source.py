@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""A DICOM source channel in the running engine: DCMTK's storescu (the
+modality) sends a synthetic CT head study (scripts/make-study) to radrelay;
+every instance lands in the spool folder and in table instances, the study
+in table studies with its accession, patient and instance count; a resend
+of the study records no second row; an unknown calling AE title is refused
+and the refusal logged; SIGTERM stops cleanly.
+
+Run: test_dicom_source.py --radrelay build/radrelay (needs /usr/bin/python3
+with pydicom, and storescu/echoscu; skips with exit status 77 otherwise)."""
+import argparse
+import json
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+SKIP = 77
+
+
+def wait_for(pred, timeout, what):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.05)  # poll interval; the condition is pred()
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Engine:
+    def __init__(self, radrelay, workdir, channel):
+        self.radrelay, self.dir = radrelay, workdir
+        os.makedirs(os.path.join(workdir, "channels"), exist_ok=True)
+        with open(os.path.join(workdir, "channels", channel["name"] + ".json"), "w") as f:
+            json.dump(channel, f)
+        self.config = os.path.join(workdir, "radrelay.json")
+        with open(self.config, "w") as f:
+            json.dump({"store": {"path": "store/radrelay.db"}, "channels": "channels",
+                       "log": {"level": "info"}}, f)
+        self.store = os.path.join(workdir, "store", "radrelay.db")
+        self.lines, self.lock = [], threading.Lock()
+
+    def start(self):
+        self.proc = subprocess.Popen([self.radrelay, "run", "-c", self.config],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+        wait_for(lambda: self.grep("event=ready"), 20, "event=ready")
+        m = re.search(r"port=(\d+)", self.grep("event=ready")[0])
+        self.port = int(m.group(1))
+        return self
+
+    def _read(self):
+        for line in self.proc.stderr:
+            with self.lock:
+                self.lines.append(line.rstrip("\n"))
+
+    def grep(self, *needles):
+        with self.lock:
+            return [l for l in self.lines if all(n in l for n in needles)]
+
+    def sql(self, q):
+        db = sqlite3.connect(self.store, timeout=10)
+        try:
+            return db.execute(q).fetchall()
+        finally:
+            db.close()
+
+    def stop(self):
+        self.proc.terminate()
+        return self.proc.wait(timeout=30)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--radrelay", required=True)
+    args = ap.parse_args()
+    for tool in ("storescu", "echoscu"):
+        if not shutil.which(tool):
+            print(f"SKIPPED: {tool} not found (Debian package dcmtk)")
+            return SKIP
+    if subprocess.run(["/usr/bin/python3", "-c", "import pydicom"],
+                      capture_output=True).returncode != 0:
+        print("SKIPPED: pydicom not importable by /usr/bin/python3 (python3-pydicom)")
+        return SKIP
+    env = dict(os.environ, TCP_NODELAY="1")  # DCMTK's tools leave Nagle on otherwise
+    with tempfile.TemporaryDirectory(prefix="rr-dicom-src-") as tmp:
+        study = os.path.join(tmp, "study")
+        r = subprocess.run(["/usr/bin/python3", os.path.join(ROOT, "scripts", "make-study"),
+                            "--out", study, "--slices", "6", "--size", "64",
+                            "--accession", "RRACC0001", "--patient-id", "RRTEST-0001",
+                            "--seed", "7"], capture_output=True, text=True, check=True)
+        made = json.loads(r.stdout.strip().splitlines()[-1])
+        ch = {"name": "modality", "source": {"type": "dicom", "host": "127.0.0.1", "port": 0,
+                                             "ae_title": "RADRELAY", "calling_aes": ["RRTEST"],
+                                             "spool": "spool", "min_free_mb": 1}}
+        e = Engine(os.path.abspath(args.radrelay), tmp, ch).start()
+        try:
+            ok = subprocess.run(["echoscu", "-aet", "RRTEST", "-aec", "RADRELAY", "127.0.0.1",
+                                 str(e.port)], capture_output=True, env=env)
+            assert ok.returncode == 0, ok.stderr
+            t0 = time.monotonic()
+            st = subprocess.run(["storescu", "-aet", "RRTEST", "-aec", "RADRELAY", "+sd", "-xe",
+                                 "127.0.0.1", str(e.port), study], capture_output=True, env=env)
+            took = time.monotonic() - t0
+            assert st.returncode == 0, st.stderr
+            uid = made["study_instance_uid"]
+            wait_for(lambda: e.sql("SELECT instances FROM studies") == [(6,)], 20,
+                     "one study with 6 instances")
+            (row,) = e.sql("SELECT study_uid, accession, patient_id, modality, body_part, state"
+                           " FROM studies")
+            assert row[1:] == ("RRACC0001", "RRTEST-0001", "CT", "HEAD", "arriving"), row
+            assert row[0] == uid, (row[0], uid)
+            paths = [p for (p,) in e.sql("SELECT path FROM instances")]
+            assert len(paths) == 6 and all(os.path.isfile(p) for p in paths), paths
+            assert all(os.path.dirname(p) == os.path.join(tmp, "spool") for p in paths), paths
+            # the same study again: same rows, the count stays 6
+            st = subprocess.run(["storescu", "-aet", "RRTEST", "-aec", "RADRELAY", "+sd", "-xe",
+                                 "127.0.0.1", str(e.port), study], capture_output=True, env=env)
+            assert st.returncode == 0, st.stderr
+            wait_for(lambda: len(e.grep("event=association_ended")) >= 3, 20, "3 associations")
+            assert e.sql("SELECT count(*), sum(instances) FROM studies") == [(1, 6)]
+            assert e.sql("SELECT count(*) FROM instances") == [(6,)]
+            # an unknown calling AE title: refused, logged with the reason
+            bad = subprocess.run(["echoscu", "-aet", "INTRUDER", "-aec", "RADRELAY",
+                                  "127.0.0.1", str(e.port)], capture_output=True, env=env)
+            assert bad.returncode != 0, "an unknown calling AE was accepted"
+            wait_for(lambda: e.grep("event=association_refused", "calling=INTRUDER"), 10,
+                     "the refusal logged")
+        finally:
+            rc = e.stop()
+        assert rc == 0, f"radrelay exited {rc} on SIGTERM:\n" + "\n".join(e.lines[-20:])
+        assert e.grep("event=stopped"), "no event=stopped"
+        bad = [l for l in e.lines if "Sanitizer" in l or "runtime error" in l]
+        assert not bad, bad
+        db = sqlite3.connect(e.store)
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        db.close()
+        print(f"dicom source: 6 instances stored in {took:.2f} s, resend recorded once, "
+              f"unknown AE refused")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
