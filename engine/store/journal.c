@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "core/array.h"
 #include "core/error.h"
@@ -22,6 +23,10 @@ typedef struct pending {
   int64_t ops_upto;                /* > 0: delete queue_ops rows up to this id */
   int64_t prune_before;            /* > 0: remove messages received before (prune_limit at most) */
   rr_journal_instance_t *instance; /* a DICOM instance (strings in blob) */
+  int64_t stable_before;           /* > 0: studies of channel e.channel quiet since then */
+  rr_journal_stable_cb stable_cb;
+  char **stable_uids; /* written by the worker: the studies that became stable */
+  size_t nstable;
   unsigned prune_limit;
   rr_journal_delivery_t d;
   rr_journal_done_cb cb;
@@ -141,7 +146,9 @@ static const char schema[] =
     " study_date TEXT, study_time TEXT,"
     " instances INTEGER NOT NULL,"
     " first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL,"
-    " state TEXT NOT NULL) WITHOUT ROWID;" /* arriving (stable, dispatched: later) */
+    " state TEXT NOT NULL," /* arriving, stable */
+    " stable_ms INTEGER) WITHOUT ROWID;"
+    "CREATE INDEX IF NOT EXISTS studies_state ON studies(state, last_ms);"
     "CREATE INDEX IF NOT EXISTS studies_accession ON studies(accession);"
     "CREATE TABLE IF NOT EXISTS queue_ops("
     " id INTEGER PRIMARY KEY,"
@@ -379,6 +386,9 @@ static void free_batch(batch_t *b) {
   for (size_t i = 0; i < b->n; i++) {
     free(b->v[i].blob);
     free(b->v[i].routes);
+    for (size_t k = 0; k < b->v[i].nstable; k++)
+      free(b->v[i].stable_uids[k]);
+    free(b->v[i].stable_uids);
   }
   free(b->v);
   memset(b, 0, sizeof *b);
@@ -402,6 +412,8 @@ static void report(rr_journal_t *j, batch_t *b, int status) {
                               .len = rt->len};
       j->enqueue_cb(j->enqueue_ud, &q);
     }
+    if (p->stable_cb)
+      p->stable_cb(p->ud, status, (const char *const *)p->stable_uids, status ? 0 : p->nstable);
     if (p->cb)
       p->cb(p->ud, status, status || p->barrier ? 0 : p->id);
   }
@@ -743,7 +755,8 @@ static int instance_write(rr_journal_t *j, pending_t *p) {
       " description, study_date, study_time, instances, first_ms, last_ms, state)"
       " VALUES(?4, ?1, ?11, ?12, ?13, ?14, ?15, ?16, ?17, 1, ?2, ?2, 'arriving')"
       " ON CONFLICT(study_uid) DO UPDATE SET last_ms = excluded.last_ms,"
-      " instances = (SELECT count(*) FROM instances WHERE study_uid = excluded.study_uid)"};
+      " instances = (SELECT count(*) FROM instances WHERE study_uid = excluded.study_uid),"
+      " state = CASE WHEN ?20 THEN 'arriving' ELSE state END"};
   const rr_journal_instance_t *in = p->instance;
   const char *text[] = {in->channel,
                         NULL,
@@ -769,8 +782,10 @@ static int instance_write(rr_journal_t *j, pending_t *p) {
     if (sqlite3_prepare_v3(j->wdb, sql[k], -1, SQLITE_PREPARE_PERSISTENT, &st, NULL) != SQLITE_OK)
       return RR_EIO;
     int np = sqlite3_bind_parameter_count(st);
-    for (int i = 1; i <= np && i <= 19; i++) {
-      if (i == 2)
+    for (int i = 1; i <= np && i <= 20; i++) {
+      if (i == 20)
+        sqlite3_bind_int(st, i, in->reopen);
+      else if (i == 2)
         sqlite3_bind_int64(st, i, in->received_ms);
       else if (i == 10)
         sqlite3_bind_int64(st, i, (sqlite3_int64)in->size);
@@ -783,6 +798,42 @@ static int instance_write(rr_journal_t *j, pending_t *p) {
       return RR_EIO;
   }
   return 0;
+}
+
+static int stable_write(rr_journal_t *j, pending_t *p) {
+  sqlite3_stmt *st;
+  if (sqlite3_prepare_v3(j->wdb,
+                         "UPDATE studies SET state = 'stable', stable_ms = ?3 WHERE channel = ?1"
+                         " AND state = 'arriving' AND last_ms < ?2 RETURNING study_uid",
+                         -1, SQLITE_PREPARE_PERSISTENT, &st, NULL) != SQLITE_OK)
+    return RR_EIO;
+  bind_text(st, 1, p->e.channel);
+  sqlite3_bind_int64(st, 2, p->stable_before);
+  sqlite3_bind_int64(st, 3, p->e.received_ms);
+  int rc, result = 0;
+  size_t cap = 0;
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+    if (p->nstable == cap) {
+      size_t nc = cap ? cap * 2 : 16;
+      char **v = realloc(p->stable_uids, nc * sizeof *v);
+      if (!v) {
+        result = RR_ENOMEM;
+        break;
+      }
+      p->stable_uids = v;
+      cap = nc;
+    }
+    char *u = strdup((const char *)sqlite3_column_text(st, 0));
+    if (!u) {
+      result = RR_ENOMEM;
+      break;
+    }
+    p->stable_uids[p->nstable++] = u;
+  }
+  if (result == 0 && rc != SQLITE_DONE)
+    result = RR_EIO;
+  sqlite3_finalize(st);
+  return result;
 }
 
 static int ops_delete(rr_journal_t *j, pending_t *p) {
@@ -807,6 +858,8 @@ static void commit_work(uv_work_t *w) {
       rc = prune_write(j, &b->v[i]);
     else if (b->v[i].instance)
       rc = instance_write(j, &b->v[i]);
+    else if (b->v[i].stable_before)
+      rc = stable_write(j, &b->v[i]);
     else if (b->v[i].delivery)
       rc = delivery_write(j, &b->v[i]);
     else if (!b->v[i].barrier)
@@ -865,7 +918,8 @@ static void finish_flight(rr_journal_t *j) {
   size_t entries = 0;
   for (size_t i = 0; i < b.n; i++)
     entries += !b.v[i].barrier && !b.v[i].kv && !b.v[i].delivery && !b.v[i].replay &&
-               !b.v[i].ops_upto && !b.v[i].prune_before && !b.v[i].instance;
+               !b.v[i].ops_upto && !b.v[i].prune_before && !b.v[i].instance &&
+               !b.v[i].stable_before;
   j->last_batch = entries;
   if (entries)
     learn_sources(j, &b);
@@ -971,7 +1025,7 @@ static bool find_in(const batch_t *b, const char *channel, const char *app, cons
   for (size_t i = 0; i < b->n; i++) {
     const rr_journal_entry_t *e = &b->v[i].e;
     if (b->v[i].barrier || b->v[i].kv || b->v[i].delivery || b->v[i].replay || b->v[i].ops_upto ||
-        b->v[i].prune_before || b->v[i].instance || !e->control_id ||
+        b->v[i].prune_before || b->v[i].instance || b->v[i].stable_before || !e->control_id ||
         strcmp(e->control_id, ctl) != 0 || !same_str(e->sending_app, app) ||
         !same_str(e->sending_facility, fac) || !same_str(e->channel, channel))
       continue;
@@ -1291,6 +1345,26 @@ int rr_journal_add_instance(rr_journal_t *j, const rr_journal_instance_t *in, rr
   p->instance = c;
   p->blob = blob;
   p->cb = cb;
+  p->ud = ud;
+  j->queue.n++;
+  return 0;
+}
+
+int rr_journal_mark_stable(rr_journal_t *j, const char *channel, int64_t cutoff_ms,
+                           rr_journal_stable_cb cb, void *ud) {
+  pending_t *p = slot(&j->queue);
+  if (!p)
+    return RR_ENOMEM;
+  char *blob = strdup(channel);
+  if (!blob)
+    return RR_ENOMEM;
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  p->e.channel = blob;
+  p->e.received_ms = (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+  p->blob = blob;
+  p->stable_before = cutoff_ms > 0 ? cutoff_ms : 1;
+  p->stable_cb = cb;
   p->ud = ud;
   j->queue.n++;
   return 0;

@@ -235,6 +235,7 @@ typedef struct rr_journal_instance {
   const char *study_date, *study_time, *series_number, *instance_number;
   uint64_t size;
   int64_t received_ms;
+  bool reopen; /* an instance of a study no longer arriving makes it arriving again */
 } rr_journal_instance_t;
 /* rr_journal_add_instance: queues the instance (copied) for the next batch;
  * a SOP Instance UID already stored keeps its first row (the new file is
@@ -242,6 +243,13 @@ typedef struct rr_journal_instance {
  * RR_ENOMEM. */
 int rr_journal_add_instance(rr_journal_t *j, const rr_journal_instance_t *in, rr_journal_done_cb cb,
                             void *ud);
+/* rr_journal_mark_stable: queues, for the next batch, "every study of
+ * channel still arriving whose last instance came before cutoff_ms is
+ * stable"; after the commit cb gets the Study Instance UIDs that changed
+ * (borrowed for the call; n may be 0), or a negative status. RR_ENOMEM. */
+typedef void (*rr_journal_stable_cb)(void *ud, int status, const char *const *uids, size_t n);
+int rr_journal_mark_stable(rr_journal_t *j, const char *channel, int64_t cutoff_ms,
+                           rr_journal_stable_cb cb, void *ud);
 
 /* rr_journal_count: rows in the journal (for tools and tests). */
 int64_t rr_journal_count(rr_journal_t *j);
