@@ -41,6 +41,8 @@ typedef struct rr_channel_config {
   unsigned dicom_max_associations;
   char dicom_spool[1024];
   uint64_t dicom_min_free_bytes;
+  uint64_t dicom_stable_after_ms;        /* quiet period that makes a study stable */
+  bool dicom_reopen;                     /* late instances make a stable study arriving again */
   rr_destination_config_t *destinations; /* owned, ndestinations entries */
   size_t ndestinations;
 } rr_channel_config_t;

@@ -25,6 +25,8 @@ struct rr_channel {
   rr_hl7_msg_t *msg; /* reused for every message */
   uint64_t received, accepted, errored, rejected, duplicates;
   rr_dicom_scp_t *scp; /* a DICOM source; NULL for MLLP */
+  uv_timer_t stable;   /* DICOM: looks for studies that went quiet */
+  bool stable_open, stable_busy;
 };
 
 struct rr_engine {
@@ -695,7 +697,8 @@ static void on_instance(void *ud, const rr_dicom_instance_t *in) {
                               .series_number = in->series_number,
                               .instance_number = in->instance_number,
                               .size = in->size,
-                              .received_ms = wall_ms()};
+                              .received_ms = wall_ms(),
+                              .reopen = ch->cfg.dicom_reopen};
   if (rr_journal_add_instance(e->journal, &ji, NULL, NULL) != 0) {
     ch->errored++;
     rr_log(RR_LOG_ERROR, "dicom", "event=instance_not_recorded channel=%s assoc=%llu error=%s",
@@ -726,6 +729,36 @@ static void on_association(void *ud, const rr_dicom_assoc_event_t *ev) {
            (unsigned long long)ev->assoc_id, ev->peer, ev->calling_ae,
            ev->kind == RR_DICOM_ASSOC_ENDED ? " how=" : "",
            ev->kind == RR_DICOM_ASSOC_ENDED && ev->reason ? ev->reason : "");
+}
+
+/* Studies that went quiet: stable. The state is in the store, so a study
+ * interrupted by a restart becomes stable once, after it. */
+static void on_stable(void *ud, int status, const char *const *uids, size_t n) {
+  rr_channel_t *ch = ud;
+  ch->stable_busy = false;
+  if (status) {
+    rr_log(RR_LOG_ERROR, "dicom", "event=stable_check_failed channel=%s error=%s", ch->cfg.name,
+           rr_strerror(status));
+    return;
+  }
+  for (size_t i = 0; i < n; i++)
+    rr_log(RR_LOG_DEBUG, "dicom", "event=study_stable channel=%s study_uid=%s", ch->cfg.name,
+           uids[i]);
+  if (n)
+    rr_log(RR_LOG_INFO, "dicom", "event=studies_stable channel=%s studies=%zu", ch->cfg.name, n);
+}
+
+static void on_stable_timer(uv_timer_t *t) {
+  rr_channel_t *ch = t->data;
+  rr_engine_t *e = ch->engine;
+  if (ch->stable_busy || e->stopping)
+    return;
+  if (rr_journal_mark_stable(e->journal, ch->cfg.name,
+                             wall_ms() - (int64_t)ch->cfg.dicom_stable_after_ms, on_stable,
+                             ch) == 0) {
+    ch->stable_busy = true;
+    rr_journal_kick(e->journal);
+  }
 }
 
 static int mkdirs(const char *path) {
@@ -771,7 +804,20 @@ static int start_dicom(rr_engine_t *e, rr_channel_t *ch) {
                               .spool_dir = c->dicom_spool,
                               .min_free_bytes = c->dicom_min_free_bytes};
   rr_dicom_scp_callbacks_t cb = {.on_instance = on_instance, .on_association = on_association};
-  return rr_dicom_scp_start(e->loop, &sc, &cb, ch, &ch->scp);
+  rc = rr_dicom_scp_start(e->loop, &sc, &cb, ch, &ch->scp);
+  if (rc)
+    return rc;
+  /* Checked a few times per quiet period, at most once a second. */
+  uint64_t every = c->dicom_stable_after_ms / 4;
+  if (every > 1000)
+    every = 1000;
+  if (every < 50)
+    every = 50;
+  uv_timer_init(e->loop, &ch->stable);
+  ch->stable.data = ch;
+  ch->stable_open = true;
+  uv_timer_start(&ch->stable, on_stable_timer, every, every);
+  return 0;
 }
 
 int rr_engine_add_channel(rr_engine_t *e, const rr_channel_config_t *cfg, rr_channel_t **out) {
@@ -905,6 +951,10 @@ void rr_engine_stop(rr_engine_t *e) {
     if (ch->scp) { /* associations get a few seconds to finish */
       rr_dicom_scp_stop(ch->scp, 5000, NULL, NULL);
       ch->scp = NULL;
+    }
+    if (ch->stable_open) {
+      uv_close((uv_handle_t *)&ch->stable, NULL);
+      ch->stable_open = false;
     }
   }
   rr_journal_set_idle_cb(e->journal, on_journal_idle, e);

@@ -359,6 +359,11 @@ static void load_dicom_source(ctx_t *c, json_t *src, const char *base, rr_channe
   v = 1024;
   if (get_uint(c, src, "min_free_mb", "$.source", 0, (uint64_t)1 << 30, &v) == 0)
     ch->dicom_min_free_bytes = v * 1024 * 1024;
+  v = 10;
+  if (get_uint(c, src, "stable_after_s", "$.source", 1, 86400, &v) == 0)
+    ch->dicom_stable_after_ms = v * 1000;
+  const char *late = json_string_value(json_object_get(src, "late_series"));
+  ch->dicom_reopen = late && strcmp(late, "reopen") == 0;
 }
 
 static int load_channel(const char *file, const char *base, rr_channel_config_t *ch,
@@ -403,6 +408,8 @@ static int load_channel(const char *file, const char *base, rr_channel_config_t 
                                        "max_associations",
                                        "spool",
                                        "min_free_mb",
+                                       "stable_after_s",
+                                       "late_series",
                                        NULL};
     unknown_keys(&c, src, "$.source", keys);
     char type[32];

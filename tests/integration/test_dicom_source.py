@@ -2,9 +2,11 @@
 """A DICOM source channel in the running engine: DCMTK's storescu (the
 modality) sends a synthetic CT head study (scripts/make-study) to radrelay;
 every instance lands in the spool folder and in table instances, the study
-in table studies with its accession, patient and instance count; a resend
-of the study records no second row; an unknown calling AE title is refused
-and the refusal logged; SIGTERM stops cleanly.
+in table studies with its accession, patient and instance count, and
+becomes stable after the quiet period; a resend of the study records no
+second row and leaves it stable (late_series ignore); an unknown calling AE
+title is refused and the refusal logged; a study interrupted by a restart
+becomes stable once, after it; SIGTERM stops cleanly.
 
 Run: test_dicom_source.py --radrelay build/radrelay (needs /usr/bin/python3
 with pydicom, and storescu/echoscu; skips with exit status 77 otherwise)."""
@@ -100,7 +102,8 @@ def main():
         made = json.loads(r.stdout.strip().splitlines()[-1])
         ch = {"name": "modality", "source": {"type": "dicom", "host": "127.0.0.1", "port": 0,
                                              "ae_title": "RADRELAY", "calling_aes": ["RRTEST"],
-                                             "spool": "spool", "min_free_mb": 1}}
+                                             "spool": "spool", "min_free_mb": 1,
+                                             "stable_after_s": 2}}
         e = Engine(os.path.abspath(args.radrelay), tmp, ch).start()
         try:
             ok = subprocess.run(["echoscu", "-aet", "RRTEST", "-aec", "RADRELAY", "127.0.0.1",
@@ -118,6 +121,9 @@ def main():
                            " FROM studies")
             assert row[1:] == ("RRACC0001", "RRTEST-0001", "CT", "HEAD", "arriving"), row
             assert row[0] == uid, (row[0], uid)
+            wait_for(lambda: e.sql("SELECT state FROM studies") == [("stable",)], 20,
+                     "the study stable after the quiet period")
+            assert len(e.grep("event=studies_stable", "studies=1")) == 1
             paths = [p for (p,) in e.sql("SELECT path FROM instances")]
             assert len(paths) == 6 and all(os.path.isfile(p) for p in paths), paths
             assert all(os.path.dirname(p) == os.path.join(tmp, "spool") for p in paths), paths
@@ -126,7 +132,8 @@ def main():
                                  "127.0.0.1", str(e.port), study], capture_output=True, env=env)
             assert st.returncode == 0, st.stderr
             wait_for(lambda: len(e.grep("event=association_ended")) >= 3, 20, "3 associations")
-            assert e.sql("SELECT count(*), sum(instances) FROM studies") == [(1, 6)]
+            assert e.sql("SELECT count(*), sum(instances), min(state) FROM studies") == [
+                (1, 6, "stable")]
             assert e.sql("SELECT count(*) FROM instances") == [(6,)]
             # an unknown calling AE title: refused, logged with the reason
             bad = subprocess.run(["echoscu", "-aet", "INTRUDER", "-aec", "RADRELAY",
@@ -134,8 +141,42 @@ def main():
             assert bad.returncode != 0, "an unknown calling AE was accepted"
             wait_for(lambda: e.grep("event=association_refused", "calling=INTRUDER"), 10,
                      "the refusal logged")
+            # a second study, half of it before a restart and half after
+            second = os.path.join(tmp, "second")
+            r = subprocess.run(["/usr/bin/python3", os.path.join(ROOT, "scripts", "make-study"),
+                                "--out", second, "--slices", "6", "--size", "64",
+                                "--accession", "RRACC0002", "--patient-id", "RRTEST-0002",
+                                "--seed", "8"], capture_output=True, text=True, check=True)
+            files = sorted(os.path.join(second, f) for f in os.listdir(second))
+            st = subprocess.run(["storescu", "-aet", "RRTEST", "-aec", "RADRELAY", "-xe",
+                                 "127.0.0.1", str(e.port), *files[:3]], capture_output=True,
+                                env=env)
+            assert st.returncode == 0, st.stderr
+            wait_for(lambda: e.sql("SELECT instances, state FROM studies WHERE accession ="
+                                   " 'RRACC0002'") == [(3, "arriving")], 10, "half the study")
         finally:
             rc = e.stop()
+        assert rc == 0, f"radrelay exited {rc} on SIGTERM:\n" + "\n".join(e.lines[-20:])
+        assert e.sql("SELECT state FROM studies WHERE accession = 'RRACC0002'") == [
+            ("arriving",)], "stopped before its quiet period ended"
+        first_run = list(e.lines)
+        e.lines = []
+        e.start()
+        try:
+            st = subprocess.run(["storescu", "-aet", "RRTEST", "-aec", "RADRELAY", "-xe",
+                                 "127.0.0.1", str(e.port), *files[3:]], capture_output=True,
+                                env=env)
+            assert st.returncode == 0, st.stderr
+            wait_for(lambda: e.sql("SELECT instances, state FROM studies WHERE accession ="
+                                   " 'RRACC0002'") == [(6, "stable")], 20,
+                     "the interrupted study complete and stable")
+            wait_for(lambda: e.grep("event=studies_stable"), 10, "its stable event")
+            assert [l for l in e.grep("event=studies_stable")
+                    if "studies=1" not in l] == [], e.grep("event=studies_stable")
+            assert len(e.grep("event=studies_stable")) == 1
+        finally:
+            rc = e.stop()
+        e.lines = first_run + e.lines
         assert rc == 0, f"radrelay exited {rc} on SIGTERM:\n" + "\n".join(e.lines[-20:])
         assert e.grep("event=stopped"), "no event=stopped"
         bad = [l for l in e.lines if "Sanitizer" in l or "runtime error" in l]
@@ -143,8 +184,8 @@ def main():
         db = sqlite3.connect(e.store)
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         db.close()
-        print(f"dicom source: 6 instances stored in {took:.2f} s, resend recorded once, "
-              f"unknown AE refused")
+        print(f"dicom source: 6 instances stored in {took:.2f} s, stable after the quiet "
+              f"period, resend recorded once, unknown AE refused, restart mid-study: stable once")
     return 0
 
 
