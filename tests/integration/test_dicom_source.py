@@ -6,7 +6,8 @@ in table studies with its accession, patient and instance count, and
 becomes stable after the quiet period; a resend of the study records no
 second row and leaves it stable (late_series ignore); an unknown calling AE
 title is refused and the refusal logged; a study interrupted by a restart
-becomes stable once, after it; SIGTERM stops cleanly.
+becomes stable once, after it; with late_series reopen an instance of a
+stable study makes it arriving, then stable, again; SIGTERM stops cleanly.
 
 Run: test_dicom_source.py --radrelay build/radrelay (needs /usr/bin/python3
 with pydicom, and storescu/echoscu; skips with exit status 77 otherwise)."""
@@ -176,7 +177,30 @@ def main():
             assert len(e.grep("event=studies_stable")) == 1
         finally:
             rc = e.stop()
-        e.lines = first_run + e.lines
+        assert rc == 0, f"radrelay exited {rc} on SIGTERM:\n" + "\n".join(e.lines[-20:])
+        second_run = list(e.lines)
+        # late_series reopen: an instance of a stable study makes it arriving
+        # again, and it becomes stable once more
+        chf = os.path.join(tmp, "channels", "modality.json")
+        with open(chf) as f:
+            cfg = json.load(f)
+        cfg["source"]["late_series"] = "reopen"
+        with open(chf, "w") as f:
+            json.dump(cfg, f)
+        e.lines = []
+        e.start()
+        try:
+            one = sorted(os.path.join(study, f) for f in os.listdir(study))[0]
+            st = subprocess.run(["storescu", "-aet", "RRTEST", "-aec", "RADRELAY", "-xe",
+                                 "127.0.0.1", str(e.port), one], capture_output=True, env=env)
+            assert st.returncode == 0, st.stderr
+            wait_for(lambda: e.grep("event=studies_stable", "studies=1"), 20,
+                     "the reopened study stable again")
+            assert e.sql("SELECT instances, state FROM studies WHERE accession ="
+                         " 'RRACC0001'") == [(6, "stable")]
+        finally:
+            rc = e.stop()
+        e.lines = first_run + second_run + e.lines
         assert rc == 0, f"radrelay exited {rc} on SIGTERM:\n" + "\n".join(e.lines[-20:])
         assert e.grep("event=stopped"), "no event=stopped"
         bad = [l for l in e.lines if "Sanitizer" in l or "runtime error" in l]
@@ -185,7 +209,8 @@ def main():
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         db.close()
         print(f"dicom source: 6 instances stored in {took:.2f} s, stable after the quiet "
-              f"period, resend recorded once, unknown AE refused, restart mid-study: stable once")
+              f"period, resend recorded once, unknown AE refused, restart mid-study: stable once, "
+              f"reopened by a late instance: stable again")
     return 0
 
 
