@@ -802,13 +802,16 @@ static int instance_write(rr_journal_t *j, pending_t *p) {
 
 static int stable_write(rr_journal_t *j, pending_t *p) {
   sqlite3_stmt *st;
-  if (sqlite3_prepare_v3(j->wdb,
-                         "UPDATE studies SET state = 'stable', stable_ms = ?3 WHERE channel = ?1"
-                         " AND state = 'arriving' AND last_ms < ?2 RETURNING study_uid",
-                         -1, SQLITE_PREPARE_PERSISTENT, &st, NULL) != SQLITE_OK)
+  const char *sql = p->e.study_uid
+                        ? "UPDATE studies SET state = 'stable', stable_ms = ?3 WHERE study_uid = ?1"
+                          " AND state = 'arriving' RETURNING study_uid"
+                        : "UPDATE studies SET state = 'stable', stable_ms = ?3 WHERE channel = ?1"
+                          " AND state = 'arriving' AND last_ms < ?2 RETURNING study_uid";
+  if (sqlite3_prepare_v3(j->wdb, sql, -1, SQLITE_PREPARE_PERSISTENT, &st, NULL) != SQLITE_OK)
     return RR_EIO;
-  bind_text(st, 1, p->e.channel);
-  sqlite3_bind_int64(st, 2, p->stable_before);
+  bind_text(st, 1, p->e.study_uid ? p->e.study_uid : p->e.channel);
+  if (!p->e.study_uid)
+    sqlite3_bind_int64(st, 2, p->stable_before);
   sqlite3_bind_int64(st, 3, p->e.received_ms);
   int rc, result = 0;
   size_t cap = 0;
@@ -1368,4 +1371,15 @@ int rr_journal_mark_stable(rr_journal_t *j, const char *channel, int64_t cutoff_
   p->ud = ud;
   j->queue.n++;
   return 0;
+}
+
+int rr_journal_mark_study_stable(rr_journal_t *j, const char *study_uid, rr_journal_stable_cb cb,
+                                 void *ud) {
+  int rc = rr_journal_mark_stable(j, study_uid, INT64_MAX, cb, ud);
+  if (rc == 0) { /* the string copied as the channel is the study's UID */
+    pending_t *p = &j->queue.v[j->queue.n - 1];
+    p->e.study_uid = p->e.channel;
+    p->e.channel = NULL;
+  }
+  return rc;
 }
