@@ -87,6 +87,11 @@ int rr_engine_replay(void *ud, int64_t message_id, const char *destination);
 int rr_engine_inject(void *ud, const char *channel, const char *payload, size_t len,
                      rr_dispatch_inject_done done, void *done_ud);
 
+/* rr_engine_study_complete (ud: the engine): the study is complete now,
+ * whatever its quiet period (a PACS or an operator says so); stable in the
+ * store with the next batch (logged as event=study_completed). */
+int rr_engine_study_complete(void *ud, const char *study_uid);
+
 /* rr_channel_accepts: whether type ("ADT^A01") matches the accept list;
  * an entry "ADT^*" or "ADT" matches every ADT event. Pure. */
 bool rr_channel_accepts(char *const *accept, const char *type, const char *event);

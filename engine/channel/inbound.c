@@ -748,6 +748,24 @@ static void on_stable(void *ud, int status, const char *const *uids, size_t n) {
     rr_log(RR_LOG_INFO, "dicom", "event=studies_stable channel=%s studies=%zu", ch->cfg.name, n);
 }
 
+static void on_completed(void *ud, int status, const char *const *uids, size_t n) {
+  (void)ud;
+  if (status)
+    rr_log(RR_LOG_ERROR, "dicom", "event=study_complete_failed error=%s", rr_strerror(status));
+  else
+    rr_log(RR_LOG_INFO, "dicom", "event=study_completed changed=%s", n ? "yes" : "no");
+  for (size_t i = 0; i < n; i++)
+    rr_log(RR_LOG_DEBUG, "dicom", "event=study_stable study_uid=%s source=complete", uids[i]);
+}
+
+int rr_engine_study_complete(void *ud, const char *study_uid) {
+  rr_engine_t *e = ud;
+  int rc = rr_journal_mark_study_stable(e->journal, study_uid, on_completed, e);
+  if (rc == 0)
+    rr_journal_kick(e->journal);
+  return rc;
+}
+
 static void on_stable_timer(uv_timer_t *t) {
   rr_channel_t *ch = t->data;
   rr_engine_t *e = ch->engine;

@@ -466,3 +466,46 @@ int rr_cmd_replay(int argc, char **argv) {
   close_store(&q);
   return rc;
 }
+
+/* radrelay study complete UID -c CONFIG: the study is complete now. */
+int rr_cmd_study(int argc, char **argv) {
+  const char *pos[3] = {0};
+  int npos = positional(argc, argv, pos, 3);
+  if (npos != 2 || strcmp(pos[0], "complete") != 0) {
+    fprintf(stderr, "usage: radrelay study complete STUDY_INSTANCE_UID -c CONFIG\n");
+    return 2;
+  }
+  qcli_t q;
+  int rc = open_store(&q, argc, argv, true);
+  if (rc)
+    return rc;
+  sqlite3_stmt *st;
+  const char *sql = q.pid ? "INSERT INTO queue_ops(op, destination, queue_id, message_id, at_ms)"
+                            " VALUES('study_complete', ?1, 0, 0, ?2)"
+                          : "UPDATE studies SET state = 'stable', stable_ms = ?2"
+                            " WHERE study_uid = ?1 AND state = 'arriving'";
+  if (sqlite3_prepare_v2(q.db, sql, -1, &st, NULL) != SQLITE_OK) {
+    fprintf(stderr, "radrelay study: %s\n", sqlite3_errmsg(q.db));
+    close_store(&q);
+    return 1;
+  }
+  sqlite3_bind_text(st, 1, pos[1], -1, SQLITE_STATIC);
+  sqlite3_bind_int64(st, 2, now_ms());
+  int step = sqlite3_step(st);
+  sqlite3_finalize(st);
+  if (step != SQLITE_DONE) {
+    fprintf(stderr, "radrelay study: %s\n", sqlite3_errmsg(q.db));
+    rc = 1;
+  } else if (q.pid) {
+    rc = signal_engine(&q);
+    if (!rc)
+      printf("study complete: handed to the running engine (pid %ld)\n", q.pid);
+  } else if (sqlite3_changes(q.db) == 0) {
+    fprintf(stderr, "radrelay study: no arriving study with that UID\n");
+    rc = 1;
+  } else {
+    printf("study complete: stable in the store (the engine is not running)\n");
+  }
+  close_store(&q);
+  return rc;
+}

@@ -266,6 +266,7 @@ int rr_cmd_run(int argc, char **argv) {
     goto out;
   rr_dispatch_set_replay(s.dispatch, rr_engine_replay, s.engine);
   rr_dispatch_set_inject(s.dispatch, rr_engine_inject, s.engine);
+  rr_dispatch_set_study_complete(s.dispatch, rr_engine_study_complete, s.engine);
   /* Destinations first: their queues may hold what earlier runs accepted. */
   for (size_t i = 0; i < cfg.nchannels; i++)
     for (size_t k = 0; k < cfg.channels[i].ndestinations; k++) {

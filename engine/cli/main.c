@@ -20,6 +20,7 @@ static void usage(FILE *f) {
              "  queue drop DEST ID -c CONFIG   remove a pending or dead delivery\n"
              "  replay -c CONFIG --to DEST (--id N|--mrn M|--accession A|--since T [--until T])\n"
              "                            queue journaled messages again for a destination\n"
+             "  study complete UID -c CONFIG   a DICOM study is complete now (stable)\n"
              "  hl7 dump [--decoded] FILE...   print every value of every message\n"
              "  hl7 get FILE PATH...      print values by path (e.g. PID-3[2].1)\n"
              "  hl7 check [--strict] FILE...   parse and report errors with byte offsets\n"
@@ -51,6 +52,8 @@ int main(int argc, char **argv) {
     return rr_cmd_queue(argc - 2, argv + 2);
   if (strcmp(cmd, "replay") == 0)
     return rr_cmd_replay(argc - 2, argv + 2);
+  if (strcmp(cmd, "study") == 0)
+    return rr_cmd_study(argc - 2, argv + 2);
   if (strcmp(cmd, "help") == 0 || strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0) {
     usage(stdout);
     return 0;

@@ -82,6 +82,8 @@ struct rr_dispatch {
   void *inject_ud;
   rr_dispatch_replay_fn replay;
   void *replay_ud;
+  int (*complete)(void *ud, const char *study_uid);
+  void *complete_ud;
   bool stopping;
   record_t *unrecorded; /* outcomes whose commit failed, to write again */
   uv_timer_t rewrite;   /* when to try them again */
@@ -595,6 +597,12 @@ int rr_dispatch_new(uv_loop_t *loop, rr_journal_t *journal, rr_dispatch_t **out)
   return 0;
 }
 
+void rr_dispatch_set_study_complete(rr_dispatch_t *d, int (*fn)(void *ud, const char *study_uid),
+                                    void *ud) {
+  d->complete = fn;
+  d->complete_ud = ud;
+}
+
 void rr_dispatch_set_replay(rr_dispatch_t *d, rr_dispatch_replay_fn fn, void *ud) {
   d->replay = fn;
   d->replay_ud = ud;
@@ -790,8 +798,15 @@ static void on_op(void *ud, const rr_journal_op_t *op) {
     rc = !find_dest(d, op->destination) ? RR_ENOTFOUND
          : d->replay                    ? d->replay(d->replay_ud, op->message_id, op->destination)
                                         : RR_EINVAL;
+  else if (strcmp(op->op, "study_complete") == 0)
+    rc = d->complete ? d->complete(d->complete_ud, op->destination) : RR_EINVAL;
   else
     rc = RR_EINVAL;
+  if (strcmp(op->op, "study_complete") == 0) { /* the UID is an identifier: debug only */
+    rr_log(rc < 0 ? RR_LOG_WARN : RR_LOG_INFO, "dicom",
+           "event=operator_request op=study_complete result=%s", rc < 0 ? rr_strerror(rc) : "ok");
+    return;
+  }
   rr_log(rc < 0 ? RR_LOG_WARN : RR_LOG_INFO, "queue",
          "event=operator_request op=%s destination=%s queue_id=%lld message_id=%lld result=%s",
          op->op, op->destination, (long long)op->queue_id, (long long)op->message_id,

@@ -99,6 +99,10 @@ void rr_destination_config_default(rr_destination_config_t *c);
 int rr_dispatch_new(uv_loop_t *loop, rr_journal_t *journal, rr_dispatch_t **out);
 void rr_dispatch_set_inject(rr_dispatch_t *d, rr_dispatch_inject_fn fn, void *ud);
 void rr_dispatch_set_replay(rr_dispatch_t *d, rr_dispatch_replay_fn fn, void *ud);
+/* The engine's handler of `radrelay study complete` requests (an op of
+ * table queue_ops whose destination column holds the Study Instance UID). */
+void rr_dispatch_set_study_complete(rr_dispatch_t *d, int (*fn)(void *ud, const char *study_uid),
+                                    void *ud);
 /* rr_dispatch_add: a destination (cfg copied): opens its transport, loads
  * its queue's first window and starts delivering. On failure a description
  * is appended to err. */

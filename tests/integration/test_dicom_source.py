@@ -7,7 +7,8 @@ becomes stable after the quiet period; a resend of the study records no
 second row and leaves it stable (late_series ignore); an unknown calling AE
 title is refused and the refusal logged; a study interrupted by a restart
 becomes stable once, after it; with late_series reopen an instance of a
-stable study makes it arriving, then stable, again; SIGTERM stops cleanly.
+stable study makes it arriving, then stable, again; `radrelay study
+complete UID` makes a study stable at once; SIGTERM stops cleanly.
 
 Run: test_dicom_source.py --radrelay build/radrelay (needs /usr/bin/python3
 with pydicom, and storescu/echoscu; skips with exit status 77 otherwise)."""
@@ -200,7 +201,37 @@ def main():
                          " 'RRACC0001'") == [(6, "stable")]
         finally:
             rc = e.stop()
-        e.lines = first_run + second_run + e.lines
+        assert rc == 0, f"radrelay exited {rc} on SIGTERM:\n" + "\n".join(e.lines[-20:])
+        third_run = list(e.lines)
+        # an explicit "complete": stable at once, whatever the quiet period
+        cfg["source"]["stable_after_s"] = 3600
+        with open(chf, "w") as f:
+            json.dump(cfg, f)
+        third = os.path.join(tmp, "third")
+        r = subprocess.run(["/usr/bin/python3", os.path.join(ROOT, "scripts", "make-study"),
+                            "--out", third, "--slices", "2", "--size", "64",
+                            "--accession", "RRACC0003", "--patient-id", "RRTEST-0003",
+                            "--seed", "9"], capture_output=True, text=True, check=True)
+        uid3 = json.loads(r.stdout.strip().splitlines()[-1])["study_instance_uid"]
+        e.lines = []
+        e.start()
+        try:
+            st = subprocess.run(["storescu", "-aet", "RRTEST", "-aec", "RADRELAY", "+sd", "-xe",
+                                 "127.0.0.1", str(e.port), third], capture_output=True, env=env)
+            assert st.returncode == 0, st.stderr
+            wait_for(lambda: e.sql("SELECT instances, state FROM studies WHERE study_uid = '"
+                                   + uid3 + "'") == [(2, "arriving")], 10, "the third study")
+            cli = subprocess.run([e.radrelay, "study", "complete", uid3, "-c", e.config],
+                                 capture_output=True, text=True)
+            assert cli.returncode == 0, cli.stderr
+            wait_for(lambda: e.sql("SELECT state FROM studies WHERE study_uid = '" + uid3 + "'")
+                     == [("stable",)], 10, "the completed study stable")
+            assert e.grep("event=study_completed", "changed=yes")
+            assert not [l for l in e.lines if uid3 in l and "level=debug" not in l], \
+                "a Study UID logged above debug"
+        finally:
+            rc = e.stop()
+        e.lines = first_run + second_run + third_run + e.lines
         assert rc == 0, f"radrelay exited {rc} on SIGTERM:\n" + "\n".join(e.lines[-20:])
         assert e.grep("event=stopped"), "no event=stopped"
         bad = [l for l in e.lines if "Sanitizer" in l or "runtime error" in l]
@@ -210,7 +241,7 @@ def main():
         db.close()
         print(f"dicom source: 6 instances stored in {took:.2f} s, stable after the quiet "
               f"period, resend recorded once, unknown AE refused, restart mid-study: stable once, "
-              f"reopened by a late instance: stable again")
+              f"reopened by a late instance: stable again, study complete: stable at once")
     return 0
 
 
