@@ -48,11 +48,17 @@ struct rr_http_transfer {
   void *ud;
   rr_http_sink_fn sink;
   void *sink_ud;
+  rr_http_source_fn source;
+  void *source_ud;
+  rr_http_rewind_fn source_rewind;
+  rr_http_head_fn head;
+  void *head_ud;
+  int head_called; /* head ran for the latest response */
   size_t max_body;
   rr_buf_t body; /* buffered response body (limit max_body) */
   rr_buf_t hdr;  /* header block of the latest response (limit max_header_bytes) */
   uint64_t body_bytes;
-  int cb_rc;  /* why a write/header callback aborted the transfer */
+  int cb_rc;  /* why a write/header/read callback aborted the transfer */
   int status; /* the outcome, once on the done list */
   long http_status;
   CURLcode curl_code;
@@ -165,7 +171,10 @@ static int map_result(rr_http_transfer_t *t, CURLcode res) {
   }
   case CURLE_COULDNT_RESOLVE_HOST: return UV_EAI_NONAME;
   case CURLE_FILESIZE_EXCEEDED: return RR_ELIMIT;
-  case CURLE_WRITE_ERROR: return t->cb_rc ? t->cb_rc : RR_HTTP_ETRANSPORT;
+  case CURLE_WRITE_ERROR:
+  case CURLE_READ_ERROR:
+  case CURLE_ABORTED_BY_CALLBACK: return t->cb_rc ? t->cb_rc : RR_HTTP_ETRANSPORT;
+  case CURLE_SEND_FAIL_REWIND: return RR_HTTP_ECONNLOST;
   case CURLE_OUT_OF_MEMORY: return RR_ENOMEM;
   case CURLE_RECV_ERROR:
   case CURLE_SEND_ERROR:
@@ -215,6 +224,9 @@ static void set_outcome(rr_http_transfer_t *t, int status, CURLcode res) {
              t->max_body, t->hdr.limit);
   } else if (res == CURLE_WRITE_ERROR && t->cb_rc) {
     snprintf(t->message, sizeof t->message, "response aborted: %s",
+             rr_http_client_strerror(t->cb_rc));
+  } else if ((res == CURLE_READ_ERROR || res == CURLE_ABORTED_BY_CALLBACK) && t->cb_rc) {
+    snprintf(t->message, sizeof t->message, "request body aborted: %s",
              rr_http_client_strerror(t->cb_rc));
   } else if (t->errbuf[0]) {
     snprintf(t->message, sizeof t->message, "%s", t->errbuf);
@@ -372,6 +384,28 @@ static size_t on_body(char *data, size_t size, size_t n, void *ud) {
   return len;
 }
 
+/* The header block of a final (non-1xx) response is complete: tells head. */
+static int call_head(rr_http_transfer_t *t) {
+  long code = 0;
+  curl_easy_getinfo(t->easy, CURLINFO_RESPONSE_CODE, &code);
+  if (code >= 100 && code < 200)
+    return 0;
+  t->head_called = 1;
+  rr_http_response_t r;
+  memset(&r, 0, sizeof r);
+  r.http_status = code;
+  r.message = "";
+  r.headers = t->hdr.data ? t->hdr.data : "";
+  r.headers_len = t->hdr.len;
+  r.body = "";
+  char *ct = NULL;
+  if (curl_easy_getinfo(t->easy, CURLINFO_CONTENT_TYPE, &ct) == CURLE_OK)
+    r.content_type = ct;
+  r.elapsed_ms = (uv_hrtime() - t->submitted_ns) / 1000000u;
+  int rc = t->head(t->head_ud, &r);
+  return rc < 0 ? rc : rc ? RR_EINVAL : 0;
+}
+
 static size_t on_header(char *data, size_t size, size_t n, void *ud) {
   rr_http_transfer_t *t = ud;
   size_t len = size * n;
@@ -380,16 +414,45 @@ static size_t on_header(char *data, size_t size, size_t n, void *ud) {
      * response's headers are kept. */
     rr_buf_reset(&t->hdr);
     t->body_bytes = 0;
+    t->head_called = 0;
     return len;
   }
-  if ((len == 2 && data[0] == '\r') || (len == 1 && data[0] == '\n'))
+  if ((len == 2 && data[0] == '\r') || (len == 1 && data[0] == '\n')) {
+    if (t->head && !t->head_called) {
+      int rc = call_head(t);
+      if (rc) {
+        t->cb_rc = rc;
+        return 0;
+      }
+    }
     return len;
+  }
   int rc = rr_buf_append(&t->hdr, data, len);
   if (rc) {
     t->cb_rc = rc;
     return 0;
   }
   return len;
+}
+
+static size_t on_read(char *buf, size_t size, size_t n, void *ud) {
+  rr_http_transfer_t *t = ud;
+  size_t cap = size * n, len = 0;
+  int rc = t->source(t->source_ud, buf, cap, &len);
+  if (rc == 0 && len > cap)
+    rc = RR_EINVAL;
+  if (rc) {
+    t->cb_rc = rc < 0 ? rc : RR_EINVAL;
+    return CURL_READFUNC_ABORT;
+  }
+  return len;
+}
+
+static int on_seek(void *ud, curl_off_t offset, int origin) {
+  rr_http_transfer_t *t = ud;
+  if (offset != 0 || origin != SEEK_SET || !t->source_rewind)
+    return CURL_SEEKFUNC_CANTSEEK;
+  return t->source_rewind(t->source_ud) == 0 ? CURL_SEEKFUNC_OK : CURL_SEEKFUNC_CANTSEEK;
 }
 
 /* The safe point: once closing, the last handle's close callback frees c. */
@@ -696,6 +759,7 @@ static int check_request(const rr_http_request_t *req) {
   if (!req->url || req->method > RR_HTTP_DELETE || req->connect_timeout_ms == 0 ||
       req->timeout_ms == 0 || req->max_response_bytes == 0 || req->max_header_bytes == 0 ||
       (req->body_len && !req->body) || (req->method == RR_HTTP_GET && req->body_len) ||
+      (req->source && (req->method == RR_HTTP_GET || req->body || req->body_len)) ||
       (req->nheaders && !req->headers) ||
       (req->bearer_token && (!req->bearer_token[0] || has_crlf(req->bearer_token))) ||
       (req->content_type && has_crlf(req->content_type)))
@@ -722,7 +786,8 @@ static int build_easy(rr_http_transfer_t *t, const rr_http_request_t *req, CURLS
   /* An empty Expect: stops curl waiting for 100-continue before a body. */
   if ((rc = add_header(&t->hdrs, "Expect:", "")) != 0)
     return rc;
-  int has_body = req->method == RR_HTTP_POST || req->method == RR_HTTP_PUT || req->body_len;
+  int has_body =
+      req->method == RR_HTTP_POST || req->method == RR_HTTP_PUT || req->body_len || req->source;
   if (req->content_type || has_body) {
     rc = add_header(&t->hdrs, "Content-Type: ",
                     req->content_type ? req->content_type : "application/octet-stream");
@@ -731,6 +796,9 @@ static int build_easy(rr_http_transfer_t *t, const rr_http_request_t *req, CURLS
   }
   if (req->bearer_token &&
       (rc = add_header(&t->hdrs, "Authorization: Bearer ", req->bearer_token)) != 0)
+    return rc;
+  if (req->source && req->source_len == RR_HTTP_LENGTH_UNKNOWN &&
+      (rc = add_header(&t->hdrs, "Transfer-Encoding: chunked", "")) != 0)
     return rc;
   for (size_t i = 0; i < req->nheaders; i++)
     if ((rc = add_header(&t->hdrs, "", req->headers[i])) != 0)
@@ -778,23 +846,42 @@ static int build_easy(rr_http_transfer_t *t, const rr_http_request_t *req, CURLS
     SET(CURLOPT_SSLKEY, req->key_file ? req->key_file : req->cert_file);
     SET(CURLOPT_SSLKEYTYPE, "PEM");
   }
-  switch (req->method) {
-  case RR_HTTP_GET: SET(CURLOPT_HTTPGET, 1L); break;
-  case RR_HTTP_POST:
-  case RR_HTTP_PUT:
+  if (req->source) {
+    /* POST semantics with the body from the read callback; the method
+     * name is set below for PUT and DELETE. */
+    curl_off_t size =
+        req->source_len == RR_HTTP_LENGTH_UNKNOWN || req->source_len > (uint64_t)INT64_MAX
+            ? (curl_off_t)-1
+            : (curl_off_t)req->source_len;
     SET(CURLOPT_POST, 1L);
-    SET(CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)req->body_len);
-    SET(CURLOPT_POSTFIELDS, body);
+    SET(CURLOPT_READFUNCTION, on_read);
+    SET(CURLOPT_READDATA, (void *)t);
+    SET(CURLOPT_SEEKFUNCTION, on_seek);
+    SET(CURLOPT_SEEKDATA, (void *)t);
+    SET(CURLOPT_POSTFIELDSIZE_LARGE, size);
     if (req->method == RR_HTTP_PUT)
       SET(CURLOPT_CUSTOMREQUEST, "PUT");
-    break;
-  case RR_HTTP_DELETE:
-    SET(CURLOPT_CUSTOMREQUEST, "DELETE");
-    if (req->body_len) {
+    else if (req->method == RR_HTTP_DELETE)
+      SET(CURLOPT_CUSTOMREQUEST, "DELETE");
+  } else {
+    switch (req->method) {
+    case RR_HTTP_GET: SET(CURLOPT_HTTPGET, 1L); break;
+    case RR_HTTP_POST:
+    case RR_HTTP_PUT:
+      SET(CURLOPT_POST, 1L);
       SET(CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)req->body_len);
       SET(CURLOPT_POSTFIELDS, body);
+      if (req->method == RR_HTTP_PUT)
+        SET(CURLOPT_CUSTOMREQUEST, "PUT");
+      break;
+    case RR_HTTP_DELETE:
+      SET(CURLOPT_CUSTOMREQUEST, "DELETE");
+      if (req->body_len) {
+        SET(CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)req->body_len);
+        SET(CURLOPT_POSTFIELDS, body);
+      }
+      break;
     }
-    break;
   }
 #undef SET
   if (r == CURLE_OUT_OF_MEMORY)
@@ -832,6 +919,11 @@ int rr_http_client_submit(rr_http_client_t *c, const rr_http_request_t *req, rr_
   t->ud = ud;
   t->sink = req->sink;
   t->sink_ud = req->sink_ud;
+  t->source = req->source;
+  t->source_ud = req->source_ud;
+  t->source_rewind = req->source_rewind;
+  t->head = req->head;
+  t->head_ud = req->head_ud;
   t->max_body = req->max_response_bytes;
   rr_buf_init(&t->body, req->max_response_bytes);
   rr_buf_init(&t->hdr, req->max_header_bytes);

@@ -46,7 +46,7 @@
  *     RR_HTTP_EPROTOCOL  the response is not valid HTTP
  *     RR_HTTP_ETRANSPORT any other libcurl failure (curl_code says which)
  *     UV_ECANCELED       rr_http_client_cancel or rr_http_client_close
- *     a sink's own code  the sink returned non-zero
+ *     a callback's code  a sink, source or head callback returned non-zero
  *     RR_ENOMEM
  *   A request may have reached the server for every code but a connect
  *   error, RR_ETLS during the handshake and UV_ECANCELED before the start.
@@ -63,8 +63,8 @@
  *   A client and its transfers are used from the thread running the loop,
  *   only. Completion callbacks run from the loop, never inside
  *   rr_http_client_submit, _cancel or _close; a completion callback may
- *   call submit, cancel and close. A sink runs inside libcurl and must not
- *   call any rr_http_client_* function.
+ *   call submit, cancel and close. A sink, source, rewind or head callback
+ *   runs inside libcurl and must not call any rr_http_client_* function.
  */
 #ifndef RR_HTTP_CLIENT_H
 #define RR_HTTP_CLIENT_H
@@ -109,6 +109,32 @@ typedef struct rr_http_client_config {
  * Must not call rr_http_client_* functions. */
 typedef int (*rr_http_sink_fn)(void *ud, const char *data, size_t len);
 
+/* Produces the request body instead of a buffer (streaming uploads): writes
+ * at most cap bytes into buf (borrowed for the call) and sets *len; *len 0
+ * ends the body. Returns 0, or a negative code that aborts the transfer
+ * and becomes its status. Called from the loop inside libcurl, in order;
+ * must not call rr_http_client_* functions. */
+typedef int (*rr_http_source_fn)(void *ud, char *buf, size_t cap, size_t *len);
+
+/* Starts the body over from its first byte: libcurl asks for it when it
+ * has to send the request again (a reused connection that turned out to
+ * be closed). Returns 0, or non-zero when it cannot (the transfer then
+ * fails with RR_HTTP_ECONNLOST). Same context as the source. */
+typedef int (*rr_http_rewind_fn)(void *ud);
+
+struct rr_http_response;
+/* The final response's status line and headers are complete (before any
+ * of its body reaches the sink). r holds status 0, http_status, headers
+ * and content_type (rr_http_response_header works on it); its body fields
+ * are empty; r is borrowed for the call. Returns 0 to go on, or a negative
+ * code that aborts the transfer and becomes its status. Same context as a
+ * sink. */
+typedef int (*rr_http_head_fn)(void *ud, const struct rr_http_response *r);
+
+/* rr_http_request_t.source_len for a body of unknown length: it is sent
+ * with chunked transfer encoding (HTTP/1.1). */
+#define RR_HTTP_LENGTH_UNKNOWN UINT64_MAX
+
 typedef struct rr_http_request {
   rr_http_method_t method;    /* default RR_HTTP_GET */
   const char *url;            /* http:// or https://; copied; required */
@@ -135,6 +161,16 @@ typedef struct rr_http_request {
   size_t max_header_bytes;     /* response header block limit; default 64 KiB */
   rr_http_sink_fn sink;        /* NULL (default): the body is buffered */
   void *sink_ud;
+  rr_http_source_fn source;        /* NULL (default): the request body is body/body_len.
+                                      Otherwise the body comes from source (body must be
+                                      NULL and body_len 0; not with GET) */
+  void *source_ud;                 /* passed to source and source_rewind */
+  uint64_t source_len;             /* with source: the body's exact length (sent as
+                                      Content-Length; a source that ends early fails the
+                                      transfer), or RR_HTTP_LENGTH_UNKNOWN */
+  rr_http_rewind_fn source_rewind; /* NULL: the body cannot be sent twice */
+  rr_http_head_fn head;            /* NULL (default): none */
+  void *head_ud;
 } rr_http_request_t;
 
 typedef struct rr_http_response {
@@ -190,7 +226,8 @@ void rr_http_client_request_default(rr_http_request_t *r);
  * the transfer, borrowed, valid until its callback returns. On error cb is
  * never called and *out is untouched: RR_EINVAL (no cb, no url, a scheme
  * other than http/https, an unparsable URL, a header or token with CR/LF or
- * a header without ':', a body with GET, a zero timeout or limit),
+ * a header without ':', a body or source with GET, both a body and a
+ * source, a zero timeout or limit),
  * RR_ELIMIT (max_queue transfers waiting), UV_ECANCELED (the client is
  * closing), RR_ENOMEM. Loop thread. */
 int rr_http_client_submit(rr_http_client_t *c, const rr_http_request_t *req, rr_http_done_cb cb,
