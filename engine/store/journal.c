@@ -1,6 +1,7 @@
 /* SQLite journal: pipelined group commit on a libuv worker thread. */
 #include "store/journal.h"
 
+#include <jansson.h>
 #include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,6 +24,8 @@ typedef struct pending {
   int64_t ops_upto;                /* > 0: delete queue_ops rows up to this id */
   int64_t prune_before;            /* > 0: remove messages received before (prune_limit at most) */
   rr_journal_instance_t *instance; /* a DICOM instance (strings in blob) */
+  rr_journal_order_t *order;       /* an order (strings in blob) */
+  int64_t order_ms;                /* its ordered_at read as if UTC */
   int64_t stable_before;           /* > 0: studies of channel e.channel quiet since then */
   rr_journal_stable_cb stable_cb;
   char **stable_uids; /* written by the worker: the studies that became stable */
@@ -46,14 +49,15 @@ struct rr_journal {
   uv_loop_t *loop;
   sqlite3 *wdb; /* writer: the worker's while a batch is in flight */
   sqlite3 *rdb; /* reader: loop thread */
-  sqlite3_stmt *insert, *begin, *commit, *rollback;                             /* on wdb */
-  sqlite3_stmt *find, *find_raw, *count;                                        /* on rdb */
-  sqlite3_stmt *kv_put, *kv_del;                                                /* on wdb */
-  sqlite3_stmt *kv_get;                                                         /* on rdb */
-  sqlite3_stmt *q_insert, *q_history, *q_delete, *q_retry, *q_dead, *q_requeue; /* wdb */
-  sqlite3_stmt *q_requeue_all, *ops_delete;                                     /* wdb */
-  sqlite3_stmt *ops_read, *msg_get;                                             /* rdb */
-  sqlite3_stmt *q_load, *q_payload, *q_depth;                                   /* rdb */
+  sqlite3_stmt *insert, *begin, *commit, *rollback;                                     /* on wdb */
+  sqlite3_stmt *find, *find_raw, *count;                                                /* on rdb */
+  sqlite3_stmt *kv_put, *kv_del;                                                        /* on wdb */
+  sqlite3_stmt *kv_get;                                                                 /* on rdb */
+  sqlite3_stmt *q_insert, *q_history, *q_delete, *q_retry, *q_dead, *q_requeue;         /* wdb */
+  sqlite3_stmt *q_requeue_all, *ops_delete;                                             /* wdb */
+  sqlite3_stmt *ops_read, *msg_get;                                                     /* rdb */
+  sqlite3_stmt *q_load, *q_payload, *q_depth;                                           /* rdb */
+  sqlite3_stmt *study_routed, *order_find, *order_insert, *order_update, *order_cancel; /* wdb */
   rr_journal_enqueue_cb enqueue_cb;
   void *enqueue_ud;
   batch_t queue;  /* collecting (loop thread) */
@@ -147,9 +151,28 @@ static const char schema[] =
     " instances INTEGER NOT NULL,"
     " first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL,"
     " state TEXT NOT NULL," /* arriving, stable */
-    " stable_ms INTEGER) WITHOUT ROWID;"
+    " stable_ms INTEGER,"
+    " routed_ms INTEGER,"  /* when its study event was journaled; NULL = not yet */
+    " message_id INTEGER," /* that event */
+    " order_id INTEGER,"   /* the matched order; NULL = none */
+    " match_method TEXT) WITHOUT ROWID;"
     "CREATE INDEX IF NOT EXISTS studies_state ON studies(state, last_ms);"
     "CREATE INDEX IF NOT EXISTS studies_accession ON studies(accession);"
+    "CREATE TABLE IF NOT EXISTS orders("
+    " id INTEGER PRIMARY KEY AUTOINCREMENT,"
+    " channel TEXT NOT NULL,"
+    " accession TEXT, placer TEXT, filler TEXT, mrn TEXT, study_uid TEXT, modality TEXT,"
+    " priority TEXT, order_control TEXT,"
+    " status TEXT NOT NULL," /* active, cancelled */
+    " ordered_at TEXT,"
+    " ordered_ms INTEGER NOT NULL," /* ordered_at read as if UTC: compares with study times */
+    " created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL,"
+    " record TEXT NOT NULL);"
+    "CREATE UNIQUE INDEX IF NOT EXISTS orders_accession ON orders(accession)"
+    " WHERE accession IS NOT NULL;"
+    "CREATE INDEX IF NOT EXISTS orders_placer ON orders(placer) WHERE placer IS NOT NULL;"
+    "CREATE INDEX IF NOT EXISTS orders_study ON orders(study_uid) WHERE study_uid IS NOT NULL;"
+    "CREATE INDEX IF NOT EXISTS orders_patient ON orders(mrn, modality, ordered_ms);"
     "CREATE TABLE IF NOT EXISTS queue_ops("
     " id INTEGER PRIMARY KEY,"
     " op TEXT NOT NULL," /* retry, retry_dead, drop, replay */
@@ -157,7 +180,36 @@ static const char schema[] =
     " queue_id INTEGER NOT NULL DEFAULT 0,"
     " message_id INTEGER NOT NULL DEFAULT 0,"
     " at_ms INTEGER NOT NULL);"
-    "PRAGMA user_version=2;";
+    "PRAGMA user_version=3;";
+
+/* Columns added to tables of an older store (ALTER TABLE ADD COLUMN runs
+ * when the column is missing). */
+static const char *const migrations[][2] = {{"studies", "routed_ms INTEGER"},
+                                            {"studies", "message_id INTEGER"},
+                                            {"studies", "order_id INTEGER"},
+                                            {"studies", "match_method TEXT"}};
+
+static int migrate(sqlite3 *db) {
+  for (size_t i = 0; i < sizeof migrations / sizeof migrations[0]; i++) {
+    char sql[256], col[64];
+    sscanf(migrations[i][1], "%63s", col);
+    snprintf(sql, sizeof sql, "SELECT 1 FROM pragma_table_info('%s') WHERE name = '%s'",
+             migrations[i][0], col);
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) != SQLITE_OK)
+      return RR_EIO;
+    int rc = sqlite3_step(st);
+    sqlite3_finalize(st);
+    if (rc == SQLITE_ROW)
+      continue;
+    if (rc != SQLITE_DONE)
+      return RR_EIO;
+    snprintf(sql, sizeof sql, "ALTER TABLE %s ADD COLUMN %s", migrations[i][0], migrations[i][1]);
+    if (sqlite3_exec(db, sql, NULL, NULL, NULL) != SQLITE_OK)
+      return RR_EIO;
+  }
+  return 0;
+}
 
 static int fail(sqlite3 *db, const char *what, char **errmsg) {
   if (errmsg && !*errmsg) {
@@ -305,6 +357,16 @@ int rr_journal_open(uv_loop_t *loop, const char *path, rr_journal_sync_t sync, r
       goto out;
     }
   }
+  if (migrate(j->wdb) != 0 ||
+      sqlite3_exec(j->wdb,
+                   "CREATE INDEX IF NOT EXISTS studies_order ON studies(order_id)"
+                   " WHERE order_id IS NOT NULL;"
+                   "CREATE INDEX IF NOT EXISTS studies_unrouted ON studies(channel, stable_ms)"
+                   " WHERE state = 'stable' AND routed_ms IS NULL",
+                   NULL, NULL, NULL) != SQLITE_OK) {
+    rc = fail(j->wdb, "schema upgrade", errmsg);
+    goto out;
+  }
   if (sqlite3_open_v2(path, &j->rdb, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, NULL) !=
           SQLITE_OK ||
       sqlite3_exec(j->rdb, "PRAGMA busy_timeout=5000", NULL, NULL, NULL) != SQLITE_OK) {
@@ -373,6 +435,34 @@ int rr_journal_open(uv_loop_t *loop, const char *path, rr_journal_sync_t sync, r
                     "SELECT destination, sum(state = 'pending'), sum(state = 'dead'),"
                     " min(enqueued_ms) FROM queue GROUP BY destination ORDER BY destination",
                     &j->q_depth, errmsg)) ||
+      (rc = prepare(j->wdb,
+                    "UPDATE studies SET routed_ms = ?2, message_id = ?3, order_id = ?4,"
+                    " match_method = ?5 WHERE study_uid = ?1",
+                    &j->study_routed, errmsg)) ||
+      (rc = prepare(j->wdb,
+                    "SELECT id FROM orders WHERE accession = ?1 UNION ALL"
+                    " SELECT id FROM orders WHERE ?1 IS NULL AND placer = ?2 AND accession IS NULL"
+                    " LIMIT 1",
+                    &j->order_find, errmsg)) ||
+      (rc = prepare(j->wdb,
+                    "INSERT INTO orders(channel, accession, placer, filler, mrn, study_uid,"
+                    " modality, priority, order_control, status, ordered_at, ordered_ms,"
+                    " created_ms, updated_ms, record)"
+                    " VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?13,?14)",
+                    &j->order_insert, errmsg)) ||
+      (rc = prepare(j->wdb,
+                    "UPDATE orders SET channel = ?1, accession = coalesce(?2, accession),"
+                    " placer = coalesce(?3, placer), filler = coalesce(?4, filler),"
+                    " mrn = coalesce(?5, mrn), study_uid = coalesce(?6, study_uid),"
+                    " modality = coalesce(?7, modality), priority = coalesce(?8, priority),"
+                    " order_control = ?9, status = ?10, ordered_at = coalesce(?11, ordered_at),"
+                    " ordered_ms = CASE WHEN ?11 IS NULL THEN ordered_ms ELSE ?12 END,"
+                    " updated_ms = ?13, record = ?14 WHERE id = ?15",
+                    &j->order_update, errmsg)) ||
+      (rc = prepare(j->wdb,
+                    "UPDATE orders SET status = 'cancelled', order_control = ?2, updated_ms = ?3"
+                    " WHERE id = ?1",
+                    &j->order_cancel, errmsg)) ||
       (rc = fp_load(j, errmsg)))
     goto out;
   *out = j;
@@ -430,11 +520,13 @@ void rr_journal_close(rr_journal_t *j) {
   memset(&j->queue, 0, sizeof j->queue);
   report(NULL, &q, RR_EIO);
   free_batch(&q);
-  sqlite3_stmt *sts[] = {j->insert,     j->begin,     j->commit,    j->rollback, j->find,
-                         j->find_raw,   j->count,     j->kv_put,    j->kv_del,   j->kv_get,
-                         j->q_insert,   j->q_history, j->q_delete,  j->q_retry,  j->q_dead,
-                         j->q_requeue,  j->q_load,    j->q_payload, j->q_depth,  j->q_requeue_all,
-                         j->ops_delete, j->ops_read,  j->msg_get};
+  sqlite3_stmt *sts[] = {j->insert,     j->begin,        j->commit,       j->rollback,
+                         j->find,       j->find_raw,     j->count,        j->kv_put,
+                         j->kv_del,     j->kv_get,       j->q_insert,     j->q_history,
+                         j->q_delete,   j->q_retry,      j->q_dead,       j->q_requeue,
+                         j->q_load,     j->q_payload,    j->q_depth,      j->q_requeue_all,
+                         j->ops_delete, j->ops_read,     j->msg_get,      j->study_routed,
+                         j->order_find, j->order_insert, j->order_update, j->order_cancel};
   for (size_t i = 0; i < sizeof sts / sizeof sts[0]; i++)
     sqlite3_finalize(sts[i]);
   sqlite3_close(j->rdb);
@@ -518,7 +610,8 @@ static int add_entry(rr_journal_t *j, const rr_journal_entry_t *e, rr_journal_do
     return RR_ENOMEM;
   const char *strs[] = {e->channel,      e->peer,       e->sending_app, e->sending_facility,
                         e->message_type, e->control_id, e->mrn,         e->accession,
-                        e->study_uid,    e->status,     e->error};
+                        e->study_uid,    e->status,     e->error,       e->routed_study,
+                        e->match_method};
   size_t need = e->raw_len + e->ack_len + 1;
   for (size_t i = 0; i < sizeof strs / sizeof strs[0]; i++)
     need += strs[i] ? strlen(strs[i]) + 1 : 0;
@@ -542,6 +635,8 @@ static int add_entry(rr_journal_t *j, const rr_journal_entry_t *e, rr_journal_do
   p->e.study_uid = put_str(&w, e->study_uid);
   p->e.status = put_str(&w, e->status);
   p->e.error = put_str(&w, e->error);
+  p->e.routed_study = put_str(&w, e->routed_study);
+  p->e.match_method = put_str(&w, e->match_method);
   if (e->raw_len)
     memcpy(w, e->raw, e->raw_len);
   p->e.raw = w;
@@ -611,6 +706,22 @@ static int insert_one(rr_journal_t *j, pending_t *p) {
   if (rc != SQLITE_DONE)
     return RR_EIO;
   p->id = sqlite3_last_insert_rowid(j->wdb);
+  if (e->routed_study) {
+    st = j->study_routed;
+    bind_text(st, 1, e->routed_study);
+    sqlite3_bind_int64(st, 2, e->received_ms);
+    sqlite3_bind_int64(st, 3, p->id);
+    if (e->order_id > 0)
+      sqlite3_bind_int64(st, 4, e->order_id);
+    else
+      sqlite3_bind_null(st, 4);
+    bind_text(st, 5, e->match_method ? e->match_method : "none");
+    rc = sqlite3_step(st);
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
+    if (rc != SQLITE_DONE)
+      return RR_EIO;
+  }
   return insert_routes(j, p);
 }
 
@@ -756,6 +867,7 @@ static int instance_write(rr_journal_t *j, pending_t *p) {
       " VALUES(?4, ?1, ?11, ?12, ?13, ?14, ?15, ?16, ?17, 1, ?2, ?2, 'arriving')"
       " ON CONFLICT(study_uid) DO UPDATE SET last_ms = excluded.last_ms,"
       " instances = (SELECT count(*) FROM instances WHERE study_uid = excluded.study_uid),"
+      " routed_ms = CASE WHEN ?20 AND state = 'stable' THEN NULL ELSE routed_ms END,"
       " state = CASE WHEN ?20 THEN 'arriving' ELSE state END"};
   const rr_journal_instance_t *in = p->instance;
   const char *text[] = {in->channel,
@@ -839,6 +951,46 @@ static int stable_write(rr_journal_t *j, pending_t *p) {
   return result;
 }
 
+static bool is_cancel(const char *control);
+
+/* An order: inserted, replaced, or (a cancel) its status changed. */
+static int order_write(rr_journal_t *j, pending_t *p) {
+  const rr_journal_order_t *o = p->order;
+  sqlite3_stmt *st = j->order_find;
+  bind_text(st, 1, o->accession);
+  bind_text(st, 2, o->placer);
+  int rc = sqlite3_step(st);
+  int64_t id = rc == SQLITE_ROW ? sqlite3_column_int64(st, 0) : 0;
+  sqlite3_reset(st);
+  sqlite3_clear_bindings(st);
+  if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+    return RR_EIO;
+  bool cancel = is_cancel(o->order_control);
+  if (id && cancel) {
+    st = j->order_cancel;
+    sqlite3_bind_int64(st, 1, id);
+    bind_text(st, 2, o->order_control);
+    sqlite3_bind_int64(st, 3, o->received_ms);
+    return step_once(st);
+  }
+  st = id ? j->order_update : j->order_insert;
+  const char *text[] = {
+      o->channel,   o->accession, o->placer,   o->filler,        o->mrn,
+      o->study_uid, o->modality,  o->priority, o->order_control, cancel ? "cancelled" : "active",
+      o->ordered_at};
+  for (int i = 0; i < 11; i++)
+    bind_text(st, i + 1, text[i] && *text[i] ? text[i] : NULL);
+  sqlite3_bind_int64(st, 12, p->order_ms);
+  sqlite3_bind_int64(st, 13, o->received_ms);
+  sqlite3_bind_text(st, 14, o->record, (int)o->record_len, SQLITE_STATIC);
+  if (id)
+    sqlite3_bind_int64(st, 15, id);
+  rc = sqlite3_step(st);
+  sqlite3_reset(st);
+  sqlite3_clear_bindings(st);
+  return rc == SQLITE_DONE ? 0 : RR_EIO;
+}
+
 static int ops_delete(rr_journal_t *j, pending_t *p) {
   sqlite3_bind_int64(j->ops_delete, 1, p->ops_upto);
   return step_once(j->ops_delete);
@@ -861,6 +1013,8 @@ static void commit_work(uv_work_t *w) {
       rc = prune_write(j, &b->v[i]);
     else if (b->v[i].instance)
       rc = instance_write(j, &b->v[i]);
+    else if (b->v[i].order)
+      rc = order_write(j, &b->v[i]);
     else if (b->v[i].stable_before)
       rc = stable_write(j, &b->v[i]);
     else if (b->v[i].delivery)
@@ -922,7 +1076,7 @@ static void finish_flight(rr_journal_t *j) {
   for (size_t i = 0; i < b.n; i++)
     entries += !b.v[i].barrier && !b.v[i].kv && !b.v[i].delivery && !b.v[i].replay &&
                !b.v[i].ops_upto && !b.v[i].prune_before && !b.v[i].instance &&
-               !b.v[i].stable_before;
+               !b.v[i].stable_before && !b.v[i].order;
   j->last_batch = entries;
   if (entries)
     learn_sources(j, &b);
@@ -1028,8 +1182,8 @@ static bool find_in(const batch_t *b, const char *channel, const char *app, cons
   for (size_t i = 0; i < b->n; i++) {
     const rr_journal_entry_t *e = &b->v[i].e;
     if (b->v[i].barrier || b->v[i].kv || b->v[i].delivery || b->v[i].replay || b->v[i].ops_upto ||
-        b->v[i].prune_before || b->v[i].instance || b->v[i].stable_before || !e->control_id ||
-        strcmp(e->control_id, ctl) != 0 || !same_str(e->sending_app, app) ||
+        b->v[i].prune_before || b->v[i].instance || b->v[i].stable_before || b->v[i].order ||
+        !e->control_id || strcmp(e->control_id, ctl) != 0 || !same_str(e->sending_app, app) ||
         !same_str(e->sending_facility, fac) || !same_str(e->channel, channel))
       continue;
     out->found = true;
@@ -1382,4 +1536,320 @@ int rr_journal_mark_study_stable(rr_journal_t *j, const char *study_uid, rr_jour
     p->e.channel = NULL;
   }
   return rc;
+}
+
+/* ---- orders and study matching -------------------------------------------- */
+
+/* "YYYYMMDD[HH[MM[SS[.f]]]]" (an HL7 TS or DICOM DA + TM, site local time)
+ * as milliseconds since the epoch read as if UTC, so that two site-local
+ * times compare; -1 when it does not start with a date. */
+static int64_t naive_ms(const char *date, const char *time) {
+  int f[6] = {0, 1, 1, 0, 0, 0};
+  const int width[6] = {4, 2, 2, 2, 2, 2};
+  const char *s = date;
+  for (int i = 0; i < 6; i++) {
+    if (i == 3 && time)
+      s = time;
+    int v = 0, k = 0;
+    for (; k < width[i] && s && s[k] >= '0' && s[k] <= '9'; k++)
+      v = v * 10 + (s[k] - '0');
+    if (k < width[i]) {
+      if (i < 3)
+        return -1;
+      break;
+    }
+    f[i] = v;
+    s += k;
+  }
+  if (f[1] < 1 || f[1] > 12 || f[2] < 1 || f[2] > 31 || f[3] > 23 || f[4] > 59 || f[5] > 60)
+    return -1;
+  struct tm tm = {.tm_year = f[0] - 1900,
+                  .tm_mon = f[1] - 1,
+                  .tm_mday = f[2],
+                  .tm_hour = f[3],
+                  .tm_min = f[4],
+                  .tm_sec = f[5]};
+  return (int64_t)timegm(&tm) * 1000;
+}
+
+/* A wall-clock time as the site's local time read as if UTC. */
+static int64_t naive_from_epoch(int64_t ms) {
+  time_t t = (time_t)(ms / 1000);
+  struct tm tm;
+  localtime_r(&t, &tm);
+  return (int64_t)timegm(&tm) * 1000 + ms % 1000;
+}
+
+int rr_journal_keep_order(rr_journal_t *j, const rr_journal_order_t *o) {
+  if ((!o->accession || !*o->accession) && (!o->placer || !*o->placer))
+    return RR_EINVAL;
+  const char *strs[] = {o->channel,   o->accession, o->placer,   o->filler,        o->mrn,
+                        o->study_uid, o->modality,  o->priority, o->order_control, o->ordered_at};
+  size_t need = sizeof(rr_journal_order_t) + o->record_len + 1;
+  for (size_t i = 0; i < sizeof strs / sizeof strs[0]; i++)
+    need += (strs[i] ? strlen(strs[i]) : 0) + 1;
+  pending_t *p = slot(&j->queue);
+  if (!p)
+    return RR_ENOMEM;
+  char *blob = malloc(need);
+  if (!blob)
+    return RR_ENOMEM;
+  rr_journal_order_t *c = (rr_journal_order_t *)(void *)blob;
+  *c = *o;
+  char *w = blob + sizeof *c;
+  const char **dst[] = {&c->channel,       &c->accession, &c->placer,   &c->filler,
+                        &c->mrn,           &c->study_uid, &c->modality, &c->priority,
+                        &c->order_control, &c->ordered_at};
+  for (size_t i = 0; i < sizeof strs / sizeof strs[0]; i++)
+    *dst[i] = strs[i] && *strs[i] ? put_str(&w, strs[i]) : NULL;
+  memcpy(w, o->record, o->record_len);
+  w[o->record_len] = '\0';
+  c->record = w;
+  int64_t ms = c->ordered_at ? naive_ms(c->ordered_at, NULL) : -1;
+  p->order_ms = ms >= 0 ? ms : naive_from_epoch(o->received_ms);
+  p->order = c;
+  p->blob = blob;
+  j->queue.n++; /* not a message: group commit does not wait for it */
+  return 0;
+}
+
+/* The newest queued order with this accession in b, or NULL. */
+static const pending_t *order_in(const batch_t *b, const char *accession) {
+  for (size_t i = b->n; i-- > 0;)
+    if (b->v[i].order && b->v[i].order->accession &&
+        strcmp(b->v[i].order->accession, accession) == 0)
+      return &b->v[i];
+  return NULL;
+}
+
+/* Appends record with "id" and "status" set. */
+static int order_json(const char *record, size_t len, int64_t id, const char *status,
+                      rr_buf_t *out) {
+  json_t *o = json_loadb(record, len, 0, NULL);
+  if (!json_is_object(o)) {
+    json_decref(o);
+    return RR_EIO;
+  }
+  if (id > 0)
+    json_object_set_new(o, "id", json_integer(id));
+  json_object_set_new(o, "status", json_string(status));
+  char *t = json_dumps(o, JSON_COMPACT);
+  json_decref(o);
+  if (!t)
+    return RR_ENOMEM;
+  int rc = rr_buf_append(out, t, strlen(t));
+  free(t);
+  return rc;
+}
+
+static bool is_cancel(const char *control) {
+  static const char *const cancels[] = {"CA", "OC", "DC", "CR", "OD", "DR"};
+  for (size_t i = 0; control && i < sizeof cancels / sizeof cancels[0]; i++)
+    if (strcmp(control, cancels[i]) == 0)
+      return true;
+  return false;
+}
+
+int rr_journal_order_get(rr_journal_t *j, const char *accession, rr_buf_t *out) {
+  const pending_t *p = order_in(&j->queue, accession);
+  if (!p)
+    p = order_in(&j->flight, accession);
+  if (p)
+    return order_json(p->order->record, p->order->record_len, 0,
+                      is_cancel(p->order->order_control) ? "cancelled" : "active", out);
+  sqlite3_stmt *st;
+  if (sqlite3_prepare_v2(j->rdb, "SELECT id, status, record FROM orders WHERE accession = ?", -1,
+                         &st, NULL) != SQLITE_OK)
+    return RR_EIO;
+  bind_text(st, 1, accession);
+  int rc = sqlite3_step(st), result = RR_ENOTFOUND;
+  if (rc == SQLITE_ROW)
+    result =
+        order_json((const char *)sqlite3_column_text(st, 2), (size_t)sqlite3_column_bytes(st, 2),
+                   sqlite3_column_int64(st, 0), (const char *)sqlite3_column_text(st, 1), out);
+  else if (rc != SQLITE_DONE)
+    result = RR_EIO;
+  sqlite3_finalize(st);
+  return result;
+}
+
+int rr_journal_unrouted(rr_journal_t *j, const char *channel,
+                        void (*cb)(void *ud, const char *study_uid), void *ud) {
+  sqlite3_stmt *st;
+  if (sqlite3_prepare_v2(j->rdb,
+                         "SELECT study_uid FROM studies WHERE channel = ? AND state = 'stable'"
+                         " AND routed_ms IS NULL ORDER BY stable_ms",
+                         -1, &st, NULL) != SQLITE_OK)
+    return RR_EIO;
+  bind_text(st, 1, channel);
+  int n = 0, rc;
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+    cb(ud, (const char *)sqlite3_column_text(st, 0));
+    n++;
+  }
+  sqlite3_finalize(st);
+  return rc == SQLITE_DONE ? n : RR_EIO;
+}
+
+static void set_text(json_t *o, const char *key, sqlite3_stmt *st, int col) {
+  const char *v = (const char *)sqlite3_column_text(st, col);
+  json_object_set_new(o, key, v ? json_string(v) : json_null());
+}
+
+/* The order found by sql (bound with the study's values) into ctx. */
+static int match_order(rr_journal_t *j, const char *sql, const char *const *text, size_t ntext,
+                       const int64_t *num, size_t nnum, json_t *ctx, int64_t *order_id) {
+  sqlite3_stmt *st;
+  if (sqlite3_prepare_v2(j->rdb, sql, -1, &st, NULL) != SQLITE_OK)
+    return RR_EIO;
+  for (size_t i = 0; i < ntext; i++)
+    bind_text(st, (int)i + 1, text[i]);
+  for (size_t i = 0; i < nnum; i++)
+    sqlite3_bind_int64(st, (int)(ntext + i) + 1, num[i]);
+  int rc = sqlite3_step(st), result = RR_ENOTFOUND;
+  if (rc == SQLITE_ROW) {
+    json_t *o = json_loadb((const char *)sqlite3_column_text(st, 2),
+                           (size_t)sqlite3_column_bytes(st, 2), 0, NULL);
+    if (!json_is_object(o)) {
+      json_decref(o);
+      o = json_object();
+    }
+    *order_id = sqlite3_column_int64(st, 0);
+    json_object_set_new(o, "id", json_integer(*order_id));
+    set_text(o, "status", st, 1);
+    json_object_set_new(ctx, "order", o);
+    result = 0;
+  } else if (rc != SQLITE_DONE) {
+    result = RR_EIO;
+  }
+  sqlite3_finalize(st);
+  return result;
+}
+
+int rr_journal_study_context(rr_journal_t *j, const char *study_uid, int64_t window_ms,
+                             rr_buf_t *out, int64_t *order_id, const char **method) {
+  *order_id = 0;
+  *method = "none";
+  sqlite3_stmt *st;
+  if (sqlite3_prepare_v2(j->rdb,
+                         "SELECT channel, patient_id, accession, modality, body_part, description,"
+                         " study_date, study_time, instances, first_ms, last_ms, stable_ms"
+                         " FROM studies WHERE study_uid = ?",
+                         -1, &st, NULL) != SQLITE_OK)
+    return RR_EIO;
+  bind_text(st, 1, study_uid);
+  int rc = sqlite3_step(st);
+  if (rc != SQLITE_ROW) {
+    sqlite3_finalize(st);
+    return rc == SQLITE_DONE ? RR_ENOTFOUND : RR_EIO;
+  }
+  json_t *ctx = json_object();
+  json_object_set_new(ctx, "study_uid", json_string(study_uid));
+  static const char *const keys[] = {"channel",   "patient_id",  "accession",  "modality",
+                                     "body_part", "description", "study_date", "study_time"};
+  for (int i = 0; i < 8; i++)
+    set_text(ctx, keys[i], st, i);
+  json_object_set_new(ctx, "instances", json_integer(sqlite3_column_int64(st, 8)));
+  json_object_set_new(ctx, "first_ms", json_integer(sqlite3_column_int64(st, 9)));
+  json_object_set_new(ctx, "last_ms", json_integer(sqlite3_column_int64(st, 10)));
+  json_object_set_new(ctx, "stable_ms", json_integer(sqlite3_column_int64(st, 11)));
+  char acc[128] = "", pid[128] = "", date[16] = "", tim[32] = "";
+  const char *v;
+  if ((v = (const char *)sqlite3_column_text(st, 2)))
+    snprintf(acc, sizeof acc, "%s", v);
+  if ((v = (const char *)sqlite3_column_text(st, 1)))
+    snprintf(pid, sizeof pid, "%s", v);
+  if ((v = (const char *)sqlite3_column_text(st, 6)))
+    snprintf(date, sizeof date, "%s", v);
+  if ((v = (const char *)sqlite3_column_text(st, 7)))
+    snprintf(tim, sizeof tim, "%s", v);
+  int64_t first_ms = sqlite3_column_int64(st, 9);
+  sqlite3_finalize(st);
+
+  int result = 0;
+  json_t *series = json_array(), *mods = json_array();
+  json_object_set_new(ctx, "series", series);
+  json_object_set_new(ctx, "modalities", mods);
+  if (sqlite3_prepare_v2(j->rdb,
+                         "SELECT series_uid, min(modality), min(series_number), count(*),"
+                         " min(calling_ae), min(body_part) FROM instances WHERE study_uid = ?"
+                         " GROUP BY series_uid ORDER BY min(received_ms)",
+                         -1, &st, NULL) != SQLITE_OK) {
+    json_decref(ctx);
+    return RR_EIO;
+  }
+  bind_text(st, 1, study_uid);
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+    json_t *s = json_object();
+    set_text(s, "series_uid", st, 0);
+    set_text(s, "modality", st, 1);
+    set_text(s, "series_number", st, 2);
+    json_object_set_new(s, "instances", json_integer(sqlite3_column_int64(st, 3)));
+    set_text(s, "body_part", st, 5);
+    json_array_append_new(series, s);
+    const char *m = (const char *)sqlite3_column_text(st, 1);
+    bool seen = !m;
+    for (size_t i = 0; m && i < json_array_size(mods); i++)
+      seen = seen || strcmp(json_string_value(json_array_get(mods, i)), m) == 0;
+    if (!seen)
+      json_array_append_new(mods, json_string(m));
+    if (!json_object_get(ctx, "calling_ae") && sqlite3_column_text(st, 4))
+      set_text(ctx, "calling_ae", st, 4);
+  }
+  sqlite3_finalize(st);
+  if (rc != SQLITE_DONE)
+    result = RR_EIO;
+
+  /* Matching: accession, else Study Instance UID, else patient + modality +
+   * time window (active orders only, one not matched to another study
+   * first, then the nearest in time). */
+  const char *cols = "SELECT id, status, record FROM orders";
+  char sql[1024];
+  if (result == 0 && *acc) {
+    snprintf(sql, sizeof sql, "%s WHERE accession = ?", cols);
+    const char *t[] = {acc};
+    result = match_order(j, sql, t, 1, NULL, 0, ctx, order_id);
+    if (result == 0)
+      *method = "accession";
+  } else if (result == 0) {
+    result = RR_ENOTFOUND;
+  }
+  if (result == RR_ENOTFOUND) {
+    snprintf(sql, sizeof sql, "%s WHERE study_uid = ? ORDER BY id DESC LIMIT 1", cols);
+    const char *t[] = {study_uid};
+    result = match_order(j, sql, t, 1, NULL, 0, ctx, order_id);
+    if (result == 0)
+      *method = "study_uid";
+  }
+  if (result == RR_ENOTFOUND && *pid && window_ms > 0) {
+    int64_t at = *date ? naive_ms(date, tim) : -1;
+    if (at < 0)
+      at = naive_from_epoch(first_ms);
+    snprintf(sql, sizeof sql,
+             "%s WHERE mrn = ?1 AND status = 'active' AND modality IN"
+             " (SELECT modality FROM instances WHERE study_uid = ?2)"
+             " AND ordered_ms BETWEEN ?3 - ?4 AND ?3 + ?4"
+             " ORDER BY EXISTS(SELECT 1 FROM studies s WHERE s.order_id = orders.id"
+             " AND s.study_uid != ?2), abs(ordered_ms - ?3) LIMIT 1",
+             cols);
+    const char *t[] = {pid, study_uid};
+    int64_t n[] = {at, window_ms};
+    result = match_order(j, sql, t, 2, n, 2, ctx, order_id);
+    if (result == 0)
+      *method = "patient_modality_time";
+  }
+  if (result == RR_ENOTFOUND) {
+    json_object_set_new(ctx, "order", json_null());
+    result = 0;
+  }
+  json_object_set_new(ctx, "match", json_string(*method));
+  char *t = result == 0 ? json_dumps(ctx, JSON_COMPACT) : NULL;
+  json_decref(ctx);
+  if (result)
+    return result;
+  if (!t)
+    return RR_ENOMEM;
+  result = rr_buf_append(out, t, strlen(t));
+  free(t);
+  return result;
 }

@@ -59,6 +59,12 @@ typedef struct rr_journal_entry {
                                        commit: not stored; 0 = unknown */
   const rr_journal_route_t *routes; /* queued with the message; copied */
   size_t nroutes;
+  /* A study event (the context a DICOM source's script was given): the
+   * study is marked routed, with its order match, in the same transaction
+   * as this entry and its routes. NULL for an HL7 message. */
+  const char *routed_study;
+  int64_t order_id;         /* the matched order (orders.id); 0 = none */
+  const char *match_method; /* "accession", "study_uid", "patient_modality_time", "none" */
 } rr_journal_entry_t;
 
 /* A queued delivery as the store has it (payload not included). */
@@ -255,6 +261,50 @@ int rr_journal_mark_stable(rr_journal_t *j, const char *channel, int64_t cutoff_
  * arriving, nothing otherwise. RR_ENOMEM. */
 int rr_journal_mark_study_stable(rr_journal_t *j, const char *study_uid, rr_journal_stable_cb cb,
                                  void *ud);
+
+/* rr_journal_unrouted: the studies of channel that are stable but whose
+ * study event has not been journaled yet (a restart between the two, or a
+ * study made stable by `radrelay study complete`), oldest first; cb per
+ * Study Instance UID (borrowed). Returns how many, or RR_EIO. */
+int rr_journal_unrouted(rr_journal_t *j, const char *channel,
+                        void (*cb)(void *ud, const char *study_uid), void *ud);
+
+/* ---- orders ----------------------------------------------------------------
+ * Table orders: what the orders channel keeps (orders.keep in its script),
+ * one row per accession number (or placer order number when there is no
+ * accession), with the whole record as JSON. Arriving studies are matched
+ * against it. */
+typedef struct rr_journal_order {
+  const char *channel;
+  const char *accession, *placer, *filler; /* accession or placer required */
+  const char *mrn, *study_uid, *modality, *priority;
+  const char *order_control; /* ORC-1 (NW, XO, CA, ...); CA, OC, DC, CR, OD and DR
+                                cancel the order, anything else makes it active */
+  const char *ordered_at;    /* HL7 timestamp, site local time; NULL = received_ms */
+  const char *record;        /* the JSON object the script kept */
+  size_t record_len;
+  int64_t received_ms;
+} rr_journal_order_t;
+/* rr_journal_keep_order: queues the order (copied) for the next batch, so
+ * it commits with the message that carried it: a new accession is
+ * inserted, a known one replaced (a cancel keeps the record and changes
+ * the status only). RR_EINVAL (neither accession nor placer), RR_ENOMEM. */
+int rr_journal_keep_order(rr_journal_t *j, const rr_journal_order_t *o);
+/* rr_journal_order_get: appends the record of the order with this
+ * accession (queued orders included) to out, as a JSON object with "id"
+ * and "status" added. RR_ENOTFOUND, RR_EIO, RR_ENOMEM. */
+int rr_journal_order_get(rr_journal_t *j, const char *accession, rr_buf_t *out);
+
+/* rr_journal_study_context: the study as routing sees it, as a JSON object
+ * appended to out: its header fields, series, counts and times, the order
+ * it matches and how ("match": accession, else Study Instance UID, else
+ * the same patient ID and modality with the order time within window_ms of
+ * the study date and time, preferring an order not yet matched to another
+ * study, then the nearest in time; "none" otherwise). *order_id (0 when
+ * none) and *method (static) are set for rr_journal_entry_t. Reads
+ * committed rows. RR_ENOTFOUND (no such study), RR_EIO, RR_ENOMEM. */
+int rr_journal_study_context(rr_journal_t *j, const char *study_uid, int64_t window_ms,
+                             rr_buf_t *out, int64_t *order_id, const char **method);
 
 /* rr_journal_count: rows in the journal (for tools and tests). */
 int64_t rr_journal_count(rr_journal_t *j);
