@@ -768,6 +768,61 @@ static int store_delete(lua_State *L) {
   return store_set(L);
 }
 
+/* ---- orders: the engine's order store ------------------------------------- */
+
+static rr_script_t *orders_script(lua_State *L) {
+  rr_script_t *s = script_of(L);
+  if (!s->orders.keep)
+    luaL_error(L, "orders: this channel has no order store");
+  if (!s->cur)
+    luaL_error(L, "orders: only available while a message is handled");
+  return s;
+}
+
+/* orders.keep(record): keeps an order record (a table) with the message. */
+static int orders_keep(lua_State *L) {
+  rr_script_t *s = orders_script(L);
+  luaL_checktype(L, 1, LUA_TTABLE);
+  size_t len;
+  char *text = script_json_encode(L, 1, &len); /* malloc'd; nothing raises until freed */
+  rr_buf_t err;
+  rr_buf_init(&err, 1024);
+  int rc = s->orders.keep(s->orders.ud, text, len, &err);
+  free(text);
+  if (rc) {
+    lua_pushfstring(L, "orders.keep: %s", err.len ? err.data : rr_strerror(rc));
+    rr_buf_close(&err);
+    return lua_error(L);
+  }
+  rr_buf_close(&err);
+  return 0;
+}
+
+/* orders.get(accession): the order record kept for accession, or nil. */
+static int orders_get(lua_State *L) {
+  rr_script_t *s = orders_script(L);
+  size_t len;
+  const char *acc = luaL_checklstring(L, 1, &len);
+  if (len == 0 || len > 256 || strlen(acc) != len)
+    return luaL_error(L, "orders.get: an accession number is 1 to 256 bytes of text");
+  rr_buf_reset(&s->tmp);
+  int rc = s->orders.get(s->orders.ud, acc, &s->tmp);
+  if (rc == RR_ENOTFOUND) {
+    lua_pushnil(L);
+    return 1;
+  }
+  if (rc)
+    return luaL_error(L, "orders.get: %s", rr_strerror(rc));
+  script_json_push_decoded(L, s->tmp.data ? s->tmp.data : "", s->tmp.len, "orders.get");
+  return 1;
+}
+
+static void open_orders(lua_State *L) {
+  static const luaL_Reg fns[] = {{"keep", orders_keep}, {"get", orders_get}, {NULL, NULL}};
+  luaL_newlib(L, fns);
+  lua_setglobal(L, "orders");
+}
+
 static void open_store(lua_State *L) {
   static const luaL_Reg fns[] = {
       {"get", store_get}, {"set", store_set}, {"delete", store_delete}, {NULL, NULL}};
@@ -783,6 +838,7 @@ static int setup_body(lua_State *L) {
   script_open_json(L);
   script_open_lookup(L);
   open_store(L);
+  open_orders(L);
   open_ctx(L, s);
   s->in_msg = script_msg_push(L);
   s->in_msg_ref = luaL_ref(L, LUA_REGISTRYINDEX);
@@ -823,6 +879,7 @@ int rr_script_load(const rr_script_config_t *cfg, rr_script_t **out, rr_buf_t *e
   uint64_t maxi = cfg->max_instructions ? cfg->max_instructions : 20000000;
   s->max_steps = (maxi + HOOK_EVERY - 1) / HOOK_EVERY;
   s->kv = cfg->kv;
+  s->orders = cfg->orders;
   s->in_msg_ref = s->ctx_ref = LUA_NOREF;
   s->channel = strdup(cfg->channel ? cfg->channel : "");
   s->path = strdup(cfg->path);
@@ -953,6 +1010,64 @@ int rr_script_run(rr_script_t *s, const rr_script_input_t *in, rr_script_result_
   rr_buf_close(&err);
 
 done:
+  out->instructions = s->steps * HOOK_EVERY;
+  s->cur = NULL;
+  s->in = NULL;
+  out->elapsed_ns = now_ns() - t0;
+  if (s->oom) {
+    drop_routes(out);
+    out->verdict = RR_SCRIPT_ERROR;
+    snprintf(out->reason, sizeof out->reason, "not enough memory for the result");
+    return RR_ENOMEM;
+  }
+  return 0;
+}
+
+/* Protected: decodes the study context (light userdata input) into a table. */
+static int decode_body(lua_State *L) {
+  const rr_script_input_t *in = lua_touserdata(L, 1);
+  script_json_push_decoded(L, in->data, in->len, "study context");
+  return 1;
+}
+
+bool rr_script_defines(rr_script_t *s, const char *name) {
+  lua_pushglobaltable(s->L);
+  lua_pushstring(s->L, name);
+  lua_rawget(s->L, -2);
+  bool yes = lua_type(s->L, -1) == LUA_TFUNCTION;
+  lua_pop(s->L, 2);
+  return yes;
+}
+
+int rr_script_run_study(rr_script_t *s, const rr_script_input_t *in, rr_script_result_t *out) {
+  uint64_t t0 = now_ns();
+  memset(out, 0, sizeof *out);
+  out->verdict = RR_SCRIPT_PASS;
+  s->cur = out;
+  s->in = in;
+  s->route_bytes = s->log_bytes = 0;
+  s->routes_cap = s->logs_cap = 0;
+  s->oom = false;
+  budget_start(s);
+  rr_buf_t err;
+  rr_buf_init(&err, 4096);
+  lua_pushcfunction(s->L, decode_body);
+  lua_pushlightuserdata(s->L, (void *)(uintptr_t)in);
+  int st = lua_pcall(s->L, 1, 1, 0);
+  if (st == LUA_OK) {
+    int ref = luaL_ref(s->L, LUA_REGISTRYINDEX);
+    st = call_global(s, "on_study", false, ref, s->ctx_ref, &err);
+    luaL_unref(s->L, LUA_REGISTRYINDEX, ref);
+  } else {
+    error_text(s, st, &err);
+    lua_pop(s->L, 1);
+  }
+  if (st != LUA_OK) {
+    drop_routes(out);
+    out->verdict = RR_SCRIPT_ERROR;
+    set_reason(out, err.data ? err.data : "error", err.data ? err.len : 5);
+  }
+  rr_buf_close(&err);
   out->instructions = s->steps * HOOK_EVERY;
   s->cur = NULL;
   s->in = NULL;

@@ -38,6 +38,17 @@ typedef struct rr_script_kv {
   int (*set)(void *ud, const char *key, const char *value, size_t len);
 } rr_script_kv_t;
 
+/* The engine's order store (orders.keep/get in scripts). keep takes a JSON
+ * object (an order record) and returns 0, or a negative code with a
+ * sentence in err (appended) saying what is wrong with the record; get
+ * appends the record of an accession number as JSON, RR_ENOTFOUND when
+ * there is none. Called on the script's thread during a call. */
+typedef struct rr_script_orders {
+  void *ud;
+  int (*keep)(void *ud, const char *json, size_t len, rr_buf_t *err);
+  int (*get)(void *ud, const char *accession, rr_buf_t *out);
+} rr_script_orders_t;
+
 typedef struct rr_script_config {
   const char *channel;       /* channel name (ctx.channel, log lines); copied */
   const char *path;          /* the script file; copied */
@@ -46,6 +57,7 @@ typedef struct rr_script_config {
   size_t max_memory;         /* bytes per state; default 64 MiB */
   uint64_t max_instructions; /* per call; default 20,000,000 */
   rr_script_kv_t kv;         /* copied; get == NULL: scripts have no store */
+  rr_script_orders_t orders; /* copied; keep == NULL: scripts have no order store */
 } rr_script_config_t;
 
 typedef enum rr_script_verdict {
@@ -101,6 +113,13 @@ void rr_script_free(rr_script_t *s);
  * out->verdict), RR_ENOMEM when the result could not be built. */
 int rr_script_run(rr_script_t *s, const rr_script_input_t *in, rr_script_result_t *out);
 void rr_script_result_close(rr_script_result_t *r);
+/* rr_script_run_study: on_study(study, ctx) for a study that became
+ * stable: in->data is the study context (a JSON object, decoded into a
+ * table); the rest as rr_script_run. A script without on_study passes with
+ * no routes (see rr_script_defines). */
+int rr_script_run_study(rr_script_t *s, const rr_script_input_t *in, rr_script_result_t *out);
+/* rr_script_defines: whether the script defines global function name. */
+bool rr_script_defines(rr_script_t *s, const char *name);
 /* Bytes the state uses now (Lua memory plus the C memory of its messages). */
 size_t rr_script_memory(const rr_script_t *s);
 /* rr_script_collect: a full garbage collection of the state (finalizers run

@@ -41,11 +41,12 @@ struct rr_script {
   size_t route_bytes;
   size_t log_bytes;
   size_t routes_cap, logs_cap;
-  script_msg_t *in_msg; /* the input message userdata (reused) */
-  int in_msg_ref;       /* registry ref keeping it alive */
-  int ctx_ref;          /* the ctx userdata (reused) */
-  rr_buf_t tmp;         /* scratch for decoded values */
-  rr_script_kv_t kv;    /* enrichment store; kv.get NULL = none */
+  script_msg_t *in_msg;      /* the input message userdata (reused) */
+  int in_msg_ref;            /* registry ref keeping it alive */
+  int ctx_ref;               /* the ctx userdata (reused) */
+  rr_buf_t tmp;              /* scratch for decoded values */
+  rr_script_kv_t kv;         /* enrichment store; kv.get NULL = none */
+  rr_script_orders_t orders; /* order store; orders.keep NULL = none */
 };
 
 /* The script object of a state (stored in the state's extra space). */
