@@ -43,6 +43,8 @@ typedef struct rr_channel_config {
   uint64_t dicom_min_free_bytes;
   uint64_t dicom_stable_after_ms;        /* quiet period that makes a study stable */
   bool dicom_reopen;                     /* late instances make a stable study arriving again */
+  uint64_t dicom_match_window_ms;        /* order time within this of the study time (the
+                                            patient + modality match); 0 = that match is off */
   rr_destination_config_t *destinations; /* owned, ndestinations entries */
   size_t ndestinations;
 } rr_channel_config_t;

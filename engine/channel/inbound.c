@@ -1,12 +1,15 @@
 /* Inbound MLLP channel: parse, classify, journal, then acknowledge. */
 #include <errno.h>
+#include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/stat.h>
 #include <sys/time.h>
 
 #include "channel/channel.h"
+#include "core/array.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "dicom/scp.h"
@@ -27,6 +30,9 @@ struct rr_channel {
   rr_dicom_scp_t *scp; /* a DICOM source; NULL for MLLP */
   uv_timer_t stable;   /* DICOM: looks for studies that went quiet */
   bool stable_open, stable_busy;
+  char **routing; /* DICOM: studies whose study event is being journaled */
+  size_t nrouting, routing_cap;
+  uint64_t studies_routed, studies_matched;
 };
 
 struct rr_engine {
@@ -175,7 +181,7 @@ static int default_lane(const rr_hl7_msg_t *m) {
 /* The script's routes as journal routes (pointing into sr), each to a
  * destination the channel declares. RR_EINVAL (reason in sr) for a name it
  * does not declare, RR_ENOMEM. */
-static int build_routes(const rr_channel_t *ch, const rr_hl7_msg_t *m, const char *mrn,
+static int build_routes(const rr_channel_t *ch, const rr_hl7_msg_t *m, int lane0, const char *mrn,
                         rr_script_result_t *sr, rr_journal_route_t **out, size_t *nout) {
   rr_journal_route_t *v = calloc(sr->nroutes, sizeof *v);
   if (!v)
@@ -194,7 +200,7 @@ static int build_routes(const rr_channel_t *ch, const rr_hl7_msg_t *m, const cha
       return RR_EINVAL;
     }
     if (rt->lane < 0 && lane < 0)
-      lane = default_lane(m);
+      lane = m ? default_lane(m) : lane0;
     v[i] = (rr_journal_route_t){.destination = d->name,
                                 .key = rt->key       ? rt->key
                                        : d->key_none ? ""
@@ -347,7 +353,7 @@ static int process(rr_channel_t *ch, rr_mllp_conn_t *c, const char *data, size_t
       rr_log((rr_log_level_t)sr.logs[i].level, "script", "channel=%s control_id=%s msg=\"%s\"",
              ch->cfg.name, ctl, sr.logs[i].text);
     if (sr.verdict == RR_SCRIPT_PASS && sr.nroutes &&
-        build_routes(ch, m, mrn, &sr, &routes, &nroutes) != 0) {
+        build_routes(ch, m, 0, mrn, &sr, &routes, &nroutes) != 0) {
       sr.verdict = RR_SCRIPT_ERROR;
       if (!sr.reason[0])
         snprintf(sr.reason, sizeof sr.reason, "out of memory queuing the routes");
@@ -516,6 +522,12 @@ int rr_engine_inject(void *ud, const char *channel, const char *payload, size_t 
   return process(ch, NULL, payload, len, 0, done, done_ud);
 }
 
+static const char *json_str(json_t *o, const char *key);
+static const char *study_script(rr_channel_t *ch, const char *ctxtext, size_t len, json_t *ctx,
+                                const char *uid, rr_script_result_t *sr,
+                                rr_journal_route_t **routes, size_t *nroutes, char *etext,
+                                size_t ecap);
+
 int rr_engine_replay(void *ud, int64_t message_id, const char *destination) {
   rr_engine_t *e = ud;
   char chname[64] = "", ctl[128] = "", mrn[128] = "";
@@ -533,6 +545,15 @@ int rr_engine_replay(void *ud, int64_t message_id, const char *destination) {
     rc = RR_ENOTFOUND;
   if (rc)
     goto out;
+  if (ch->cfg.dicom && raw.len && raw.data[0] == '{') { /* a study event: on_study again */
+    json_t *ctx = json_loadb(raw.data, raw.len, 0, NULL);
+    char etext[600];
+    if (ctx)
+      study_script(ch, raw.data, raw.len, ctx, json_str(ctx, "study_uid"), &sr, &routes, &n, etext,
+                   sizeof etext);
+    json_decref(ctx);
+    goto pick;
+  }
   rr_hl7_options_t opt = ch->cfg.hl7;
   opt.borrow = true;
   rr_hl7_error_t err;
@@ -545,8 +566,9 @@ int rr_engine_replay(void *ud, int64_t message_id, const char *destination) {
     goto out;
   if (sr.verdict != RR_SCRIPT_PASS || sr.nroutes == 0)
     goto out;
-  if ((rc = build_routes(ch, ch->msg, mrn, &sr, &routes, &n)) != 0)
+  if ((rc = build_routes(ch, ch->msg, 0, mrn, &sr, &routes, &n)) != 0)
     goto out;
+pick:
   for (size_t i = 0; i < n; i++)
     if (strcmp(routes[i].destination, destination) == 0)
       routes[keep++] = routes[i];
@@ -605,11 +627,73 @@ static int kv_set(void *ud, const char *key, const char *value, size_t len) {
   return rr_journal_kv_set(e->journal, key, value, len, wall_ms());
 }
 
+/* The scripts' order store (orders.keep/get): table orders; a kept order
+ * commits with the batch of the message being handled. */
+static int order_keep(void *ud, const char *text, size_t len, rr_buf_t *err) {
+  rr_channel_t *ch = ud;
+  json_error_t jerr;
+  json_t *o = json_loadb(text, len, 0, &jerr);
+  if (!json_is_object(o)) {
+    json_decref(o);
+    rr_buf_printf(err, "an order record is a table of fields");
+    return RR_EINVAL;
+  }
+  static const char *const keys[] = {"accession",  "placer_order", "filler_order", "mrn",
+                                     "study_uid",  "modality",     "priority",     "order_control",
+                                     "ordered_at", "scheduled_at"};
+  const char *v[10];
+  int rc = 0;
+  for (int i = 0; i < 10; i++) {
+    json_t *f = json_object_get(o, keys[i]);
+    v[i] = json_string_value(f);
+    if (f && !json_is_null(f) && !v[i] && rc == 0) {
+      rr_buf_printf(err, "field %s must be a string", keys[i]);
+      rc = RR_EINVAL;
+    }
+    if (v[i] && strlen(v[i]) > 256 && rc == 0) {
+      rr_buf_printf(err, "field %s is longer than 256 bytes", keys[i]);
+      rc = RR_EINVAL;
+    }
+    if (v[i] && !*v[i])
+      v[i] = NULL;
+  }
+  if (rc == 0 && !v[0] && !v[1]) {
+    rr_buf_printf(err, "an order needs an accession or a placer_order");
+    rc = RR_EINVAL;
+  }
+  if (rc == 0) {
+    rr_journal_order_t jo = {.channel = ch->cfg.name,
+                             .accession = v[0],
+                             .placer = v[1],
+                             .filler = v[2],
+                             .mrn = v[3],
+                             .study_uid = v[4],
+                             .modality = v[5],
+                             .priority = v[6],
+                             .order_control = v[7],
+                             .ordered_at = v[9] ? v[9] : v[8], /* the exam's time */
+                             .record = text,
+                             .record_len = len,
+                             .received_ms = wall_ms()};
+    rc = rr_journal_keep_order(ch->engine->journal, &jo);
+    if (rc == RR_ENOMEM)
+      rr_buf_printf(err, "out of memory");
+  }
+  json_decref(o);
+  return rc;
+}
+
+static int order_get(void *ud, const char *accession, rr_buf_t *out) {
+  rr_channel_t *ch = ud;
+  return rr_journal_order_get(ch->engine->journal, accession, out);
+}
+
 /* Compiles the channel's script; on success it replaces the running one. */
 static int load_script(rr_channel_t *ch) {
   rr_script_config_t sc;
   rr_script_config_default(&sc);
   sc.kv = (rr_script_kv_t){ch->engine, kv_get, kv_set};
+  sc.orders = (rr_script_orders_t){ch, order_keep, order_get};
   sc.channel = ch->cfg.name;
   sc.path = ch->cfg.script;
   sc.lib_dir = ch->cfg.script_lib[0] ? ch->cfg.script_lib : NULL;
@@ -731,6 +815,184 @@ static void on_association(void *ud, const rr_dicom_assoc_event_t *ev) {
            ev->kind == RR_DICOM_ASSOC_ENDED && ev->reason ? ev->reason : "");
 }
 
+/* ---- studies: stable, matched to their order, handed to the script --------
+ * A stable study's context (rr_journal_study_context: header fields,
+ * series, the matched order) goes to the channel script's on_study; what
+ * it routes is journaled as one entry of type STUDY (raw = the context)
+ * that also marks the study routed, in one transaction. Until that commit
+ * the study stays "stable, not routed" in the store, so a crash in between
+ * routes it after the restart, once. */
+
+typedef struct study_kept {
+  rr_channel_t *ch;
+  char uid[];
+} study_kept_t;
+
+static bool routing_has(const rr_channel_t *ch, const char *uid) {
+  for (size_t i = 0; i < ch->nrouting; i++)
+    if (strcmp(ch->routing[i], uid) == 0)
+      return true;
+  return false;
+}
+
+static void routing_remove(rr_channel_t *ch, const char *uid) {
+  for (size_t i = 0; i < ch->nrouting; i++)
+    if (strcmp(ch->routing[i], uid) == 0) {
+      free(ch->routing[i]);
+      ch->routing[i] = ch->routing[--ch->nrouting];
+      return;
+    }
+}
+
+static void on_study_kept(void *ud, int status, int64_t id) {
+  study_kept_t *k = ud;
+  routing_remove(k->ch, k->uid);
+  if (status)
+    rr_log(RR_LOG_ERROR, "dicom", "event=study_not_routed channel=%s error=\"%s\"", k->ch->cfg.name,
+           rr_strerror(status));
+  else
+    rr_log(RR_LOG_DEBUG, "dicom", "event=study_kept channel=%s study_uid=%s message_id=%lld",
+           k->ch->cfg.name, k->uid, (long long)id);
+  free(k);
+}
+
+/* The lane a study's order asks for: STAT (S) before routine. */
+static int study_lane(json_t *ctx) {
+  const char *p = json_string_value(json_object_get(json_object_get(ctx, "order"), "priority"));
+  return p && (strcmp(p, "S") == 0 || strcasecmp(p, "STAT") == 0) ? 1 : 0;
+}
+
+static const char *json_str(json_t *o, const char *key) {
+  const char *v = json_string_value(json_object_get(o, key));
+  return v && *v ? v : NULL;
+}
+
+/* Runs the channel's on_study on a study context: routes (pointing into
+ * sr) in *routes; the journal status and error text. */
+static const char *study_script(rr_channel_t *ch, const char *ctxtext, size_t len, json_t *ctx,
+                                const char *uid, rr_script_result_t *sr,
+                                rr_journal_route_t **routes, size_t *nroutes, char *etext,
+                                size_t ecap) {
+  memset(sr, 0, sizeof *sr);
+  *routes = NULL;
+  *nroutes = 0;
+  etext[0] = '\0';
+  if (!ch->script)
+    return "accepted";
+  rr_script_input_t in = {ctxtext, len, "dicom", uid};
+  if (rr_script_run_study(ch->script, &in, sr) != 0) {
+    sr->verdict = RR_SCRIPT_ERROR;
+    snprintf(sr->reason, sizeof sr->reason, "out of memory building the script's result");
+  }
+  for (size_t i = 0; i < sr->nlogs; i++)
+    rr_log((rr_log_level_t)sr->logs[i].level, "script", "channel=%s event=study msg=\"%s\"",
+           ch->cfg.name, sr->logs[i].text);
+  if (sr->verdict == RR_SCRIPT_PASS && sr->nroutes &&
+      build_routes(ch, NULL, study_lane(ctx), json_str(ctx, "patient_id"), sr, routes, nroutes) !=
+          0) {
+    sr->verdict = RR_SCRIPT_ERROR;
+    if (!sr->reason[0])
+      snprintf(sr->reason, sizeof sr->reason, "out of memory queuing the routes");
+    free(*routes);
+    *routes = NULL;
+    *nroutes = 0;
+  }
+  switch (sr->verdict) {
+  case RR_SCRIPT_PASS: return "accepted";
+  case RR_SCRIPT_FILTERED: snprintf(etext, ecap, "%s", sr->reason); return "filtered";
+  case RR_SCRIPT_REJECTED: snprintf(etext, ecap, "%s", sr->reason); return "rejected";
+  default:
+    ch->script_errors++;
+    snprintf(etext, ecap, "script: %s", sr->reason);
+    rr_log(RR_LOG_ERROR, "channel", "event=script_error channel=%s source=study error=\"%s\"",
+           ch->cfg.name, sr->reason);
+    return "error";
+  }
+}
+
+static void route_study(void *ud, const char *uid) {
+  rr_channel_t *ch = ud;
+  rr_engine_t *e = ch->engine;
+  if (e->stopping || routing_has(ch, uid))
+    return;
+  rr_buf_t text;
+  rr_buf_init(&text, (size_t)64 << 20);
+  int64_t order_id = 0;
+  const char *method = "none";
+  int rc = rr_journal_study_context(e->journal, uid, (int64_t)ch->cfg.dicom_match_window_ms, &text,
+                                    &order_id, &method);
+  json_t *ctx = rc == 0 ? json_loadb(text.data, text.len, 0, NULL) : NULL;
+  if (!ctx) {
+    rr_log(RR_LOG_ERROR, "dicom", "event=study_context_failed channel=%s error=%s", ch->cfg.name,
+           rr_strerror(rc ? rc : RR_EIO));
+    rr_buf_close(&text);
+    return;
+  }
+  rr_script_result_t sr;
+  rr_journal_route_t *routes;
+  size_t nroutes;
+  char etext[600];
+  const char *status =
+      study_script(ch, text.data, text.len, ctx, uid, &sr, &routes, &nroutes, etext, sizeof etext);
+  study_kept_t *k = malloc(sizeof *k + strlen(uid) + 1);
+  char *dup = strdup(uid);
+  if (!k || !dup ||
+      rr_array_grow((void **)&ch->routing, &ch->routing_cap, ch->nrouting + 1, sizeof(char *), 8) !=
+          0) {
+    free(k);
+    free(dup);
+    rc = RR_ENOMEM;
+    goto out;
+  }
+  k->ch = ch;
+  strcpy(k->uid, uid);
+  rr_journal_entry_t je = {.channel = ch->cfg.name,
+                           .peer = json_str(ctx, "calling_ae"),
+                           .received_ms = wall_ms(),
+                           .message_type = "STUDY",
+                           .mrn = json_str(ctx, "patient_id"),
+                           .accession = json_str(ctx, "accession"),
+                           .study_uid = uid,
+                           .status = status,
+                           .error = *etext ? etext : NULL,
+                           .raw = text.data,
+                           .raw_len = text.len,
+                           .routes = routes,
+                           .nroutes = nroutes,
+                           .routed_study = uid,
+                           .order_id = order_id,
+                           .match_method = method};
+  if ((rc = rr_journal_add(e->journal, &je, on_study_kept, k)) != 0) {
+    free(k);
+    free(dup);
+    goto out;
+  }
+  ch->routing[ch->nrouting++] = dup;
+  ch->studies_routed++;
+  ch->studies_matched += order_id > 0;
+  rr_journal_kick(e->journal);
+  rr_log(RR_LOG_INFO, "dicom",
+         "event=study_routed channel=%s match=%s instances=%lld routes=%zu status=%s", ch->cfg.name,
+         method, (long long)json_integer_value(json_object_get(ctx, "instances")), nroutes, status);
+  rr_log(RR_LOG_DEBUG, "dicom", "event=study_routed channel=%s study_uid=%s order_id=%lld",
+         ch->cfg.name, uid, (long long)order_id);
+out:
+  if (rc)
+    rr_log(RR_LOG_ERROR, "dicom", "event=study_not_routed channel=%s error=%s", ch->cfg.name,
+           rr_strerror(rc));
+  free(routes);
+  rr_script_result_close(&sr);
+  json_decref(ctx);
+  rr_buf_close(&text);
+}
+
+/* Every stable study of the channel not routed yet (after a restart, a
+ * "complete" call, or a failed commit). */
+static void route_pending(rr_channel_t *ch) {
+  if (rr_journal_unrouted(ch->engine->journal, ch->cfg.name, route_study, ch) < 0)
+    rr_log(RR_LOG_ERROR, "dicom", "event=unrouted_query_failed channel=%s", ch->cfg.name);
+}
+
 /* Studies that went quiet: stable. The state is in the store, so a study
  * interrupted by a restart becomes stable once, after it. */
 static void on_stable(void *ud, int status, const char *const *uids, size_t n) {
@@ -746,16 +1008,20 @@ static void on_stable(void *ud, int status, const char *const *uids, size_t n) {
            uids[i]);
   if (n)
     rr_log(RR_LOG_INFO, "dicom", "event=studies_stable channel=%s studies=%zu", ch->cfg.name, n);
+  route_pending(ch);
 }
 
 static void on_completed(void *ud, int status, const char *const *uids, size_t n) {
-  (void)ud;
+  rr_engine_t *e = ud;
   if (status)
     rr_log(RR_LOG_ERROR, "dicom", "event=study_complete_failed error=%s", rr_strerror(status));
   else
     rr_log(RR_LOG_INFO, "dicom", "event=study_completed changed=%s", n ? "yes" : "no");
   for (size_t i = 0; i < n; i++)
     rr_log(RR_LOG_DEBUG, "dicom", "event=study_stable study_uid=%s source=complete", uids[i]);
+  for (rr_channel_t *ch = e->channels; status == 0 && n && ch; ch = ch->next)
+    if (ch->cfg.dicom)
+      route_pending(ch);
 }
 
 int rr_engine_study_complete(void *ud, const char *study_uid) {
@@ -1000,6 +1266,9 @@ void rr_engine_free(rr_engine_t *e) {
     for (char **a = ch->cfg.dicom_peers; a && *a; a++)
       free(*a);
     free(ch->cfg.dicom_peers);
+    for (size_t i = 0; i < ch->nrouting; i++)
+      free(ch->routing[i]);
+    free(ch->routing);
     free(ch);
   }
   free(e);

@@ -30,6 +30,8 @@ static const char *level_name(int l) {
   return l >= 0 && l < 4 ? n[l] : "info";
 }
 
+static json_t *g_orders, *g_kept;
+
 /* The decision as JSON (owned); timings only when with_time. */
 static json_t *result_json(const rr_script_result_t *r, bool with_time) {
   json_t *o = json_object();
@@ -76,6 +78,8 @@ static json_t *result_json(const rr_script_result_t *r, bool with_time) {
     json_array_append_new(logs, x);
   }
   json_object_set_new(o, "logs", logs);
+  if (g_kept && json_array_size(g_kept))
+    json_object_set_new(o, "orders", json_deep_copy(g_kept));
   if (with_time) {
     json_object_set_new(o, "elapsed_us", json_real((double)r->elapsed_ns / 1000.0));
     json_object_set_new(o, "instructions", json_integer((json_int_t)r->instructions));
@@ -174,6 +178,35 @@ static int mem_set(void *ud, const char *key, const char *value, size_t len) {
   return json_object_set_new(g_kv, key, json_stringn(value, len)) ? RR_ENOMEM : 0;
 }
 
+/* ... and orders.keep/get on this one (accession or placer -> record); the
+ * orders one sample kept are shown with its result. */
+static int mem_order_keep(void *ud, const char *text, size_t len, rr_buf_t *err) {
+  (void)ud;
+  json_t *o = json_loadb(text, len, 0, NULL);
+  const char *acc = json_string_value(json_object_get(o, "accession"));
+  const char *plc = json_string_value(json_object_get(o, "placer_order"));
+  const char *key = acc && *acc ? acc : plc && *plc ? plc : NULL;
+  if (!json_is_object(o) || !key) {
+    json_decref(o);
+    rr_buf_printf(err, "an order needs an accession or a placer_order");
+    return RR_EINVAL;
+  }
+  json_array_append(g_kept, o);
+  json_object_set_new(g_orders, key, o);
+  return 0;
+}
+
+static int mem_order_get(void *ud, const char *accession, rr_buf_t *out) {
+  (void)ud;
+  json_t *o = json_object_get(g_orders, accession);
+  if (!o)
+    return RR_ENOTFOUND;
+  char *t = json_dumps(o, JSON_COMPACT);
+  int rc = t ? rr_buf_append(out, t, strlen(t)) : RR_ENOMEM;
+  free(t);
+  return rc;
+}
+
 static int cmp_name(const void *a, const void *b) {
   return strcmp(*(char *const *)a, *(char *const *)b);
 }
@@ -184,6 +217,16 @@ static int run_file(rr_script_t *s, const char *path, rr_script_result_t *r) {
   int rc = rr_read_file(path, &data, &len);
   if (rc) {
     fprintf(stderr, "radrelay script: %s: %s\n", path, rr_strerror(rc));
+    return rc;
+  }
+  json_array_clear(g_kept);
+  size_t lead = 0;
+  while (lead < len && (data[lead] == ' ' || data[lead] == '\n' || data[lead] == '\t'))
+    lead++;
+  if (lead < len && data[lead] == '{') { /* a study context: on_study */
+    rr_script_input_t in = {data, len, "script-test", path};
+    rc = rr_script_run_study(s, &in, r);
+    free(data);
     return rc;
   }
   /* LF or CRLF samples are read as CR-terminated segments, as on the wire. */
@@ -207,7 +250,8 @@ static int run_cases(rr_script_t *s, const char *dir, bool update) {
   struct dirent *e;
   while ((e = readdir(d)) && n < 1024) {
     size_t l = strlen(e->d_name);
-    if (l > 4 && strcmp(e->d_name + l - 4, ".hl7") == 0)
+    if ((l > 4 && strcmp(e->d_name + l - 4, ".hl7") == 0) ||
+        (l > 6 && strcmp(e->d_name + l - 6, ".study") == 0))
       names[n++] = strdup(e->d_name);
   }
   closedir(d);
@@ -216,7 +260,8 @@ static int run_cases(rr_script_t *s, const char *dir, bool update) {
   for (size_t i = 0; i < n; i++) {
     char in[PATH_MAX], want[PATH_MAX];
     snprintf(in, sizeof in, "%s/%s", dir, names[i]);
-    snprintf(want, sizeof want, "%s/%.*s.json", dir, (int)(strlen(names[i]) - 4), names[i]);
+    const char *dot = strrchr(names[i], '.');
+    snprintf(want, sizeof want, "%s/%.*s.json", dir, (int)(dot - names[i]), names[i]);
     rr_script_result_t r;
     if (run_file(s, in, &r) != 0) {
       failed++;
@@ -294,7 +339,10 @@ int rr_cmd_script(int argc, char **argv) {
   cfg.path = script;
   cfg.lib_dir = lib;
   g_kv = json_object();
+  g_orders = json_object();
+  g_kept = json_array();
   cfg.kv = (rr_script_kv_t){NULL, mem_get, mem_set};
+  cfg.orders = (rr_script_orders_t){NULL, mem_order_keep, mem_order_get};
   rr_buf_t err;
   rr_buf_init(&err, 1 << 16);
   int rc = rr_script_load(&cfg, &s, &err);
@@ -332,7 +380,9 @@ int rr_cmd_script(int argc, char **argv) {
 out:
   rr_script_free(s);
   json_decref(g_kv);
-  g_kv = NULL;
+  json_decref(g_orders);
+  json_decref(g_kept);
+  g_kv = g_orders = g_kept = NULL;
   free(samples);
   return status;
 }

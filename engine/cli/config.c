@@ -362,6 +362,9 @@ static void load_dicom_source(ctx_t *c, json_t *src, const char *base, rr_channe
   v = 10;
   if (get_uint(c, src, "stable_after_s", "$.source", 1, 86400, &v) == 0)
     ch->dicom_stable_after_ms = v * 1000;
+  v = 24;
+  if (get_uint(c, src, "match_window_hours", "$.source", 0, 8760, &v) == 0)
+    ch->dicom_match_window_ms = v * 3600 * 1000;
   const char *late = json_string_value(json_object_get(src, "late_series"));
   ch->dicom_reopen = late && strcmp(late, "reopen") == 0;
 }
