@@ -4,8 +4,8 @@
 -- orders) and the update goes on to the patient index as it is.
 -- Orders: checked (an order without accession cannot be matched to its
 -- study, so it is refused and the RIS sees why), normalized (priority), and
--- routed to the order store as a small JSON record that the study tracker
--- matches arriving images against. Status-only updates are filtered.
+-- kept in the engine's order store (orders.keep), which arriving studies
+-- are matched against. Status-only updates are filtered.
 local rad = require("radiology")
 
 function on_message(msg, ctx)
@@ -40,17 +40,8 @@ function on_message(msg, ctx)
   local mrn = rad.mrn(msg)
   -- What the ADT feed told us about the patient, if it came first.
   local known = mrn and store.get("patient:" .. mrn)
-  ctx:route("order_store", {
-    accession = accession,
-    mrn = mrn,
-    patient = known and json.decode(known) or json.null,
-    order_control = control,
-    placer_order = msg:get("ORC-2.1"),
-    procedure = {code = msg:get("OBR-4.1"), text = msg:get("OBR-4.2")},
-    modality = msg:get("OBR-24") ~= "" and msg:get("OBR-24") or msg:get("IPC-5.1"),
-    priority = priority,
-    reason = msg:get("OBR-31.2") ~= "" and msg:get("OBR-31.2") or msg:get("OBR-13"),
-    study_uid = msg:get("ZDS-1.1") ~= "" and msg:get("ZDS-1.1") or msg:get("IPC-3.1"),
-    patient_class = msg:get("PV1-2"),
-  })
+  -- Kept in the engine's order store with this message: arriving studies
+  -- are matched against it (accession, Study Instance UID, patient +
+  -- modality + time) and carry it to routing.
+  orders.keep(rad.order(msg, known and json.decode(known)))
 end
