@@ -413,6 +413,7 @@ static int load_channel(const char *file, const char *base, rr_channel_config_t 
                                        "min_free_mb",
                                        "stable_after_s",
                                        "late_series",
+                                       "match_window_hours",
                                        NULL};
     unknown_keys(&c, src, "$.source", keys);
     char type[32];
