@@ -8,42 +8,11 @@
 #include <sys/stat.h>
 #include <sys/time.h>
 
-#include "channel/channel.h"
+#include "channel/channel_int.h"
 #include "core/array.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "dicom/scp.h"
-
-struct rr_channel {
-  rr_engine_t *engine;
-  rr_channel_t *next;
-  rr_channel_config_t cfg;
-  rr_mllp_listener_t *listener;
-  rr_tls_ctx_t *tls;   /* NULL for plain TCP */
-  rr_script_t *script; /* NULL without a script */
-  uv_fs_event_t watch; /* the script file: edits reload it */
-  bool watching;
-  uv_timer_t settle; /* editors write in steps: reload once they stop */
-  uint64_t filtered, script_errors;
-  rr_hl7_msg_t *msg; /* reused for every message */
-  uint64_t received, accepted, errored, rejected, duplicates;
-  rr_dicom_scp_t *scp; /* a DICOM source; NULL for MLLP */
-  uv_timer_t stable;   /* DICOM: looks for studies that went quiet */
-  bool stable_open, stable_busy;
-  char **routing; /* DICOM: studies whose study event is being journaled */
-  size_t nrouting, routing_cap;
-  uint64_t studies_routed, studies_matched;
-};
-
-struct rr_engine {
-  uv_loop_t *loop;
-  uv_check_t commit;
-  rr_journal_t *journal;
-  rr_channel_t *channels;
-  uint64_t ack_seq;
-  int64_t start_ms;
-  int stopping;
-};
 
 /* A reply waiting for the commit. */
 typedef struct pending_ack {
@@ -62,7 +31,7 @@ typedef struct pending_ack {
   char data[];
 } pending_ack_t;
 
-static int64_t wall_ms(void) {
+int64_t rr_wall_ms(void) {
   struct timeval tv;
   gettimeofday(&tv, NULL);
   return (int64_t)tv.tv_sec * 1000 + tv.tv_usec / 1000;
@@ -181,8 +150,9 @@ static int default_lane(const rr_hl7_msg_t *m) {
 /* The script's routes as journal routes (pointing into sr), each to a
  * destination the channel declares. RR_EINVAL (reason in sr) for a name it
  * does not declare, RR_ENOMEM. */
-static int build_routes(const rr_channel_t *ch, const rr_hl7_msg_t *m, int lane0, const char *mrn,
-                        rr_script_result_t *sr, rr_journal_route_t **out, size_t *nout) {
+int rr_channel_build_routes(const rr_channel_t *ch, const rr_hl7_msg_t *m, int lane0,
+                            const char *mrn, rr_script_result_t *sr, rr_journal_route_t **out,
+                            size_t *nout) {
   rr_journal_route_t *v = calloc(sr->nroutes, sizeof *v);
   if (!v)
     return RR_ENOMEM;
@@ -353,7 +323,7 @@ static int process(rr_channel_t *ch, rr_mllp_conn_t *c, const char *data, size_t
       rr_log((rr_log_level_t)sr.logs[i].level, "script", "channel=%s control_id=%s msg=\"%s\"",
              ch->cfg.name, ctl, sr.logs[i].text);
     if (sr.verdict == RR_SCRIPT_PASS && sr.nroutes &&
-        build_routes(ch, m, 0, mrn, &sr, &routes, &nroutes) != 0) {
+        rr_channel_build_routes(ch, m, 0, mrn, &sr, &routes, &nroutes) != 0) {
       sr.verdict = RR_SCRIPT_ERROR;
       if (!sr.reason[0])
         snprintf(sr.reason, sizeof sr.reason, "out of memory queuing the routes");
@@ -402,7 +372,7 @@ static int process(rr_channel_t *ch, rr_mllp_conn_t *c, const char *data, size_t
   const bool r2 = ch->cfg.mllp_release == 2;
 
   char ack_id[48], ts[32];
-  int64_t now = wall_ms();
+  int64_t now = rr_wall_ms();
   /* Unique across restarts (start time in ms) and within a run (a 32-bit
    * sequence, about five days at 10,000 messages/s before it wraps):
    * R + 11 + 8 hex digits = 20 characters, the ST length of MSH-10. */
@@ -522,12 +492,6 @@ int rr_engine_inject(void *ud, const char *channel, const char *payload, size_t 
   return process(ch, NULL, payload, len, 0, done, done_ud);
 }
 
-static const char *json_str(json_t *o, const char *key);
-static const char *study_script(rr_channel_t *ch, const char *ctxtext, size_t len, json_t *ctx,
-                                const char *uid, rr_script_result_t *sr,
-                                rr_journal_route_t **routes, size_t *nroutes, char *etext,
-                                size_t ecap);
-
 int rr_engine_replay(void *ud, int64_t message_id, const char *destination) {
   rr_engine_t *e = ud;
   char chname[64] = "", ctl[128] = "", mrn[128] = "";
@@ -549,8 +513,9 @@ int rr_engine_replay(void *ud, int64_t message_id, const char *destination) {
     json_t *ctx = json_loadb(raw.data, raw.len, 0, NULL);
     char etext[600];
     if (ctx)
-      study_script(ch, raw.data, raw.len, ctx, json_str(ctx, "study_uid"), &sr, &routes, &n, etext,
-                   sizeof etext);
+      rr_channel_study_script(ch, raw.data, raw.len, ctx,
+                              json_string_value(json_object_get(ctx, "study_uid")), &sr, &routes,
+                              &n, etext, sizeof etext);
     json_decref(ctx);
     goto pick;
   }
@@ -566,13 +531,14 @@ int rr_engine_replay(void *ud, int64_t message_id, const char *destination) {
     goto out;
   if (sr.verdict != RR_SCRIPT_PASS || sr.nroutes == 0)
     goto out;
-  if ((rc = build_routes(ch, ch->msg, 0, mrn, &sr, &routes, &n)) != 0)
+  if ((rc = rr_channel_build_routes(ch, ch->msg, 0, mrn, &sr, &routes, &n)) != 0)
     goto out;
 pick:
   for (size_t i = 0; i < n; i++)
     if (strcmp(routes[i].destination, destination) == 0)
       routes[keep++] = routes[i];
-  if (keep && (rc = rr_journal_queue_routes(e->journal, message_id, wall_ms(), routes, keep)) == 0)
+  if (keep &&
+      (rc = rr_journal_queue_routes(e->journal, message_id, rr_wall_ms(), routes, keep)) == 0)
     rr_journal_kick(e->journal);
 out:
   rr_log(rc ? RR_LOG_WARN : RR_LOG_INFO, "channel",
@@ -604,7 +570,7 @@ int rr_engine_new(uv_loop_t *loop, rr_journal_t *journal, rr_engine_t **out) {
     return RR_ENOMEM;
   e->loop = loop;
   e->journal = journal;
-  e->start_ms = wall_ms();
+  e->start_ms = rr_wall_ms();
   uv_check_init(loop, &e->commit);
   e->commit.data = e;
   uv_check_start(&e->commit, on_check);
@@ -624,7 +590,7 @@ static int kv_get(void *ud, const char *key, rr_buf_t *out) {
 
 static int kv_set(void *ud, const char *key, const char *value, size_t len) {
   rr_engine_t *e = ud;
-  return rr_journal_kv_set(e->journal, key, value, len, wall_ms());
+  return rr_journal_kv_set(e->journal, key, value, len, rr_wall_ms());
 }
 
 /* The scripts' order store (orders.keep/get): table orders; a kept order
@@ -674,7 +640,7 @@ static int order_keep(void *ud, const char *text, size_t len, rr_buf_t *err) {
                              .ordered_at = v[9] ? v[9] : v[8], /* the exam's time */
                              .record = text,
                              .record_len = len,
-                             .received_ms = wall_ms()};
+                             .received_ms = rr_wall_ms()};
     rc = rr_journal_keep_order(ch->engine->journal, &jo);
     if (rc == RR_ENOMEM)
       rr_buf_printf(err, "out of memory");
@@ -756,354 +722,6 @@ static void watch_script(rr_engine_t *e, rr_channel_t *ch) {
   ch->watching = true;
 }
 
-/* ---- DICOM sources ------------------------------------------------------------ */
-
-/* A stored instance: into the store (instances, studies), with the batch. */
-static void on_instance(void *ud, const rr_dicom_instance_t *in) {
-  rr_channel_t *ch = ud;
-  rr_engine_t *e = ch->engine;
-  ch->received++;
-  rr_journal_instance_t ji = {.channel = ch->cfg.name,
-                              .calling_ae = in->calling_ae,
-                              .peer = in->peer,
-                              .path = in->path,
-                              .sop_class_uid = in->sop_class_uid,
-                              .sop_instance_uid = in->sop_instance_uid,
-                              .study_uid = in->study_instance_uid,
-                              .series_uid = in->series_instance_uid,
-                              .patient_id = in->patient_id,
-                              .accession = in->accession_number,
-                              .modality = in->modality,
-                              .body_part = in->body_part_examined,
-                              .description = in->study_description,
-                              .study_date = in->study_date,
-                              .study_time = in->study_time,
-                              .series_number = in->series_number,
-                              .instance_number = in->instance_number,
-                              .size = in->size,
-                              .received_ms = wall_ms(),
-                              .reopen = ch->cfg.dicom_reopen};
-  if (rr_journal_add_instance(e->journal, &ji, NULL, NULL) != 0) {
-    ch->errored++;
-    rr_log(RR_LOG_ERROR, "dicom", "event=instance_not_recorded channel=%s assoc=%llu error=%s",
-           ch->cfg.name, (unsigned long long)in->assoc_id, rr_strerror(RR_ENOMEM));
-    return;
-  }
-  ch->accepted++;
-  rr_journal_kick(e->journal);
-  rr_log(RR_LOG_DEBUG, "dicom",
-         "event=instance channel=%s assoc=%llu study_uid=%s sop_instance_uid=%s modality=%s "
-         "bytes=%llu",
-         ch->cfg.name, (unsigned long long)in->assoc_id, in->study_instance_uid,
-         in->sop_instance_uid, in->modality, (unsigned long long)in->size);
-}
-
-static void on_association(void *ud, const rr_dicom_assoc_event_t *ev) {
-  rr_channel_t *ch = ud;
-  if (ev->kind == RR_DICOM_ASSOC_REFUSED)
-    rr_log(RR_LOG_WARN, "dicom",
-           "event=association_refused channel=%s assoc=%llu peer=%s calling=%s called=%s "
-           "reason=\"%s\"",
-           ch->cfg.name, (unsigned long long)ev->assoc_id, ev->peer, ev->calling_ae, ev->called_ae,
-           ev->reason ? ev->reason : "");
-  else
-    rr_log(RR_LOG_INFO, "dicom",
-           "event=association_%s channel=%s assoc=%llu peer=%s calling=%s%s%s",
-           ev->kind == RR_DICOM_ASSOC_ACCEPTED ? "accepted" : "ended", ch->cfg.name,
-           (unsigned long long)ev->assoc_id, ev->peer, ev->calling_ae,
-           ev->kind == RR_DICOM_ASSOC_ENDED ? " how=" : "",
-           ev->kind == RR_DICOM_ASSOC_ENDED && ev->reason ? ev->reason : "");
-}
-
-/* ---- studies: stable, matched to their order, handed to the script --------
- * A stable study's context (rr_journal_study_context: header fields,
- * series, the matched order) goes to the channel script's on_study; what
- * it routes is journaled as one entry of type STUDY (raw = the context)
- * that also marks the study routed, in one transaction. Until that commit
- * the study stays "stable, not routed" in the store, so a crash in between
- * routes it after the restart, once. */
-
-typedef struct study_kept {
-  rr_channel_t *ch;
-  char uid[];
-} study_kept_t;
-
-static bool routing_has(const rr_channel_t *ch, const char *uid) {
-  for (size_t i = 0; i < ch->nrouting; i++)
-    if (strcmp(ch->routing[i], uid) == 0)
-      return true;
-  return false;
-}
-
-static void routing_remove(rr_channel_t *ch, const char *uid) {
-  for (size_t i = 0; i < ch->nrouting; i++)
-    if (strcmp(ch->routing[i], uid) == 0) {
-      free(ch->routing[i]);
-      ch->routing[i] = ch->routing[--ch->nrouting];
-      return;
-    }
-}
-
-static void on_study_kept(void *ud, int status, int64_t id) {
-  study_kept_t *k = ud;
-  routing_remove(k->ch, k->uid);
-  if (status)
-    rr_log(RR_LOG_ERROR, "dicom", "event=study_not_routed channel=%s error=\"%s\"", k->ch->cfg.name,
-           rr_strerror(status));
-  else
-    rr_log(RR_LOG_DEBUG, "dicom", "event=study_kept channel=%s study_uid=%s message_id=%lld",
-           k->ch->cfg.name, k->uid, (long long)id);
-  free(k);
-}
-
-/* The lane a study's order asks for: STAT (S) before routine. */
-static int study_lane(json_t *ctx) {
-  const char *p = json_string_value(json_object_get(json_object_get(ctx, "order"), "priority"));
-  return p && (strcmp(p, "S") == 0 || strcasecmp(p, "STAT") == 0) ? 1 : 0;
-}
-
-static const char *json_str(json_t *o, const char *key) {
-  const char *v = json_string_value(json_object_get(o, key));
-  return v && *v ? v : NULL;
-}
-
-/* Runs the channel's on_study on a study context: routes (pointing into
- * sr) in *routes; the journal status and error text. */
-static const char *study_script(rr_channel_t *ch, const char *ctxtext, size_t len, json_t *ctx,
-                                const char *uid, rr_script_result_t *sr,
-                                rr_journal_route_t **routes, size_t *nroutes, char *etext,
-                                size_t ecap) {
-  memset(sr, 0, sizeof *sr);
-  *routes = NULL;
-  *nroutes = 0;
-  etext[0] = '\0';
-  if (!ch->script)
-    return "accepted";
-  rr_script_input_t in = {ctxtext, len, "dicom", uid};
-  if (rr_script_run_study(ch->script, &in, sr) != 0) {
-    sr->verdict = RR_SCRIPT_ERROR;
-    snprintf(sr->reason, sizeof sr->reason, "out of memory building the script's result");
-  }
-  for (size_t i = 0; i < sr->nlogs; i++)
-    rr_log((rr_log_level_t)sr->logs[i].level, "script", "channel=%s event=study msg=\"%s\"",
-           ch->cfg.name, sr->logs[i].text);
-  if (sr->verdict == RR_SCRIPT_PASS && sr->nroutes &&
-      build_routes(ch, NULL, study_lane(ctx), json_str(ctx, "patient_id"), sr, routes, nroutes) !=
-          0) {
-    sr->verdict = RR_SCRIPT_ERROR;
-    if (!sr->reason[0])
-      snprintf(sr->reason, sizeof sr->reason, "out of memory queuing the routes");
-    free(*routes);
-    *routes = NULL;
-    *nroutes = 0;
-  }
-  switch (sr->verdict) {
-  case RR_SCRIPT_PASS: return "accepted";
-  case RR_SCRIPT_FILTERED: snprintf(etext, ecap, "%s", sr->reason); return "filtered";
-  case RR_SCRIPT_REJECTED: snprintf(etext, ecap, "%s", sr->reason); return "rejected";
-  default:
-    ch->script_errors++;
-    snprintf(etext, ecap, "script: %s", sr->reason);
-    rr_log(RR_LOG_ERROR, "channel", "event=script_error channel=%s source=study error=\"%s\"",
-           ch->cfg.name, sr->reason);
-    return "error";
-  }
-}
-
-static void route_study(void *ud, const char *uid) {
-  rr_channel_t *ch = ud;
-  rr_engine_t *e = ch->engine;
-  if (e->stopping || routing_has(ch, uid))
-    return;
-  rr_buf_t text;
-  rr_buf_init(&text, (size_t)64 << 20);
-  int64_t order_id = 0;
-  const char *method = "none";
-  int rc = rr_journal_study_context(e->journal, uid, (int64_t)ch->cfg.dicom_match_window_ms, &text,
-                                    &order_id, &method);
-  json_t *ctx = rc == 0 ? json_loadb(text.data, text.len, 0, NULL) : NULL;
-  if (!ctx) {
-    rr_log(RR_LOG_ERROR, "dicom", "event=study_context_failed channel=%s error=%s", ch->cfg.name,
-           rr_strerror(rc ? rc : RR_EIO));
-    rr_buf_close(&text);
-    return;
-  }
-  rr_script_result_t sr;
-  rr_journal_route_t *routes;
-  size_t nroutes;
-  char etext[600];
-  const char *status =
-      study_script(ch, text.data, text.len, ctx, uid, &sr, &routes, &nroutes, etext, sizeof etext);
-  study_kept_t *k = malloc(sizeof *k + strlen(uid) + 1);
-  char *dup = strdup(uid);
-  if (!k || !dup ||
-      rr_array_grow((void **)&ch->routing, &ch->routing_cap, ch->nrouting + 1, sizeof(char *), 8) !=
-          0) {
-    free(k);
-    free(dup);
-    rc = RR_ENOMEM;
-    goto out;
-  }
-  k->ch = ch;
-  strcpy(k->uid, uid);
-  rr_journal_entry_t je = {.channel = ch->cfg.name,
-                           .peer = json_str(ctx, "calling_ae"),
-                           .received_ms = wall_ms(),
-                           .message_type = "STUDY",
-                           .mrn = json_str(ctx, "patient_id"),
-                           .accession = json_str(ctx, "accession"),
-                           .study_uid = uid,
-                           .status = status,
-                           .error = *etext ? etext : NULL,
-                           .raw = text.data,
-                           .raw_len = text.len,
-                           .routes = routes,
-                           .nroutes = nroutes,
-                           .routed_study = uid,
-                           .order_id = order_id,
-                           .match_method = method};
-  if ((rc = rr_journal_add(e->journal, &je, on_study_kept, k)) != 0) {
-    free(k);
-    free(dup);
-    goto out;
-  }
-  ch->routing[ch->nrouting++] = dup;
-  ch->studies_routed++;
-  ch->studies_matched += order_id > 0;
-  rr_journal_kick(e->journal);
-  rr_log(RR_LOG_INFO, "dicom",
-         "event=study_routed channel=%s match=%s instances=%lld routes=%zu status=%s", ch->cfg.name,
-         method, (long long)json_integer_value(json_object_get(ctx, "instances")), nroutes, status);
-  rr_log(RR_LOG_DEBUG, "dicom", "event=study_routed channel=%s study_uid=%s order_id=%lld",
-         ch->cfg.name, uid, (long long)order_id);
-out:
-  if (rc)
-    rr_log(RR_LOG_ERROR, "dicom", "event=study_not_routed channel=%s error=%s", ch->cfg.name,
-           rr_strerror(rc));
-  free(routes);
-  rr_script_result_close(&sr);
-  json_decref(ctx);
-  rr_buf_close(&text);
-}
-
-/* Every stable study of the channel not routed yet (after a restart, a
- * "complete" call, or a failed commit). */
-static void route_pending(rr_channel_t *ch) {
-  if (rr_journal_unrouted(ch->engine->journal, ch->cfg.name, route_study, ch) < 0)
-    rr_log(RR_LOG_ERROR, "dicom", "event=unrouted_query_failed channel=%s", ch->cfg.name);
-}
-
-/* Studies that went quiet: stable. The state is in the store, so a study
- * interrupted by a restart becomes stable once, after it. */
-static void on_stable(void *ud, int status, const char *const *uids, size_t n) {
-  rr_channel_t *ch = ud;
-  ch->stable_busy = false;
-  if (status) {
-    rr_log(RR_LOG_ERROR, "dicom", "event=stable_check_failed channel=%s error=%s", ch->cfg.name,
-           rr_strerror(status));
-    return;
-  }
-  for (size_t i = 0; i < n; i++)
-    rr_log(RR_LOG_DEBUG, "dicom", "event=study_stable channel=%s study_uid=%s", ch->cfg.name,
-           uids[i]);
-  if (n)
-    rr_log(RR_LOG_INFO, "dicom", "event=studies_stable channel=%s studies=%zu", ch->cfg.name, n);
-  route_pending(ch);
-}
-
-static void on_completed(void *ud, int status, const char *const *uids, size_t n) {
-  rr_engine_t *e = ud;
-  if (status)
-    rr_log(RR_LOG_ERROR, "dicom", "event=study_complete_failed error=%s", rr_strerror(status));
-  else
-    rr_log(RR_LOG_INFO, "dicom", "event=study_completed changed=%s", n ? "yes" : "no");
-  for (size_t i = 0; i < n; i++)
-    rr_log(RR_LOG_DEBUG, "dicom", "event=study_stable study_uid=%s source=complete", uids[i]);
-  for (rr_channel_t *ch = e->channels; status == 0 && n && ch; ch = ch->next)
-    if (ch->cfg.dicom)
-      route_pending(ch);
-}
-
-int rr_engine_study_complete(void *ud, const char *study_uid) {
-  rr_engine_t *e = ud;
-  int rc = rr_journal_mark_study_stable(e->journal, study_uid, on_completed, e);
-  if (rc == 0)
-    rr_journal_kick(e->journal);
-  return rc;
-}
-
-static void on_stable_timer(uv_timer_t *t) {
-  rr_channel_t *ch = t->data;
-  rr_engine_t *e = ch->engine;
-  if (ch->stable_busy || e->stopping)
-    return;
-  if (rr_journal_mark_stable(e->journal, ch->cfg.name,
-                             wall_ms() - (int64_t)ch->cfg.dicom_stable_after_ms, on_stable,
-                             ch) == 0) {
-    ch->stable_busy = true;
-    rr_journal_kick(e->journal);
-  }
-}
-
-static int mkdirs(const char *path) {
-  char d[1024];
-  snprintf(d, sizeof d, "%s", path);
-  for (char *p = d + 1;; p++) {
-    bool end = *p == '\0';
-    if (*p == '/' || end) {
-      *p = '\0';
-      if (mkdir(d, 0750) != 0 && errno != EEXIST)
-        return -errno;
-      if (end)
-        return 0;
-      *p = '/';
-    }
-  }
-}
-
-static int start_dicom(rr_engine_t *e, rr_channel_t *ch) {
-  const rr_channel_config_t *c = &ch->cfg;
-  static const char *const loopback[] = {"127.0.0.1", "::1"};
-  size_t ncalling = 0, npeers = 0;
-  while (c->dicom_calling_aes && c->dicom_calling_aes[ncalling])
-    ncalling++;
-  while (c->dicom_peers && c->dicom_peers[npeers])
-    npeers++;
-  int rc = mkdirs(c->dicom_spool);
-  if (rc) {
-    rr_log(RR_LOG_ERROR, "dicom", "event=spool_failed channel=%s path=%s error=%s", c->name,
-           c->dicom_spool, rr_strerror(rc));
-    return rc;
-  }
-  rr_dicom_scp_config_t sc = {.name = c->name,
-                              .host = c->host,
-                              .port = c->listen.port,
-                              .ae_title = c->dicom_ae,
-                              .allowed_calling_aes = (const char *const *)c->dicom_calling_aes,
-                              .n_allowed_calling_aes = ncalling,
-                              .allowed_peers =
-                                  c->dicom_peers ? (const char *const *)c->dicom_peers : loopback,
-                              .n_allowed_peers = c->dicom_peers ? npeers : 2,
-                              .max_associations = c->dicom_max_associations,
-                              .spool_dir = c->dicom_spool,
-                              .min_free_bytes = c->dicom_min_free_bytes};
-  rr_dicom_scp_callbacks_t cb = {.on_instance = on_instance, .on_association = on_association};
-  rc = rr_dicom_scp_start(e->loop, &sc, &cb, ch, &ch->scp);
-  if (rc)
-    return rc;
-  /* Checked a few times per quiet period, at most once a second. */
-  uint64_t every = c->dicom_stable_after_ms / 4;
-  if (every > 1000)
-    every = 1000;
-  if (every < 50)
-    every = 50;
-  uv_timer_init(e->loop, &ch->stable);
-  ch->stable.data = ch;
-  ch->stable_open = true;
-  uv_timer_start(&ch->stable, on_stable_timer, every, every);
-  return 0;
-}
-
 int rr_engine_add_channel(rr_engine_t *e, const rr_channel_config_t *cfg, rr_channel_t **out) {
   rr_channel_t *ch = calloc(1, sizeof *ch);
   if (!ch)
@@ -1132,7 +750,7 @@ int rr_engine_add_channel(rr_engine_t *e, const rr_channel_config_t *cfg, rr_cha
   if (rc == 0 && ch->cfg.script[0])
     rc = load_script(ch) ? RR_EINVAL : 0;
   if (rc == 0 && ch->cfg.dicom)
-    rc = start_dicom(e, ch);
+    rc = rr_channel_start_dicom(e, ch);
   else if (rc == 0)
     rc = rr_mllp_listener_start(e->loop, &ch->cfg.listen, on_frame, ch, &ch->listener);
   if (rc) {
@@ -1232,14 +850,7 @@ void rr_engine_stop(rr_engine_t *e) {
    * flight, so every message read gets its answer. */
   for (rr_channel_t *ch = e->channels; ch; ch = ch->next) {
     rr_mllp_listener_quiesce(ch->listener);
-    if (ch->scp) { /* associations get a few seconds to finish */
-      rr_dicom_scp_stop(ch->scp, 5000, NULL, NULL);
-      ch->scp = NULL;
-    }
-    if (ch->stable_open) {
-      uv_close((uv_handle_t *)&ch->stable, NULL);
-      ch->stable_open = false;
-    }
+    rr_channel_stop_dicom(ch);
   }
   rr_journal_set_idle_cb(e->journal, on_journal_idle, e);
   rr_journal_kick(e->journal);

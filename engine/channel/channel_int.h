@@ -1,0 +1,71 @@
+/* The engine's channels, inside: what inbound.c (MLLP sources, scripts,
+ * the journal) and studies.c (DICOM sources, stable studies, order
+ * matching) share. Loop thread only. */
+#ifndef RR_CHANNEL_INT_H
+#define RR_CHANNEL_INT_H
+
+#include <jansson.h>
+#include <stdint.h>
+
+#include "channel/channel.h"
+#include "dicom/scp.h"
+
+struct rr_channel {
+  rr_engine_t *engine;
+  rr_channel_t *next;
+  rr_channel_config_t cfg;
+  rr_mllp_listener_t *listener;
+  rr_tls_ctx_t *tls;   /* NULL for plain TCP */
+  rr_script_t *script; /* NULL without a script */
+  uv_fs_event_t watch; /* the script file: edits reload it */
+  bool watching;
+  uv_timer_t settle; /* editors write in steps: reload once they stop */
+  uint64_t filtered, script_errors;
+  rr_hl7_msg_t *msg; /* reused for every message */
+  uint64_t received, accepted, errored, rejected, duplicates;
+  rr_dicom_scp_t *scp; /* a DICOM source; NULL for MLLP */
+  uv_timer_t stable;   /* DICOM: looks for studies that went quiet */
+  bool stable_open, stable_busy;
+  char **routing; /* DICOM: studies whose study event is being journaled */
+  size_t nrouting, routing_cap;
+  uint64_t studies_routed, studies_matched;
+};
+
+struct rr_engine {
+  uv_loop_t *loop;
+  uv_check_t commit;
+  rr_journal_t *journal;
+  rr_channel_t *channels;
+  uint64_t ack_seq;
+  int64_t start_ms;
+  int stopping;
+};
+
+/* rr_wall_ms: the wall clock, milliseconds since the epoch. */
+int64_t rr_wall_ms(void);
+
+/* rr_channel_build_routes: the script's routes as journal routes (pointing
+ * into sr), each to a destination the channel declares; the lane a route
+ * does not choose comes from m (STAT orders) or, without m, is lane0; the
+ * key a route does not choose is key (the MRN). RR_EINVAL (reason in sr)
+ * for a name the channel does not declare, RR_ENOMEM. */
+int rr_channel_build_routes(const rr_channel_t *ch, const rr_hl7_msg_t *m, int lane0,
+                            const char *key, rr_script_result_t *sr, rr_journal_route_t **out,
+                            size_t *nout);
+
+/* rr_channel_study_script: runs the channel's on_study on a study context
+ * (ctxtext, also parsed as ctx): routes (pointing into sr) in *routes, the
+ * journal status ("accepted", "filtered", "rejected", "error") returned and
+ * the error text in etext. */
+const char *rr_channel_study_script(rr_channel_t *ch, const char *ctxtext, size_t len, json_t *ctx,
+                                    const char *uid, rr_script_result_t *sr,
+                                    rr_journal_route_t **routes, size_t *nroutes, char *etext,
+                                    size_t ecap);
+
+/* rr_channel_start_dicom: the DICOM listener and stable-study timer of a
+ * DICOM source channel. */
+int rr_channel_start_dicom(rr_engine_t *e, rr_channel_t *ch);
+/* rr_channel_stop_dicom: stops them (shutdown); safe to call twice. */
+void rr_channel_stop_dicom(rr_channel_t *ch);
+
+#endif
