@@ -284,6 +284,9 @@ static int on_message_begin(http_parser *p) {
 
 static int on_url(http_parser *p, const char *at, size_t len) {
   hs_conn_t *c = p->data;
+  if (!c->req->method[0])
+    snprintf(c->req->method, sizeof c->req->method, "%s",
+             http_method_str((enum http_method)p->method));
   int rc = rr_buf_append(&c->req->url, at, len);
   if (rc == RR_ELIMIT)
     return set_cb_error(c, 414, "uri_too_long", "The request target is longer than allowed.");
