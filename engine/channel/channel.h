@@ -41,10 +41,20 @@ typedef struct rr_channel_config {
   unsigned dicom_max_associations;
   char dicom_spool[1024];
   uint64_t dicom_min_free_bytes;
-  uint64_t dicom_stable_after_ms;        /* quiet period that makes a study stable */
-  bool dicom_reopen;                     /* late instances make a stable study arriving again */
-  uint64_t dicom_match_window_ms;        /* order time within this of the study time (the
-                                            patient + modality match); 0 = that match is off */
+  uint64_t dicom_stable_after_ms; /* quiet period that makes a study stable */
+  bool dicom_reopen;              /* late instances make a stable study arriving again */
+  uint64_t dicom_match_window_ms; /* order time within this of the study time (the
+                                     patient + modality match); 0 = that match is off */
+  bool dicomweb;                  /* the studies come from a DICOMweb server polled with
+                                     QIDO-RS (the dw_ fields; dicom is set too) */
+  char dw_url[1024];              /* DICOMweb root, e.g. http://pacs:8042/dicom-web */
+  char dw_user[128];              /* basic authentication: user, password in a file */
+  char dw_password_file[1024];
+  char dw_token_file[1024]; /* or a bearer token in a file */
+  char dw_ca[1024], dw_cert[1024], dw_key[1024];
+  uint64_t dw_poll_ms;                   /* QIDO-RS search every ...; default 30 s */
+  uint64_t dw_lookback_ms;               /* studies dated from now - this to today */
+  char **dw_modalities;                  /* owned, NULL-terminated; NULL = any modality */
   rr_destination_config_t *destinations; /* owned, ndestinations entries */
   size_t ndestinations;
 } rr_channel_config_t;
@@ -93,6 +103,14 @@ int rr_engine_inject(void *ud, const char *channel, const char *payload, size_t 
  * whatever its quiet period (a PACS or an operator says so); stable in the
  * store with the next batch (logged as event=study_completed). */
 int rr_engine_study_complete(void *ud, const char *study_uid);
+
+/* rr_engine_dicomweb_notify: the PACS behind DICOMweb source channel says
+ * study_uid changed: its instances are listed now (after the request
+ * running, if any) and, with complete, the study is stable once they are
+ * recorded. RR_ENOTFOUND (no such DICOMweb channel), RR_EINVAL (not a UID),
+ * UV_ECANCELED (stopping). */
+int rr_engine_dicomweb_notify(rr_engine_t *e, const char *channel, const char *study_uid,
+                              bool complete);
 
 /* rr_channel_accepts: whether type ("ADT^A01") matches the accept list;
  * an entry "ADT^*" or "ADT" matches every ADT event. Pure. */

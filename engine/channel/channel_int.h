@@ -9,6 +9,7 @@
 
 #include "channel/channel.h"
 #include "dicom/scp.h"
+#include "dicomweb/client.h"
 
 struct rr_channel {
   rr_engine_t *engine;
@@ -29,10 +30,20 @@ struct rr_channel {
   char **routing; /* DICOM: studies whose study event is being journaled */
   size_t nrouting, routing_cap;
   uint64_t studies_routed, studies_matched;
+  /* a DICOMweb source (dicomweb_source.c) */
+  rr_dicomweb_client_t *dw;
+  uv_timer_t poll;
+  bool poll_open;
+  rr_dicomweb_op_t *dw_op; /* the search or instance fetch running; NULL = idle */
+  json_t *dw_todo;         /* studies whose instances are to be fetched: array of objects */
+  json_t *dw_seen;         /* Study Instance UID -> instances recorded at the last fetch */
+  size_t dw_offset;        /* paging through one search */
+  uint64_t dw_searches, dw_fetches, dw_failures;
 };
 
 struct rr_engine {
   uv_loop_t *loop;
+  rr_http_client_t *http; /* for DICOMweb sources; NULL until one starts */
   uv_check_t commit;
   rr_journal_t *journal;
   rr_channel_t *channels;
@@ -67,5 +78,12 @@ const char *rr_channel_study_script(rr_channel_t *ch, const char *ctxtext, size_
 int rr_channel_start_dicom(rr_engine_t *e, rr_channel_t *ch);
 /* rr_channel_stop_dicom: stops them (shutdown); safe to call twice. */
 void rr_channel_stop_dicom(rr_channel_t *ch);
+
+/* rr_channel_start_dicomweb: the QIDO-RS poller of a DICOMweb source. */
+int rr_channel_start_dicomweb(rr_engine_t *e, rr_channel_t *ch);
+/* rr_channel_stop_dicomweb: stops it (cancels a running request). */
+void rr_channel_stop_dicomweb(rr_channel_t *ch);
+/* rr_channel_stable_timer: starts the channel's stable-study timer. */
+void rr_channel_stable_timer(rr_engine_t *e, rr_channel_t *ch);
 
 #endif

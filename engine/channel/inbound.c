@@ -749,7 +749,9 @@ int rr_engine_add_channel(rr_engine_t *e, const rr_channel_config_t *cfg, rr_cha
   }
   if (rc == 0 && ch->cfg.script[0])
     rc = load_script(ch) ? RR_EINVAL : 0;
-  if (rc == 0 && ch->cfg.dicom)
+  if (rc == 0 && ch->cfg.dicomweb)
+    rc = rr_channel_start_dicomweb(e, ch);
+  else if (rc == 0 && ch->cfg.dicom)
     rc = rr_channel_start_dicom(e, ch);
   else if (rc == 0)
     rc = rr_mllp_listener_start(e->loop, &ch->cfg.listen, on_frame, ch, &ch->listener);
@@ -852,6 +854,10 @@ void rr_engine_stop(rr_engine_t *e) {
     rr_mllp_listener_quiesce(ch->listener);
     rr_channel_stop_dicom(ch);
   }
+  if (e->http) { /* cancels what DICOMweb sources have running */
+    rr_http_client_close(e->http, NULL, NULL);
+    e->http = NULL;
+  }
   rr_journal_set_idle_cb(e->journal, on_journal_idle, e);
   rr_journal_kick(e->journal);
 }
@@ -877,6 +883,11 @@ void rr_engine_free(rr_engine_t *e) {
     for (char **a = ch->cfg.dicom_peers; a && *a; a++)
       free(*a);
     free(ch->cfg.dicom_peers);
+    for (char **a = ch->cfg.dw_modalities; a && *a; a++)
+      free(*a);
+    free(ch->cfg.dw_modalities);
+    json_decref(ch->dw_todo);
+    json_decref(ch->dw_seen);
     for (size_t i = 0; i < ch->nrouting; i++)
       free(ch->routing[i]);
     free(ch->routing);

@@ -168,6 +168,26 @@ const char *rr_channel_study_script(rr_channel_t *ch, const char *ctxtext, size_
   }
 }
 
+/* A DICOMweb source's study context says where the images are: the
+ * WADO-RS URL of the study; text is rewritten with it. */
+static int add_retrieve_url(rr_channel_t *ch, const char *uid, json_t *ctx, rr_buf_t *text) {
+  const char *base = ch->cfg.dw_url;
+  size_t bl = strlen(base);
+  while (bl && base[bl - 1] == '/')
+    bl--;
+  char *url = malloc(bl + strlen(uid) + 16);
+  if (!url)
+    return RR_ENOMEM;
+  sprintf(url, "%.*s/studies/%s", (int)bl, base, uid);
+  json_object_set_new(ctx, "retrieve_url", json_string(url));
+  free(url);
+  char *t = json_dumps(ctx, JSON_COMPACT);
+  rr_buf_reset(text);
+  int rc = t ? rr_buf_append(text, t, strlen(t)) : RR_ENOMEM;
+  free(t);
+  return rc;
+}
+
 static void route_study(void *ud, const char *uid) {
   rr_channel_t *ch = ud;
   rr_engine_t *e = ch->engine;
@@ -180,6 +200,10 @@ static void route_study(void *ud, const char *uid) {
   int rc = rr_journal_study_context(e->journal, uid, (int64_t)ch->cfg.dicom_match_window_ms, &text,
                                     &order_id, &method);
   json_t *ctx = rc == 0 ? json_loadb(text.data, text.len, 0, NULL) : NULL;
+  if (ctx && ch->cfg.dicomweb && (rc = add_retrieve_url(ch, uid, ctx, &text)) != 0) {
+    json_decref(ctx);
+    ctx = NULL;
+  }
   if (!ctx) {
     rr_log(RR_LOG_ERROR, "dicom", "event=study_context_failed channel=%s error=%s", ch->cfg.name,
            rr_strerror(rc ? rc : RR_EIO));
@@ -349,6 +373,12 @@ int rr_channel_start_dicom(rr_engine_t *e, rr_channel_t *ch) {
   rc = rr_dicom_scp_start(e->loop, &sc, &cb, ch, &ch->scp);
   if (rc)
     return rc;
+  rr_channel_stable_timer(e, ch);
+  return 0;
+}
+
+void rr_channel_stable_timer(rr_engine_t *e, rr_channel_t *ch) {
+  const rr_channel_config_t *c = &ch->cfg;
   /* Checked a few times per quiet period, at most once a second. */
   uint64_t every = c->dicom_stable_after_ms / 4;
   if (every > 1000)
@@ -359,10 +389,11 @@ int rr_channel_start_dicom(rr_engine_t *e, rr_channel_t *ch) {
   ch->stable.data = ch;
   ch->stable_open = true;
   uv_timer_start(&ch->stable, on_stable_timer, every, every);
-  return 0;
 }
 
 void rr_channel_stop_dicom(rr_channel_t *ch) {
+  if (ch->cfg.dicomweb)
+    rr_channel_stop_dicomweb(ch);
   if (ch->scp) { /* associations get a few seconds to finish */
     rr_dicom_scp_stop(ch->scp, 5000, NULL, NULL);
     ch->scp = NULL;

@@ -180,8 +180,10 @@ int rr_cmd_check(int argc, char **argv) {
     printf("configuration ok: store %s, %zu channel(s)\n", cfg.store_path, cfg.nchannels);
     for (size_t i = 0; i < cfg.nchannels; i++)
       printf("  channel %s: %s%s %s:%d\n", cfg.channels[i].name,
-             cfg.channels[i].dicom ? "dicom" : "mllp", cfg.channels[i].tls ? "+tls" : "",
-             cfg.channels[i].host, cfg.channels[i].listen.port);
+             cfg.channels[i].dicomweb ? "dicomweb"
+             : cfg.channels[i].dicom  ? "dicom"
+                                      : "mllp",
+             cfg.channels[i].tls ? "+tls" : "", cfg.channels[i].host, cfg.channels[i].listen.port);
   }
   rr_config_free(&cfg);
   return bad ? 1 : 0;
@@ -302,6 +304,7 @@ int rr_cmd_run(int argc, char **argv) {
     cfg.channels[i].ndestinations = 0;
     cfg.channels[i].dicom_calling_aes = NULL;
     cfg.channels[i].dicom_peers = NULL;
+    cfg.channels[i].dw_modalities = NULL;
     rr_log(RR_LOG_INFO, "engine", "event=ready channel=%s port=%d", cfg.channels[i].name,
            rr_channel_port(ch));
   }

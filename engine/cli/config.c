@@ -359,7 +359,12 @@ static void load_dicom_source(ctx_t *c, json_t *src, const char *base, rr_channe
   v = 1024;
   if (get_uint(c, src, "min_free_mb", "$.source", 0, (uint64_t)1 << 30, &v) == 0)
     ch->dicom_min_free_bytes = v * 1024 * 1024;
-  v = 10;
+}
+
+/* What DICOM and DICOMweb sources share: stable-study detection, matching. */
+static void load_study_source(ctx_t *c, json_t *src, rr_channel_config_t *ch) {
+  ch->dicom = true;
+  uint64_t v = 10;
   if (get_uint(c, src, "stable_after_s", "$.source", 1, 86400, &v) == 0)
     ch->dicom_stable_after_ms = v * 1000;
   v = 24;
@@ -367,6 +372,41 @@ static void load_dicom_source(ctx_t *c, json_t *src, const char *base, rr_channe
     ch->dicom_match_window_ms = v * 3600 * 1000;
   const char *late = json_string_value(json_object_get(src, "late_series"));
   ch->dicom_reopen = late && strcmp(late, "reopen") == 0;
+}
+
+static void load_dicomweb_source(ctx_t *c, json_t *src, const char *base, rr_channel_config_t *ch) {
+  ch->dicomweb = true;
+  get_string(c, src, "url", "$.source", ch->dw_url, sizeof ch->dw_url, NULL);
+  if (ch->dw_url[0] && strncmp(ch->dw_url, "http://", 7) != 0 &&
+      strncmp(ch->dw_url, "https://", 8) != 0)
+    problem(c, "$.source.url", "must be an http:// or https:// URL");
+  get_string(c, src, "user", "$.source", ch->dw_user, sizeof ch->dw_user, "");
+  struct {
+    const char *key;
+    char *out;
+  } files[] = {{"password_file", ch->dw_password_file},
+               {"bearer_token_file", ch->dw_token_file},
+               {"ca_file", ch->dw_ca},
+               {"cert_file", ch->dw_cert},
+               {"key_file", ch->dw_key}};
+  for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
+    char rel[1024] = "", p[64];
+    snprintf(p, sizeof p, "$.source.%s", files[i].key);
+    get_string(c, src, files[i].key, "$.source", rel, sizeof rel, "");
+    if (rel[0] && join_path(base, rel, files[i].out, sizeof ch->dw_ca))
+      problem(c, p, "path too long");
+  }
+  if (ch->dw_user[0] && !ch->dw_password_file[0])
+    problem(c, "$.source.password_file", "a user needs a password_file");
+  if (ch->dw_user[0] && ch->dw_token_file[0])
+    problem(c, "$.source.bearer_token_file", "either user + password_file or a bearer token");
+  uint64_t v = 30;
+  if (get_uint(c, src, "poll_interval_s", "$.source", 1, 86400, &v) == 0)
+    ch->dw_poll_ms = v * 1000;
+  v = 24;
+  if (get_uint(c, src, "lookback_hours", "$.source", 1, 24 * 366, &v) == 0)
+    ch->dw_lookback_ms = v * 3600 * 1000;
+  ch->dw_modalities = string_list(json_object_get(src, "modalities"));
 }
 
 static int load_channel(const char *file, const char *base, rr_channel_config_t *ch,
@@ -414,14 +454,28 @@ static int load_channel(const char *file, const char *base, rr_channel_config_t 
                                        "stable_after_s",
                                        "late_series",
                                        "match_window_hours",
+                                       "url",
+                                       "user",
+                                       "password_file",
+                                       "bearer_token_file",
+                                       "ca_file",
+                                       "cert_file",
+                                       "key_file",
+                                       "poll_interval_s",
+                                       "lookback_hours",
+                                       "modalities",
                                        NULL};
     unknown_keys(&c, src, "$.source", keys);
     char type[32];
     if (get_string(&c, src, "type", "$.source", type, sizeof type, NULL) == 0 &&
-        strcmp(type, "mllp") != 0 && strcmp(type, "dicom") != 0)
-      problem(&c, "$.source.type", "\"%s\" is not a source type (mllp, dicom)", type);
+        strcmp(type, "mllp") != 0 && strcmp(type, "dicom") != 0 && strcmp(type, "dicomweb") != 0)
+      problem(&c, "$.source.type", "\"%s\" is not a source type (mllp, dicom, dicomweb)", type);
+    if (strcmp(type, "dicom") == 0 || strcmp(type, "dicomweb") == 0)
+      load_study_source(&c, src, ch);
     if (strcmp(type, "dicom") == 0)
       load_dicom_source(&c, src, base, ch);
+    if (strcmp(type, "dicomweb") == 0)
+      load_dicomweb_source(&c, src, base, ch);
     get_string(&c, src, "host", "$.source", ch->host, sizeof ch->host, "127.0.0.1");
     uint64_t v = 2575;
     if (get_uint(&c, src, "port", "$.source", 0, 65535, &v) == 0)
@@ -702,6 +756,10 @@ static void free_channel_lists(rr_channel_config_t *ch) {
     free(*a);
   free(ch->dicom_peers);
   ch->dicom_peers = NULL;
+  for (char **a = ch->dw_modalities; a && *a; a++)
+    free(*a);
+  free(ch->dw_modalities);
+  ch->dw_modalities = NULL;
 }
 
 void rr_config_free(rr_config_t *cfg) {

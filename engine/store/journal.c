@@ -1853,3 +1853,15 @@ int rr_journal_study_context(rr_journal_t *j, const char *study_uid, int64_t win
   free(t);
   return result;
 }
+
+int64_t rr_journal_study_instances(rr_journal_t *j, const char *study_uid) {
+  sqlite3_stmt *st;
+  if (sqlite3_prepare_v3(j->rdb, "SELECT instances FROM studies WHERE study_uid = ?", -1,
+                         SQLITE_PREPARE_PERSISTENT, &st, NULL) != SQLITE_OK)
+    return RR_EIO;
+  bind_text(st, 1, study_uid);
+  int rc = sqlite3_step(st);
+  int64_t n = rc == SQLITE_ROW ? sqlite3_column_int64(st, 0) : rc == SQLITE_DONE ? 0 : RR_EIO;
+  sqlite3_finalize(st);
+  return n;
+}

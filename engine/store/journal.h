@@ -262,6 +262,10 @@ int rr_journal_mark_stable(rr_journal_t *j, const char *channel, int64_t cutoff_
 int rr_journal_mark_study_stable(rr_journal_t *j, const char *study_uid, rr_journal_stable_cb cb,
                                  void *ud);
 
+/* rr_journal_study_instances: the instances recorded for a study
+ * (committed), 0 when the study is unknown; RR_EIO. */
+int64_t rr_journal_study_instances(rr_journal_t *j, const char *study_uid);
+
 /* rr_journal_unrouted: the studies of channel that are stable but whose
  * study event has not been journaled yet (a restart between the two, or a
  * study made stable by `radrelay study complete`), oldest first; cb per

@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""A DICOMweb source in the running engine, against a real PACS: Orthanc
+with its DICOMweb plugin (Debian packages), started here on loopback ports.
+The study is put in Orthanc (its REST API), not sent to radrelay: radrelay
+finds it with QIDO-RS (basic authentication, the password from a file),
+lists its instances, marks it stable after the quiet period, matches it to
+the ORM sent earlier over MLLP (python-hl7's client) and hands the study
+context, with the order's priority and indication and the study's WADO-RS
+URL, to on_study, which routes it to an HTTP receiver here. More instances
+of the study arriving later in Orthanc are found by the next search. A
+wrong password is logged as a failed search (no crash, no study).
+
+Run: test_dicomweb_source.py --radrelay build/radrelay (exits 77 without
+Orthanc, its DICOMweb plugin, pydicom or python3-hl7)."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "peers"))
+import orthanc  # noqa: E402
+from test_study_matching import (Engine, Receiver, make_study, orm, send_hl7,  # noqa: E402
+                                 wait_for)
+
+SKIP = 77
+
+
+def upload(pacs, folder, names=None):
+    for name in sorted(names or os.listdir(folder)):
+        with open(os.path.join(folder, name), "rb") as f:
+            r = pacs.request("POST", "/instances", body=f.read(),
+                             headers={"Content-Type": "application/dicom"})
+        assert r.status == 200, r
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--radrelay", required=True)
+    args = ap.parse_args()
+    why = orthanc.missing()
+    if why:
+        print(f"SKIPPED: {why}")
+        return SKIP
+    for mod in ("pydicom", "hl7"):
+        if subprocess.run(["/usr/bin/python3", "-c", "import " + mod],
+                          capture_output=True).returncode != 0:
+            print(f"SKIPPED: {mod} not importable by /usr/bin/python3")
+            return SKIP
+    rx = Receiver()
+    with tempfile.TemporaryDirectory(prefix="rr-dwsrc-") as tmp, \
+            orthanc.Orthanc(os.path.join(tmp, "pacs")) as pacs:
+        e = Engine(os.path.abspath(args.radrelay), tmp, rx.port)
+        secret = os.path.join(tmp, "pacs.password")
+        with open(secret, "w") as f:
+            f.write(orthanc.PASSWORD + "\n")
+        os.chmod(secret, 0o600)
+        path = os.path.join(tmp, "channels", "imaging.json")
+        with open(path) as f:
+            ch = json.load(f)
+        ch["source"] = {"type": "dicomweb", "url": pacs.dicomweb_url, "user": orthanc.USER,
+                        "password_file": secret, "poll_interval_s": 1, "lookback_hours": 48,
+                        "modalities": ["CT"], "stable_after_s": 2}
+        with open(path, "w") as f:
+            json.dump(ch, f)
+        e.start_ready = 1
+        e.start = lambda: start_one(e)
+        e.start()
+        try:
+            import time
+            today = time.strftime("%Y%m%d")
+            acks = send_hl7(e.orders_port, [
+                orm("RRW-1", "NW", "RRACC-W1", "RRPAT-W1", "CT", "S", "FALL, ON ANTICOAGULANTS",
+                    today + "0800")])
+            assert all("MSA|AA|" in (a.decode() if isinstance(a, bytes) else a) for a in acks)
+            folder = os.path.join(tmp, "w1")
+            uid = make_study(folder, 31, "RRACC-W1", "RRPAT-W1", slices=6, date=today,
+                             time_="081500")
+            names = sorted(os.listdir(folder))
+            upload(pacs, folder, names[:4])
+            wait_for(lambda: e.sql("SELECT instances FROM studies WHERE study_uid = ?", uid)
+                     == [(4,)], 30, "the study found over QIDO-RS")
+            upload(pacs, folder, names[4:])  # more of it: the next search sees the count grow
+            wait_for(lambda: rx.for_study(uid), 60, "the study routed")
+            (ctx,) = rx.for_study(uid)
+            assert ctx["instances"] == 6, ctx["instances"]
+            assert ctx["match"] == "accession", ctx["match"]
+            assert ctx["order"]["priority"] == "STAT", ctx["order"]
+            assert ctx["order"]["reason"] == "FALL, ON ANTICOAGULANTS", ctx["order"]
+            assert ctx["retrieve_url"] == f"{pacs.dicomweb_url}/studies/{uid}", ctx
+            paths = [p for (p,) in e.sql("SELECT path FROM instances WHERE study_uid = ?", uid)]
+            assert len(paths) == 6 and all(p.startswith(ctx["retrieve_url"] + "/series/")
+                                           for p in paths), paths
+            # the recorded URL is a WADO-RS URL Orthanc answers
+            r = pacs.request("GET", paths[0][len(pacs.http_url):],
+                             headers={"Accept": "multipart/related; type=\"application/dicom\""})
+            assert r.status == 200, r
+            assert e.grep("event=searched", "new_or_changed=1")
+        finally:
+            e.stop()
+        # a wrong password: the searches fail, logged; the engine keeps running
+        with open(secret, "w") as f:
+            f.write("not-the-password\n")
+        e.start()
+        try:
+            wait_for(lambda: e.grep("event=search_failed", "http_status=401"), 30,
+                     "a failed search logged")
+        finally:
+            e.stop()
+        leaks = [l for l in e.all_lines if "level=debug" not in l and
+                 any(s in l for s in ("RRPAT-", "RRACC-", uid, orthanc.PASSWORD))]
+        assert not leaks, leaks[:5]
+        assert len(rx.for_study(uid)) == 1
+    print("dicomweb source: a study put in Orthanc found by QIDO-RS, grown, stable, matched to "
+          "its ORM by accession, routed once with its WADO-RS URL; a wrong password logged")
+    return 0
+
+
+def start_one(e):
+    """Engine.start for an engine whose imaging channel listens on nothing."""
+    import re
+    import threading
+    e.lines = []
+    e.proc = subprocess.Popen([e.radrelay, "run", "-c", e.config], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    threading.Thread(target=e._read, args=(e.proc,), daemon=True).start()
+    wait_for(lambda: e.grep("event=ready", "channel=orders"), 20, "the orders channel ready")
+    e.orders_port = int(re.search(r"port=(\d+)",
+                                  e.grep("event=ready", "channel=orders")[0]).group(1))
+    return e
+
+
+if __name__ == "__main__":
+    sys.exit(main())
