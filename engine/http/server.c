@@ -228,8 +228,7 @@ static void set_reading(hs_conn_t *c) {
 
 static void tls_failed(hs_conn_t *c, int rc) {
   if (rc == RR_ETLSCLOSED) {
-    flush_tls(c);
-    hs_conn_eof(c);
+    conn_close(c, "close_notify");
     return;
   }
   rr_tls_failure_t f = rr_tls_failure(c->tls);
@@ -251,13 +250,9 @@ static void on_read(uv_stream_t *st, ssize_t n, const uv_buf_t *buf) {
   if (n == 0)
     return;
   if (n < 0) {
-    if (n == UV_EOF && !c->lingering && !c->finishing) {
-      uv_read_stop(st);
-      c->reading = 0;
-      hs_conn_eof(c);
-    } else {
-      conn_close(c, n == UV_EOF ? "eof" : uv_err_name((int)n));
-    }
+    /* EOF: the client is gone (HTTP clients do not half-close and wait);
+     * a reply still pending becomes a no-op. */
+    conn_close(c, n == UV_EOF ? "eof" : uv_err_name((int)n));
     return;
   }
   if (c->lingering || c->finishing)

@@ -25,6 +25,8 @@
  *   be answered exactly once, and is freed by that call. When the client
  *   has gone away meanwhile, the reply is a no-op that returns UV_ECANCELED
  *   (rr_http_req_gone says so beforehand); the request is freed all the same.
+ *   A client that closes its side of the connection (EOF, TLS close_notify)
+ *   is taken as gone: what it had sent but not yet had answered is dropped.
  *   GET routes also answer HEAD (the body is dropped, Content-Length kept).
  *
  * Checks, in order, each answered by the server itself
