@@ -6,6 +6,7 @@ extern "C" {
 #include "core/log.h"
 }
 
+#include "dicom/dicom_int.h"
 #include "dicom/scp.h"
 
 #include <dcmtk/config/osconfig.h>
@@ -15,10 +16,14 @@ extern "C" {
 #include <dcmtk/dcmdata/dcmetinf.h>
 #include <dcmtk/dcmdata/dcuid.h>
 #include <dcmtk/dcmnet/assoc.h>
+#include <dcmtk/dcmnet/dcmtrans.h>
 #include <dcmtk/dcmnet/dimse.h>
 #include <dcmtk/dcmnet/dul.h>
 #include <dcmtk/dcmnet/dulstruc.h>
+#include <dcmtk/dcmtls/tlslayer.h>
 #include <dcmtk/oflog/oflog.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
 
 #include <arpa/inet.h>
 #include <dirent.h>
@@ -218,7 +223,111 @@ bool rule_matches(const PeerRule &r, int family, const unsigned char *addr) {
   return (r.addr[full] & mask) == (addr[full] & mask);
 }
 
+// ---- TLS -------------------------------------------------------------------
+
+// TLS 1.2 suites of the BCP 195 profiles with ECDSA added (the test PKI and
+// many sites use P-256 keys); TLS 1.3 suites are all AEAD.
+const char *const kTls12Ciphers = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+                                  "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+                                  "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
+                                  "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384";
+const char *const kTls13Suites =
+    "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256";
+
+std::once_flag g_openssl_once;
+
+// The connection of a handshake done before ASC_receiveAssociation, handed
+// to DCMTK by HandoffLayer on the same thread.
+thread_local DcmTransportConnection *t_handoff = nullptr;
+
+// The SCP network's transport layer when TLS is on: DCMTK's own handshake
+// would run inside g_receive_mutex, so the worker does it first and this
+// layer returns that connection (DCMTK's second SSL_accept on a finished
+// handshake is a no-op).
+class HandoffLayer : public DcmTransportLayer {
+public:
+  DcmTransportConnection *createConnection(DcmNativeSocketType sock, OFBool secure) override {
+    if (!secure)
+      return new DcmTCPConnection(sock);
+    DcmTransportConnection *c = t_handoff;
+    t_handoff = nullptr;
+    return c;
+  }
+};
+
 } // namespace
+
+std::unique_ptr<DcmTLSTransportLayer> rr_dicom::make_tls_layer(T_ASC_NetworkRole role,
+                                                               const rr_dicom_tls_config_t &cfg,
+                                                               const std::string &peer_host,
+                                                               std::string *why) {
+  std::call_once(g_openssl_once, [] { DcmTLSTransportLayer::initializeOpenSSL(); });
+  bool requestor = role == NET_REQUESTOR;
+  bool has_cert = cfg.cert_file && *cfg.cert_file;
+  bool has_ca = cfg.ca_file && *cfg.ca_file;
+  if (has_cert != (cfg.key_file && *cfg.key_file)) {
+    *why = "cert_file and key_file go together";
+    return nullptr;
+  }
+  if (!requestor && !has_cert) {
+    *why = "a TLS server needs cert_file and key_file";
+    return nullptr;
+  }
+  if ((requestor || cfg.require_peer_cert) && !has_ca) {
+    *why = "ca_file is required to verify the peer";
+    return nullptr;
+  }
+  std::unique_ptr<DcmTLSTransportLayer> t(new DcmTLSTransportLayer(role, NULL, OFFalse));
+  if (!*t) {
+    *why = "cannot create a TLS context";
+    return nullptr;
+  }
+  OFCondition c = t->setTLSProfile(TSP_Profile_BCP195_ND);
+  if (c.good())
+    c = t->activateCipherSuites();
+  if (c.bad()) {
+    *why = std::string("TLS profile: ") + c.text();
+    return nullptr;
+  }
+  SSL_CTX *ctx = t->getNativeHandle();
+  if (SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) != 1 ||
+      SSL_CTX_set_cipher_list(ctx, kTls12Ciphers) != 1 ||
+      SSL_CTX_set_ciphersuites(ctx, kTls13Suites) != 1) {
+    *why = "cannot set the TLS protocol and cipher policy";
+    return nullptr;
+  }
+  if (has_cert) {
+    c = t->setPrivateKeyFile(cfg.key_file, DCF_Filetype_PEM);
+    if (c.good())
+      c = t->setCertificateFile(cfg.cert_file, DCF_Filetype_PEM);
+    if (c.bad() || !t->checkPrivateKeyMatchesCertificate()) {
+      *why = "cannot load cert_file/key_file, or they do not match";
+      return nullptr;
+    }
+  }
+  if (has_ca && t->addTrustedCertificateFile(cfg.ca_file, DCF_Filetype_PEM).bad()) {
+    *why = "cannot load ca_file";
+    return nullptr;
+  }
+  if (requestor) {
+    t->setCertificateVerification(DCV_requireCertificate);
+    X509_VERIFY_PARAM *param = SSL_CTX_get0_param(ctx);
+    unsigned char addr[16];
+    bool ip = inet_pton(AF_INET, peer_host.c_str(), addr) == 1 ||
+              inet_pton(AF_INET6, peer_host.c_str(), addr) == 1;
+    int ok = ip ? X509_VERIFY_PARAM_set1_ip_asc(param, peer_host.c_str())
+                : X509_VERIFY_PARAM_set1_host(param, peer_host.c_str(), 0);
+    if (ok != 1) {
+      *why = "cannot set the expected server name";
+      return nullptr;
+    }
+  } else {
+    t->setCertificateVerification(cfg.require_peer_cert ? DCV_requireCertificate
+                                  : has_ca              ? DCV_checkCertificate
+                                                        : DCV_ignoreCertificate);
+  }
+  return t;
+}
 
 struct rr_dicom_scp {
   uv_loop_t *loop = nullptr;
@@ -238,6 +347,9 @@ struct rr_dicom_scp {
   int acse_timeout = 30, dimse_timeout = 60, idle_timeout = 120;
   long max_pdu = 65536;
   size_t max_events = 10000;
+
+  std::unique_ptr<DcmTLSTransportLayer> tls; // NULL: plain TCP
+  HandoffLayer handoff;
 
   int listen_fd = -1;
   int wake_fd = -1;
@@ -601,6 +713,36 @@ const char *serve(rr_dicom_scp *scp, Conn *c, T_ASC_Association *assoc) {
   }
 }
 
+// Runs the server side of the TLS handshake on dfd within the ACSE timeout.
+// Returns NULL with *out the connection (owning dfd), or how the connection
+// ended (dfd closed, REFUSED posted).
+const char *tls_handshake(rr_dicom_scp *scp, Conn *c, int dfd,
+                          std::unique_ptr<DcmTransportConnection> *out) {
+  std::unique_ptr<DcmTransportConnection> t(scp->tls->createConnection(dfd, OFTrue));
+  if (!t) {
+    close(dfd);
+    post_assoc(scp, c, RR_DICOM_ASSOC_REFUSED, "TLS set-up failed", NULL, 0);
+    return "TLS set-up failed";
+  }
+  struct timeval tv = {scp->acse_timeout, 0}, none = {0, 0};
+  setsockopt(dfd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  setsockopt(dfd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+  OFCondition cond = t->serverSideHandshake();
+  setsockopt(dfd, SOL_SOCKET, SO_RCVTIMEO, &none, sizeof(none));
+  setsockopt(dfd, SOL_SOCKET, SO_SNDTIMEO, &none, sizeof(none));
+  if (cond.bad()) {
+    const char *how = "TLS handshake failed";
+    rr_log(RR_LOG_WARN, kLogModule,
+           "event=assoc_refused scp=%s assoc=%llu peer=%s reason=\"%s\" err=\"%s\"",
+           scp->name.c_str(), (unsigned long long)c->id, c->peer.c_str(), how, cond.text());
+    t.reset(); // closes dfd
+    post_assoc(scp, c, RR_DICOM_ASSOC_REFUSED, how, NULL, 0);
+    return how;
+  }
+  *out = std::move(t);
+  return NULL;
+}
+
 // Reads the A-ASSOCIATE-RQ, refuses or accepts it and serves it. *assoc is
 // what DCMTK created (the caller frees it); *accepted tells whether an
 // A-ASSOCIATE-AC went out. Returns how the connection ended.
@@ -624,17 +766,35 @@ const char *session(rr_dicom_scp *scp, Conn *c, T_ASC_Association **assoc, bool 
     post_assoc(scp, c, RR_DICOM_ASSOC_REFUSED, "out of file descriptors", NULL, 0);
     return "out of file descriptors";
   }
+  std::unique_ptr<DcmTransportConnection> tls;
+  if (scp->tls) {
+    const char *how = tls_handshake(scp, c, dfd, &tls);
+    if (how)
+      return how;
+  }
   OFCondition cond;
+  bool handed_over = false;
   {
     std::lock_guard<std::mutex> lk(g_receive_mutex);
     dcmExternalSocketHandle.set(dfd);
-    cond = ASC_receiveAssociation(scp->net, assoc, scp->max_pdu, NULL, NULL, OFFalse, DUL_NOBLOCK,
-                                  scp->acse_timeout);
+    t_handoff = tls.get();
+    cond = ASC_receiveAssociation(scp->net, assoc, scp->max_pdu, NULL, NULL,
+                                  scp->tls ? OFTrue : OFFalse, DUL_NOBLOCK, scp->acse_timeout);
+    handed_over = tls && t_handoff == nullptr;
+    t_handoff = nullptr;
     dcmExternalSocketHandle.set(DCMNET_INVALID_SOCKET);
   }
-  // DCMTK owns the dup once it made a transport connection of it.
-  if (*assoc == NULL || (*assoc)->DULassociation == NULL)
+  if (tls) {
+    // Once handed over, DCMTK owns the connection (and closes dfd with it);
+    // otherwise deleting it closes dfd.
+    if (handed_over)
+      (void)tls.release();
+    else
+      tls.reset();
+  } else if (*assoc == NULL || (*assoc)->DULassociation == NULL) {
+    // DCMTK owns the dup once it made a transport connection of it.
     close(dfd);
+  }
   if (cond.bad()) {
     const char *how = "no valid A-ASSOCIATE-RQ";
     rr_log(RR_LOG_WARN, kLogModule,
@@ -1108,6 +1268,15 @@ int configure(rr_dicom_scp *scp, const rr_dicom_scp_config_t *cfg) {
     return RR_EINVAL;
   scp->max_pdu = cfg->max_pdu ? static_cast<long>(cfg->max_pdu) : 65536;
   scp->max_events = cfg->max_pending_events ? cfg->max_pending_events : 10000;
+  if (cfg->tls) {
+    std::string why;
+    scp->tls = rr_dicom::make_tls_layer(NET_ACCEPTOR, *cfg->tls, std::string(), &why);
+    if (!scp->tls) {
+      rr_log(RR_LOG_ERROR, kLogModule, "event=start_failed scp=%s reason=\"TLS: %s\"",
+             scp->name.c_str(), why.c_str());
+      return RR_DICOM_ETLS;
+    }
+  }
   return 0;
 }
 
@@ -1174,6 +1343,14 @@ int start(uv_loop_t *loop, const rr_dicom_scp_config_t *cfg, const rr_dicom_scp_
   if (key->networkSpecific.TCP.listenSocket >= 0)
     close(key->networkSpecific.TCP.listenSocket);
   key->networkSpecific.TCP.listenSocket = DCMNET_INVALID_SOCKET;
+  if (scp->tls) {
+    cond = ASC_setTransportLayer(scp->net, &scp->handoff, 0);
+    if (cond.bad()) {
+      rr_log(RR_LOG_ERROR, kLogModule, "event=start_failed scp=%s err=\"%s\"", scp->name.c_str(),
+             cond.text());
+      return RR_DICOM_EDCMTK;
+    }
+  }
 
   rc = uv_async_init(loop, &scp->async, on_async);
   if (rc != 0)
@@ -1196,9 +1373,9 @@ int start(uv_loop_t *loop, const rr_dicom_scp_config_t *cfg, const rr_dicom_scp_
   }
   rr_log(RR_LOG_INFO, kLogModule,
          "event=listening scp=%s host=%s port=%d ae=%s max_associations=%u sop_classes=%zu "
-         "watermark=%llu",
+         "watermark=%llu tls=%d",
          scp->name.c_str(), scp->host.c_str(), scp->port, scp->ae_title.c_str(), scp->max_assoc,
-         scp->sop_classes.size(), (unsigned long long)scp->min_free);
+         scp->sop_classes.size(), (unsigned long long)scp->min_free, scp->tls ? 1 : 0);
   guard.s = nullptr;
   *out = scp.release();
   return 0;
@@ -1250,6 +1427,7 @@ extern "C" const char *rr_dicom_scp_strerror(int code) {
   switch (code) {
   case RR_DICOM_EDCMTK: return "DCMTK error";
   case RR_DICOM_EINTERNAL: return "internal error in the DICOM layer";
+  case RR_DICOM_ETLS: return "DICOM TLS set-up failed";
   default: return rr_strerror(code);
   }
 }

@@ -40,6 +40,16 @@
  *   event queue full); 0xC000 cannot understand (SOP Instance UID not a
  *   valid UID, or the file cannot be parsed).
  *
+ * TLS (cfg.tls)
+ *   DICOM TLS with the Non-downgrading BCP 195 profile (PS3.15 B.9) over
+ *   DCMTK's dcmtls and OpenSSL: TLS 1.2 or 1.3 only, AEAD cipher suites with
+ *   forward secrecy only (ECDHE/DHE with AES-GCM or ChaCha20-Poly1305, the
+ *   TLS 1.3 suites), RSA or ECDSA certificates. The handshake runs in the
+ *   connection's worker thread before the A-ASSOCIATE-RQ is read, within
+ *   acse_timeout; a failed handshake (no or untrusted client certificate
+ *   when one is required, no common protocol or cipher) closes the
+ *   connection and is reported as REFUSED "TLS handshake failed".
+ *
  * Threading and callbacks
  *   start, port, stats and stop are called from the loop thread. Events are
  *   queued by the workers and delivered on the loop thread through a
@@ -70,10 +80,25 @@ extern "C" {
 /* An unexpected C++ exception was caught at the C boundary. */
 #define RR_DICOM_EINTERNAL (RR_DICOM_EBASE - 2)
 
+/* TLS set-up failed: a certificate, key or CA file unreadable or not matching. */
+#define RR_DICOM_ETLS (RR_DICOM_EBASE - 3)
+
 /* Refused connections served with an A-ASSOCIATE-RJ beyond max_associations. */
 #define RR_DICOM_SCP_REJECT_SLOTS 4
 
 typedef struct rr_dicom_scp rr_dicom_scp_t;
+
+/* DICOM TLS settings (see "TLS" above), for the SCP and the SCU (scu.h).
+ * Files are PEM; keys unencrypted. Paths are copied. */
+typedef struct rr_dicom_tls_config {
+  const char *cert_file; /* our certificate (chain); SCP: required; SCU: optional,
+                            presented when the peer asks for one */
+  const char *key_file;  /* its private key; required with cert_file */
+  const char *ca_file;   /* CAs trusted for the peer's certificate; SCU: required;
+                            SCP: required when require_peer_cert */
+  int require_peer_cert; /* SCP: refuse clients without a certificate from ca_file;
+                            (the SCU always verifies the server) */
+} rr_dicom_tls_config_t;
 
 typedef struct rr_dicom_scp_config {
   const char *name;                       /* for logs; copied; default "dicom" */
@@ -89,15 +114,16 @@ typedef struct rr_dicom_scp_config {
   const char *const *sop_classes; /* storage SOP class UIDs accepted; copied;
                                      NULL/0 = all storage SOP classes */
   size_t n_sop_classes;
-  const char *spool_dir;       /* existing, writable directory; copied; required */
-  uint64_t min_free_bytes;     /* free-space watermark on spool_dir's file system;
-                                  0 = default 1 GiB */
-  unsigned acse_timeout_s;     /* association negotiation; default 30 */
-  unsigned dimse_timeout_s;    /* within a message (dataset PDUs); default 60 */
-  unsigned idle_timeout_s;     /* waiting for the next command; default 120 */
-  unsigned max_pdu;            /* our maximum P-DATA PDU length, 4096..131072;
-                                  default 65536 */
-  unsigned max_pending_events; /* events queued for the loop; default 10000 */
+  const char *spool_dir;            /* existing, writable directory; copied; required */
+  uint64_t min_free_bytes;          /* free-space watermark on spool_dir's file system;
+                                       0 = default 1 GiB */
+  unsigned acse_timeout_s;          /* association negotiation; default 30 */
+  unsigned dimse_timeout_s;         /* within a message (dataset PDUs); default 60 */
+  unsigned idle_timeout_s;          /* waiting for the next command; default 120 */
+  unsigned max_pdu;                 /* our maximum P-DATA PDU length, 4096..131072;
+                                       default 65536 */
+  unsigned max_pending_events;      /* events queued for the loop; default 10000 */
+  const rr_dicom_tls_config_t *tls; /* NULL: plain TCP; copied */
 } rr_dicom_scp_config_t;
 
 /* One stored instance. Every pointer is borrowed for the callback; strings
@@ -160,7 +186,7 @@ typedef struct rr_dicom_scp_counters {
  * acceptor thread and an async handle on loop. cb (copied) and ud
  * (borrowed) are used until stopped_cb. On success *out is the new SCP,
  * owned by the caller until rr_dicom_scp_stop hands it back.
- * Errors: RR_EINVAL (config), negative errno from socket/bind/listen
+ * Errors: RR_EINVAL (config), RR_DICOM_ETLS (cfg.tls files), negative errno from socket/bind/listen
  * (UV_EADDRINUSE ...), RR_ENOMEM, RR_DICOM_EDCMTK, RR_DICOM_EINTERNAL;
  * nothing is left running then. Loop thread; never calls back
  * synchronously. */
