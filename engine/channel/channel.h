@@ -103,6 +103,11 @@ int rr_engine_inject(void *ud, const char *channel, const char *payload, size_t 
  * whatever its quiet period (a PACS or an operator says so); stable in the
  * store with the next batch (logged as event=study_completed). */
 int rr_engine_study_complete(void *ud, const char *study_uid);
+/* rr_engine_complete_study: the same, then cb(ud, status, changed) once
+ * the store has it (changed: the study was arriving and is stable now). */
+typedef void (*rr_engine_completed_cb)(void *ud, int status, bool changed);
+int rr_engine_complete_study(rr_engine_t *e, const char *study_uid, rr_engine_completed_cb cb,
+                             void *ud);
 
 /* rr_engine_dicomweb_notify: the PACS behind DICOMweb source channel says
  * study_uid changed: its instances are listed now (after the request

@@ -170,7 +170,8 @@ static void on_search(void *ud, rr_dicomweb_op_t *op, const rr_dicomweb_outcome_
       changed++;
     }
   }
-  rr_log(changed ? RR_LOG_INFO : RR_LOG_DEBUG, "dicomweb",
+  /* At info when something is new, and for the first search of a run. */
+  rr_log(changed || ch->dw_searches == 1 ? RR_LOG_INFO : RR_LOG_DEBUG, "dicomweb",
          "event=searched channel=%s studies=%zu new_or_changed=%zu ms=%llu", ch->cfg.name,
          o->result->n, changed, (unsigned long long)o->elapsed_ms);
   ch->dw_offset = o->result->n == SEARCH_LIMIT ? ch->dw_offset + o->result->n : 0;

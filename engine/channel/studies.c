@@ -293,8 +293,15 @@ static void on_stable(void *ud, int status, const char *const *uids, size_t n) {
   route_pending(ch);
 }
 
+typedef struct completing {
+  rr_engine_t *e;
+  rr_engine_completed_cb cb;
+  void *ud;
+} completing_t;
+
 static void on_completed(void *ud, int status, const char *const *uids, size_t n) {
-  rr_engine_t *e = ud;
+  completing_t *c = ud;
+  rr_engine_t *e = c->e;
   if (status)
     rr_log(RR_LOG_ERROR, "dicom", "event=study_complete_failed error=%s", rr_strerror(status));
   else
@@ -304,14 +311,28 @@ static void on_completed(void *ud, int status, const char *const *uids, size_t n
   for (rr_channel_t *ch = e->channels; status == 0 && n && ch; ch = ch->next)
     if (ch->cfg.dicom)
       route_pending(ch);
+  if (c->cb)
+    c->cb(c->ud, status, n > 0);
+  free(c);
+}
+
+int rr_engine_complete_study(rr_engine_t *e, const char *study_uid, rr_engine_completed_cb cb,
+                             void *ud) {
+  completing_t *c = malloc(sizeof *c);
+  if (!c)
+    return RR_ENOMEM;
+  *c = (completing_t){e, cb, ud};
+  int rc = rr_journal_mark_study_stable(e->journal, study_uid, on_completed, c);
+  if (rc) {
+    free(c);
+    return rc;
+  }
+  rr_journal_kick(e->journal);
+  return 0;
 }
 
 int rr_engine_study_complete(void *ud, const char *study_uid) {
-  rr_engine_t *e = ud;
-  int rc = rr_journal_mark_study_stable(e->journal, study_uid, on_completed, e);
-  if (rc == 0)
-    rr_journal_kick(e->journal);
-  return rc;
+  return rr_engine_complete_study(ud, study_uid, NULL, NULL);
 }
 
 static void on_stable_timer(uv_timer_t *t) {

@@ -9,6 +9,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "admin/api.h"
 #include "cli/cli.h"
 #include "cli/config.h"
 #include "core/error.h"
@@ -17,6 +18,7 @@
 typedef struct run_state {
   rr_engine_t *engine;
   rr_dispatch_t *dispatch;
+  rr_admin_t *api; /* NULL without an "http" section */
   uv_signal_t sigint, sigterm, sighup, sigusr2;
   uv_timer_t prune; /* retention: removes old messages in slices */
   rr_journal_t *journal;
@@ -32,6 +34,13 @@ static void on_sighup(uv_signal_t *h, int signum) {
   rr_log(RR_LOG_INFO, "engine", "event=reload signal=HUP");
   rr_engine_reload_tls(s->engine);
   rr_engine_reload_scripts(s->engine);
+  if (s->api) {
+    rr_buf_t err;
+    rr_buf_init(&err, 4096);
+    if (rr_admin_reload(s->api, &err) != 0)
+      rr_log(RR_LOG_ERROR, "api", "event=reload_failed error=\"%s\"", err.data ? err.data : "");
+    rr_buf_close(&err);
+  }
 }
 
 #define PRUNE_SLICE 5000            /* messages per transaction */
@@ -86,6 +95,8 @@ static void on_signal(uv_signal_t *h, int signum) {
     return;
   s->stopping = 1;
   rr_log(RR_LOG_INFO, "engine", "event=shutdown signal=%s", signum == SIGINT ? "INT" : "TERM");
+  rr_admin_stop(s->api);
+  s->api = NULL;
   rr_engine_stop(s->engine);
   if (s->dispatch)
     rr_dispatch_stop(s->dispatch, NULL, NULL);
@@ -307,6 +318,35 @@ int rr_cmd_run(int argc, char **argv) {
     cfg.channels[i].dw_modalities = NULL;
     rr_log(RR_LOG_INFO, "engine", "event=ready channel=%s port=%d", cfg.channels[i].name,
            rr_channel_port(ch));
+  }
+  if (cfg.http) {
+    rr_tls_config_t tc = {.role = RR_TLS_SERVER,
+                          .cert_file = cfg.http_cert,
+                          .key_file = cfg.http_key,
+                          .ca_file = cfg.http_ca[0] ? cfg.http_ca : NULL,
+                          .crl_file = cfg.http_crl[0] ? cfg.http_crl : NULL,
+                          .require_client_cert = cfg.http_require_client_cert,
+                          .min_version = RR_TLS_V1_2,
+                          .max_version = RR_TLS_V1_3};
+    rr_admin_config_t ac = {.host = cfg.http_host,
+                            .port = cfg.http_port,
+                            .token_file = cfg.http_token_file,
+                            .tls = cfg.http_tls ? &tc : NULL};
+    rr_buf_t err;
+    rr_buf_init(&err, 4096);
+    rc = rr_admin_start(&loop, s.engine, journal, &ac, &s.api, &err);
+    if (rc) {
+      rr_log(RR_LOG_ERROR, "api", "event=listen_failed host=%s port=%d error=\"%s\"", cfg.http_host,
+             cfg.http_port, err.data ? err.data : rr_strerror(rc));
+      rr_buf_close(&err);
+      rr_engine_stop(s.engine);
+      rr_dispatch_stop(s.dispatch, NULL, NULL);
+      uv_run(&loop, UV_RUN_DEFAULT);
+      goto out;
+    }
+    rr_buf_close(&err);
+    rr_log(RR_LOG_INFO, "engine", "event=api_ready host=%s port=%d tls=%s", cfg.http_host,
+           rr_admin_port(s.api), cfg.http_tls ? "yes" : "no");
   }
   uv_signal_init(&loop, &s.sigint);
   uv_signal_init(&loop, &s.sigterm);

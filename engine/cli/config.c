@@ -617,7 +617,7 @@ int rr_config_load(const char *path, rr_config_t *cfg, rr_buf_t *err) {
   snprintf(dir, sizeof dir, "%s", path);
   char *base = dirname(dir);
   char chdir_[PATH_MAX] = "", store[PATH_MAX] = "", sync[16] = "", level[16] = "";
-  static const char *const top[] = {"store", "channels", "log", NULL};
+  static const char *const top[] = {"store", "channels", "log", "http", NULL};
   if (!json_is_object(root)) {
     problem(&c, "$", "must be an object");
     goto out;
@@ -646,6 +646,45 @@ int rr_config_load(const char *path, rr_config_t *cfg, rr_buf_t *err) {
         cfg->sync = RR_JOURNAL_SYNC_OFF;
       else
         problem(&c, "$.store.synchronous", "\"%s\" is not one of full, normal, off", sync);
+    }
+  }
+  json_t *http = json_object_get(root, "http");
+  if (http && !json_is_object(http)) {
+    problem(&c, "$.http", "must be an object");
+  } else if (http) {
+    static const char *const keys[] = {"host", "port", "token_file", "tls", NULL};
+    unknown_keys(&c, http, "$.http", keys);
+    cfg->http = true;
+    get_string(&c, http, "host", "$.http", cfg->http_host, sizeof cfg->http_host, "127.0.0.1");
+    uint64_t v = 8480;
+    if (get_uint(&c, http, "port", "$.http", 0, 65535, &v) == 0)
+      cfg->http_port = (int)v;
+    char rel[1024] = "";
+    get_string(&c, http, "token_file", "$.http", rel, sizeof rel, "");
+    if (rel[0] && join_path(base, rel, cfg->http_token_file, sizeof cfg->http_token_file))
+      problem(&c, "$.http.token_file", "path too long");
+    json_t *tls = json_object_get(http, "tls");
+    if (tls && !json_is_object(tls)) {
+      problem(&c, "$.http.tls", "must be an object");
+    } else if (tls) {
+      static const char *const tkeys[] = {"cert", "key", "ca", "crl", "require_client_cert", NULL};
+      unknown_keys(&c, tls, "$.http.tls", tkeys);
+      cfg->http_tls = true;
+      struct {
+        const char *key;
+        char *out;
+      } files[] = {{"cert", cfg->http_cert},
+                   {"key", cfg->http_key},
+                   {"ca", cfg->http_ca},
+                   {"crl", cfg->http_crl}};
+      for (size_t i = 0; i < 4; i++) {
+        rel[0] = '\0';
+        get_string(&c, tls, files[i].key, "$.http.tls", rel, sizeof rel, i < 2 ? NULL : "");
+        if (rel[0] && join_path(base, rel, files[i].out, sizeof cfg->http_cert))
+          problem(&c, "$.http.tls", "path of %s too long", files[i].key);
+      }
+      json_t *req = json_object_get(tls, "require_client_cert");
+      cfg->http_require_client_cert = req ? json_is_true(req) : cfg->http_ca[0] != '\0';
     }
   }
   get_string(&c, root, "channels", "$", chdir_, sizeof chdir_, "channels");

@@ -12,6 +12,14 @@ typedef struct rr_config {
   unsigned group_commit_wait_us;
   unsigned retention_days; /* 0 = keep everything */
   int log_level;
+  /* the REST API (admin/api.h); http false = none */
+  bool http;
+  char http_host[64];
+  int http_port;
+  char http_token_file[1024];
+  bool http_tls;
+  char http_cert[1024], http_key[1024], http_ca[1024], http_crl[1024];
+  bool http_require_client_cert;
   rr_channel_config_t *channels; /* owned, nchannels entries */
   size_t nchannels;
 } rr_config_t;

@@ -8,12 +8,18 @@ the ORM sent earlier over MLLP (python-hl7's client) and hands the study
 context, with the order's priority and indication and the study's WADO-RS
 URL, to on_study, which routes it to an HTTP receiver here. More instances
 of the study arriving later in Orthanc are found by the next search. A
-wrong password is logged as a failed search (no crash, no study).
+second study is announced by the PACS through radrelay's REST API
+(POST /api/sources/{channel}/notify with "complete": an operator token;
+401 without one, 403 with a viewer's) and routed without any polling or
+quiet period. A wrong password is logged as a failed search.
 
 Run: test_dicomweb_source.py --radrelay build/radrelay (exits 77 without
 Orthanc, its DICOMweb plugin, pydicom or python3-hl7)."""
 import argparse
+import hashlib
+import http.client
 import json
+import re
 import os
 import subprocess
 import sys
@@ -101,6 +107,61 @@ def main():
             assert e.grep("event=searched", "new_or_changed=1")
         finally:
             e.stop()
+        # the PACS calls radrelay's API instead (an Orthanc hook would): with
+        # polling and the quiet period both an hour, only the notification
+        # finds the study and only "complete" makes it stable
+        tokens = {"hook": "rr-test-token-hook-0001", "viewer": "rr-test-token-viewer-0001"}
+        with open(os.path.join(tmp, "tokens"), "w") as f:
+            f.write("# role name sha256(token)\n")
+            f.write(f"operator pacs-hook {hashlib.sha256(tokens['hook'].encode()).hexdigest()}\n")
+            f.write(f"viewer ward-screen {hashlib.sha256(tokens['viewer'].encode()).hexdigest()}\n")
+        with open(e.config) as f:
+            conf = json.load(f)
+        conf["http"] = {"host": "127.0.0.1", "port": 0, "token_file": "tokens"}
+        with open(e.config, "w") as f:
+            json.dump(conf, f)
+        with open(path) as f:
+            ch = json.load(f)
+        ch["source"]["poll_interval_s"] = 3600
+        ch["source"]["stable_after_s"] = 3600
+        with open(path, "w") as f:
+            json.dump(ch, f)
+        e.start()
+        try:
+            wait_for(lambda: e.grep("event=api_ready"), 10, "the API ready")
+            api = int(re.search(r"port=(\d+)", e.grep("event=api_ready")[0]).group(1))
+            wait_for(lambda: e.grep("event=searched"), 10, "the first search")  # at start
+            folder2 = os.path.join(tmp, "w2")
+            uid2 = make_study(folder2, 32, "RRACC-W1", "RRPAT-W1", slices=2, date=today,
+                              time_="083000")
+            upload(pacs, folder2)
+            body = json.dumps({"study_uid": uid2, "complete": True})
+            st, _ = call(api, "POST", "/api/sources/imaging/notify", body)
+            assert st == 401, st
+            st, _ = call(api, "POST", "/api/sources/imaging/notify", body, tokens["viewer"])
+            assert st == 403, st
+            st, r = call(api, "POST", "/api/sources/nosuch/notify", body, tokens["hook"])
+            assert st == 404 and r["error"] == "not_found", (st, r)
+            st, r = call(api, "POST", "/api/sources/imaging/notify", '{"study_uid": "x"}',
+                         tokens["hook"])
+            assert st == 400 and "error" in r, (st, r)
+            st, r = call(api, "POST", "/api/sources/imaging/notify", body, tokens["hook"])
+            assert st == 202, (st, r)
+            wait_for(lambda: rx.for_study(uid2), 30, "the notified study routed")
+            assert rx.for_study(uid2)[0]["instances"] == 2
+            assert not e.grep("event=searched", "new_or_changed=1"), "found by polling"
+            st, r = call(api, "GET", f"/api/studies/{uid2}", None, tokens["viewer"])
+            assert st == 200 and r["match"] == "accession" and r["instances"] == 2, (st, r)
+            st, r = call(api, "GET", "/api/orders/RRACC-W1", None, tokens["viewer"])
+            assert st == 200 and r["priority"] == "STAT" and r["status"] == "active", (st, r)
+            st, r = call(api, "GET", "/api/orders/RRACC-NONE", None, tokens["viewer"])
+            assert st == 404, (st, r)
+            st, r = call(api, "POST", f"/api/studies/{uid2}/complete", "", tokens["hook"])
+            assert st == 200 and r == {"study_uid": uid2, "changed": False}, (st, r)
+            st, r = call(api, "GET", "/health", None)
+            assert st == 200 and r == {"status": "ok"}, (st, r)
+        finally:
+            e.stop()
         # a wrong password: the searches fail, logged; the engine keeps running
         with open(secret, "w") as f:
             f.write("not-the-password\n")
@@ -111,12 +172,29 @@ def main():
         finally:
             e.stop()
         leaks = [l for l in e.all_lines if "level=debug" not in l and
-                 any(s in l for s in ("RRPAT-", "RRACC-", uid, orthanc.PASSWORD))]
+                 any(s in l for s in ("RRPAT-", "RRACC-", uid, uid2, orthanc.PASSWORD))]
         assert not leaks, leaks[:5]
-        assert len(rx.for_study(uid)) == 1
+        assert len(rx.for_study(uid)) == 1 and len(rx.for_study(uid2)) == 1
+        assert not [l for l in e.all_lines if any(t in l for t in tokens.values())]
     print("dicomweb source: a study put in Orthanc found by QIDO-RS, grown, stable, matched to "
-          "its ORM by accession, routed once with its WADO-RS URL; a wrong password logged")
+          "its ORM by accession, routed once with its WADO-RS URL; another found by the PACS's "
+          "notification and made stable by it (API roles checked); a wrong password logged")
     return 0
+
+
+def call(port, method, path, body=None, token=None):
+    """One request to radrelay's API with Python's http.client: (status, JSON)."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        h = {"Content-Type": "application/json"}
+        if token:
+            h["Authorization"] = f"Bearer {token}"
+        c.request(method, path, body=body, headers=h)
+        r = c.getresponse()
+        data = r.read()
+        return r.status, json.loads(data) if data else None
+    finally:
+        c.close()
 
 
 def start_one(e):
