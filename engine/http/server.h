@@ -51,9 +51,9 @@
  *   408 request_timeout   header_timeout_ms / body_timeout_ms passed
  *   500 internal_error    memory or a static file that cannot be read
  *   Every one is {"error": "<code>", "message": "<sentence>"} with
- *   Content-Type application/json. Errors found before a request body was
- *   read (and 408, 400, 413) close the connection after the reply; the
- *   others keep it open.
+ *   Content-Type application/json. 400, 408, 413, 414, 431, 503 and an
+ *   error answered before the request's body was read close the connection
+ *   after the reply; the others keep it open.
  *
  * Authentication
  *   Bearer tokens ("Authorization: Bearer <token>") from the token file:

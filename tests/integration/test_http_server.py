@@ -467,8 +467,14 @@ def test_reload(port, tokens, token_file):
 
 def test_tls(binary, workdir, certs, tokens, token_file):
     c = lambda n: os.path.join(certs, n)
-    srv = Server(binary, workdir, "tls", "--tokens", token_file, "--cert", c("server.pem"),
-                 "--key", c("server.key"), "--ca", c("ca.pem"), "--require-client-cert",
+    # the server's own copies, replaced by the renewed certificate for reload
+    live = os.path.join(workdir, "live")
+    os.makedirs(live)
+    shutil.copy(c("server.pem"), os.path.join(live, "server.pem"))
+    shutil.copy(c("server.key"), os.path.join(live, "server.key"))
+    srv = Server(binary, workdir, "tls", "--tokens", token_file, "--cert",
+                 os.path.join(live, "server.pem"), "--key", os.path.join(live, "server.key"),
+                 "--ca", c("ca.pem"), "--require-client-cert",
                  "--crl", c("crl.pem"), "--allow", "ris.test")
     port = srv.port
     url = "https://127.0.0.1:%d" % port
@@ -520,6 +526,24 @@ def test_tls(binary, workdir, certs, tokens, token_file):
         # plaintext to the TLS port gets no HTTP answer
         out = raw(port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         check(b"HTTP/1.1 200" not in out, "plaintext on the TLS port")
+
+        # reload: the renewed certificate (CN radrelay-2) for new connections
+        def server_cn():
+            t = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
+                                server_hostname="localhost")
+            cert = t.getpeercert()
+            t.close()
+            return dict(x[0] for x in cert["subject"]).get("commonName")
+
+        check(server_cn() == "localhost", "server certificate before reload")
+        shutil.copy(c("server2.pem"), os.path.join(live, "server.pem"))
+        shutil.copy(c("server2.key"), os.path.join(live, "server.key"))
+        hc = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
+        hc.request("POST", "/admin/reload", headers={"Authorization": "Bearer " + tokens["admin"]})
+        r = hc.getresponse()
+        check(r.status == 200, "TLS reload: %d %r" % (r.status, r.read()))
+        hc.close()
+        check(server_cn() == "radrelay-2", "renewed server certificate after reload")
     finally:
         rc, log = srv.stop()
         check(rc == 0, "TLS server exit %d" % rc)
