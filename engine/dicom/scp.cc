@@ -22,6 +22,7 @@ extern "C" {
 #include <dcmtk/dcmnet/dulstruc.h>
 #include <dcmtk/dcmtls/tlslayer.h>
 #include <dcmtk/oflog/oflog.h>
+#include <openssl/err.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 
@@ -296,11 +297,13 @@ std::unique_ptr<DcmTLSTransportLayer> rr_dicom::make_tls_layer(T_ASC_NetworkRole
     *why = "cannot set the TLS protocol and cipher policy";
     return nullptr;
   }
+  // Through OpenSSL directly: DCMTK 3.6.7's setCertificateFile leaks the
+  // public key it inspects.
   if (has_cert) {
-    c = t->setPrivateKeyFile(cfg.key_file, DCF_Filetype_PEM);
-    if (c.good())
-      c = t->setCertificateFile(cfg.cert_file, DCF_Filetype_PEM);
-    if (c.bad() || !t->checkPrivateKeyMatchesCertificate()) {
+    if (SSL_CTX_use_certificate_chain_file(ctx, cfg.cert_file) != 1 ||
+        SSL_CTX_use_PrivateKey_file(ctx, cfg.key_file, SSL_FILETYPE_PEM) != 1 ||
+        SSL_CTX_check_private_key(ctx) != 1) {
+      ERR_clear_error();
       *why = "cannot load cert_file/key_file, or they do not match";
       return nullptr;
     }
