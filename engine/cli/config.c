@@ -252,6 +252,8 @@ static void load_destinations(ctx_t *c, json_t *obj, const char *base, rr_channe
     get_string(c, d, "type", path, type, sizeof type, NULL);
     x->kind = strcmp(type, "http") == 0      ? RR_DEST_HTTP
               : strcmp(type, "channel") == 0 ? RR_DEST_CHANNEL
+              : strcmp(type, "dicom") == 0   ? RR_DEST_DICOM
+              : strcmp(type, "stow") == 0    ? RR_DEST_STOW
                                              : RR_DEST_MLLP;
     uint64_t v;
     if (x->kind == RR_DEST_MLLP) {
@@ -280,6 +282,30 @@ static void load_destinations(ctx_t *c, json_t *obj, const char *base, rr_channe
       get_uint(c, d, "timeout_ms", path, 1, UINT32_MAX, &x->timeout_ms);
     } else if (x->kind == RR_DEST_CHANNEL) {
       get_string(c, d, "channel", path, x->channel, sizeof x->channel, NULL);
+    } else if (x->kind == RR_DEST_DICOM) {
+      get_string(c, d, "host", path, x->host, sizeof x->host, NULL);
+      v = 0;
+      if (get_uint(c, d, "port", path, 1, 65535, &v) == 0 && v == 0)
+        problem(c, path, "port: required for a dicom destination");
+      x->port = (int)v;
+      get_string(c, d, "called_ae", path, x->called_ae, sizeof x->called_ae, NULL);
+      get_string(c, d, "calling_ae", path, x->calling_ae, sizeof x->calling_ae, "RADRELAY");
+      v = 60;
+      if (get_uint(c, d, "dimse_timeout_s", path, 1, 3600, &v) == 0)
+        x->dimse_timeout_s = (unsigned)v;
+    } else if (x->kind == RR_DEST_STOW) {
+      get_string(c, d, "url", path, x->url, sizeof x->url, NULL);
+      get_string(c, d, "user", path, x->user, sizeof x->user, "");
+      char rel[1024] = "";
+      get_string(c, d, "password_file", path, rel, sizeof rel, "");
+      if (rel[0] && join_path(base, rel, x->password_file, sizeof x->password_file))
+        problem(c, path, "password_file: path too long");
+      rel[0] = '\0';
+      get_string(c, d, "bearer_token_file", path, rel, sizeof rel, "");
+      if (rel[0] && join_path(base, rel, x->token_file, sizeof x->token_file))
+        problem(c, path, "bearer_token_file: path too long");
+      if (x->user[0] && !x->password_file[0])
+        problem(c, path, "a user needs a password_file");
     }
     get_uint(c, d, "connect_timeout_ms", path, 1, UINT32_MAX, &x->connect_timeout_ms);
     json_t *tls = json_object_get(d, "tls");

@@ -1,13 +1,18 @@
 /* Destination queues on the loop: scheduler + transports + journal. */
 #include "queue/dispatch.h"
 
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
+#include <jansson.h>
+
 #include "core/error.h"
 #include "core/log.h"
+#include "dicom/scu.h"
+#include "dicomweb/client.h"
 #include "http/client.h"
 #include "mllp/sender.h"
 #include "tls/tls.h"
@@ -45,6 +50,10 @@ typedef struct attempt {
   const char *content_type; /* static */
   unsigned slot;            /* MLLP: the sender used */
   rr_http_transfer_t *xfer; /* HTTP: while running */
+  rr_dicom_scu_send_t *scu; /* DICOM: while running */
+  rr_dicomweb_op_t *stow;   /* STOW-RS: while running */
+  char **paths;             /* DICOM, STOW-RS: the files */
+  size_t npaths, paths_cap;
   struct attempt *next;
 } attempt_t;
 
@@ -63,6 +72,7 @@ struct dest {
   rr_http_client_t *http;
   bool http_open;
   char *token;
+  rr_dicomweb_client_t *dw; /* STOW-RS */
   attempt_t *inflight;
   cached_t **cache; /* CACHE_BUCKETS chains by id */
   size_t cache_bytes;
@@ -121,7 +131,8 @@ void rr_destination_config_default(rr_destination_config_t *c) {
 }
 
 static const char *kind_name(rr_dest_kind_t k) {
-  return k == RR_DEST_MLLP ? "mllp" : k == RR_DEST_HTTP ? "http" : "channel";
+  static const char *const names[] = {"mllp", "http", "channel", "dicom", "stow"};
+  return k <= RR_DEST_STOW ? names[k] : "?";
 }
 
 static dest_t *find_dest(const rr_dispatch_t *d, const char *name) {
@@ -353,6 +364,9 @@ static void unlink_attempt(dest_t *x, attempt_t *a) {
 
 static void free_attempt(attempt_t *a) {
   rr_buf_close(&a->payload);
+  for (size_t i = 0; i < a->npaths; i++)
+    free(a->paths[i]);
+  free(a->paths);
   free(a);
 }
 
@@ -457,6 +471,111 @@ static void on_http_done(void *ud, rr_http_transfer_t *t, const rr_http_response
   finish(a, o, detail[0] ? detail : NULL, r->body, r->body_len);
 }
 
+/* DIMSE statuses that no retry can change (PS3.4 B.2.3, PS3.7 C): refused
+ * SOP class (0x0122), data set does not match (0xA9xx), cannot understand
+ * (0xCxxx). Out of resources (0xA7xx) and the rest are retried. */
+static bool permanent_status(int st) {
+  return st == 0x0122 || (st & 0xFF00) == 0xA900 || (st & 0xF000) == 0xC000;
+}
+
+static void on_scu_done(void *ud, const rr_dicom_scu_report_t *r) {
+  attempt_t *a = ud;
+  a->scu = NULL;
+  char detail[300];
+  rr_qsched_outcome_t o = RR_QSCHED_OK;
+  detail[0] = '\0';
+  if (r->rc == 0 && r->failed == 0) {
+    if (r->warnings)
+      snprintf(detail, sizeof detail, "stored %u, %u with a warning", r->stored, r->warnings);
+  } else {
+    int st = -1;
+    const char *why = r->reason;
+    for (size_t i = 0; i < r->n_files; i++)
+      if (r->files[i].outcome == RR_DICOM_SCU_FAILED) {
+        st = r->files[i].status;
+        why = r->files[i].reason;
+        break;
+      }
+    bool permanent = (r->rc == 0 && permanent_status(st)) ||
+                     (r->rc == RR_DICOM_EREJECTED && r->reject_result == 1) || r->rc == RR_EINVAL;
+    o = permanent ? RR_QSCHED_PERMANENT : RR_QSCHED_RETRY;
+    if (st >= 0)
+      snprintf(detail, sizeof detail, "%u of %zu not stored: status 0x%04X (%s)", r->failed,
+               r->n_files, (unsigned)st, why);
+    else
+      snprintf(detail, sizeof detail, "%u of %zu not stored: %s", r->failed ? r->failed : 1,
+               r->n_files, why);
+  }
+  finish(a, o, detail[0] ? detail : NULL, NULL, 0);
+}
+
+static void on_stow_done(void *ud, rr_dicomweb_op_t *op, const rr_dicomweb_outcome_t *r) {
+  (void)op;
+  attempt_t *a = ud;
+  a->stow = NULL;
+  char detail[300];
+  detail[0] = '\0';
+  rr_qsched_outcome_t o = RR_QSCHED_OK;
+  if (r->status) {
+    o = r->retryable ? RR_QSCHED_RETRY : RR_QSCHED_PERMANENT;
+    if (r->failure_reason)
+      snprintf(detail, sizeof detail, "%zu of %zu not stored: FailureReason 0x%04X (%s)", r->failed,
+               r->sent, r->failure_reason, r->message);
+    else
+      snprintf(detail, sizeof detail, "%s", r->message);
+  } else if (r->warnings) {
+    snprintf(detail, sizeof detail, "stored %zu, %zu with a warning", r->stored, r->warnings);
+  }
+  finish(a, o, detail[0] ? detail : NULL, NULL, 0);
+}
+
+static void add_path(void *ud, const char *path) {
+  attempt_t *a = ud;
+  if (a->npaths == a->paths_cap) {
+    size_t cap = a->paths_cap ? a->paths_cap * 2 : 16;
+    char **v = realloc(a->paths, cap * sizeof *v);
+    if (!v)
+      return;
+    a->paths = v;
+    a->paths_cap = cap;
+  }
+  char *p = strdup(path);
+  if (p)
+    a->paths[a->npaths++] = p;
+}
+
+/* The files a DICOM or STOW-RS delivery sends: {"files": [...]} or
+ * {"study_uid": ...}. RR_EPARSE for another payload, RR_ENOTFOUND for a
+ * study with no instance file on this machine. */
+static int delivery_files(dest_t *x, attempt_t *a) {
+  json_t *o = json_loadb(a->payload.data ? a->payload.data : "", a->payload.len, 0, NULL);
+  json_t *files = json_object_get(o, "files");
+  const char *uid = json_string_value(json_object_get(o, "study_uid"));
+  int rc = 0;
+  if (json_is_array(files) && json_array_size(files)) {
+    for (size_t i = 0; i < json_array_size(files); i++) {
+      const char *p = json_string_value(json_array_get(files, i));
+      if (!p || p[0] != '/') {
+        rc = RR_EPARSE;
+        break;
+      }
+      add_path(a, p);
+    }
+  } else if (uid) {
+    if (rr_journal_study_paths(x->owner->journal, uid, add_path, a) < 0)
+      rc = RR_EIO;
+    else if (a->npaths == 0)
+      rc = RR_ENOTFOUND;
+    for (size_t i = 0; rc == 0 && i < a->npaths; i++)
+      if (a->paths[i][0] != '/') /* recorded by a DICOMweb source: a URL, not a file */
+        rc = RR_EPARSE;
+  } else {
+    rc = RR_EPARSE;
+  }
+  json_decref(o);
+  return rc;
+}
+
 static void on_injected(void *ud, int status, const char *detail) {
   attempt_t *a = ud;
   /* Refused by the channel (its accept list, its script): never taken. */
@@ -534,6 +653,29 @@ static int start(dest_t *x, int64_t id) {
                                on_injected, a)
                    : RR_EINVAL;
     break;
+  case RR_DEST_DICOM: {
+    if ((rc = delivery_files(x, a)) != 0)
+      break;
+    rr_dicom_tls_config_t tls = {.cert_file = x->cfg.tls_cert[0] ? x->cfg.tls_cert : NULL,
+                                 .key_file = x->cfg.tls_key[0] ? x->cfg.tls_key : NULL,
+                                 .ca_file = x->cfg.tls_ca[0] ? x->cfg.tls_ca : NULL};
+    rr_dicom_scu_config_t sc = {.name = x->cfg.name,
+                                .calling_ae = x->cfg.calling_ae,
+                                .called_ae = x->cfg.called_ae,
+                                .host = x->cfg.host,
+                                .port = x->cfg.port,
+                                .dimse_timeout_s = x->cfg.dimse_timeout_s,
+                                .tls = x->cfg.tls ? &tls : NULL};
+    rc = rr_dicom_scu_send(d->loop, &sc, (const char *const *)a->paths, a->npaths, on_scu_done, a,
+                           &a->scu);
+    break;
+  }
+  case RR_DEST_STOW:
+    if ((rc = delivery_files(x, a)) != 0)
+      break;
+    rc = rr_dicomweb_store(x->dw, (const char *const *)a->paths, a->npaths, on_stow_done, a,
+                           &a->stow);
+    break;
   }
   if (rc == RR_EAGAIN) { /* no free connection: not an attempt */
     unlink_attempt(x, a);
@@ -546,7 +688,8 @@ static int start(dest_t *x, int64_t id) {
      * apply; one the destination could never take is dead at once. */
     char detail[160];
     snprintf(detail, sizeof detail, "not sent: %s", rr_strerror(rc));
-    bool permanent = rc == RR_EINVAL || rc == RR_EPARSE;
+    bool permanent = rc == RR_EINVAL || rc == RR_EPARSE || rc == RR_ENOTFOUND ||
+                     (x->cfg.kind == RR_DEST_STOW && rc == -ENOENT);
     finish(a, permanent ? RR_QSCHED_PERMANENT : RR_QSCHED_RETRY, detail, NULL, 0);
   }
   return 0;
@@ -659,8 +802,8 @@ static int open_transport(dest_t *x, rr_buf_t *err) {
       }
       x->open_senders++;
     }
-  } else if (c->kind == RR_DEST_HTTP) {
-    if (c->token_file[0]) {
+  } else if (c->kind == RR_DEST_HTTP || c->kind == RR_DEST_STOW) {
+    if (c->kind == RR_DEST_HTTP && c->token_file[0]) {
       int rc = rr_http_client_read_token(c->token_file, &x->token, err);
       if (rc)
         return rc;
@@ -675,6 +818,25 @@ static int open_transport(dest_t *x, rr_buf_t *err) {
       return rc;
     }
     x->http_open = true;
+    if (c->kind == RR_DEST_STOW) {
+      rr_dicomweb_config_t dc;
+      rr_dicomweb_config_default(&dc);
+      dc.name = c->name;
+      dc.base_url = c->url;
+      dc.auth = c->user[0]         ? RR_DICOMWEB_AUTH_BASIC
+                : c->token_file[0] ? RR_DICOMWEB_AUTH_BEARER
+                                   : RR_DICOMWEB_AUTH_NONE;
+      dc.user = c->user[0] ? c->user : NULL;
+      dc.password_file = c->password_file[0] ? c->password_file : NULL;
+      dc.token_file = c->token_file[0] ? c->token_file : NULL;
+      dc.ca_file = c->tls_ca[0] ? c->tls_ca : NULL;
+      dc.cert_file = c->tls_cert[0] ? c->tls_cert : NULL;
+      dc.key_file = c->tls_key[0] ? c->tls_key : NULL;
+      dc.connect_timeout_ms = c->connect_timeout_ms;
+      rc = rr_dicomweb_client_new(x->http, &dc, &x->dw, err);
+      if (rc)
+        return rc;
+    }
   }
   return 0;
 }
@@ -891,8 +1053,12 @@ void rr_dispatch_stop(rr_dispatch_t *d, void (*done)(void *ud), void *ud) {
   d->stopped = done;
   d->stopped_ud = ud;
   d->closing++; /* held until every close below has been started */
-  for (dest_t *x = d->dests; x; x = x->next)
+  for (dest_t *x = d->dests; x; x = x->next) {
+    for (attempt_t *a = x->inflight; a; a = a->next)
+      if (a->scu) /* its callback comes (from its thread, via the loop) */
+        rr_dicom_scu_cancel(a->scu);
     close_transports(x);
+  }
   if (d->rewrite_open) {
     d->rewrite_open = false;
     d->closing++;
@@ -921,6 +1087,7 @@ void rr_dispatch_free(rr_dispatch_t *d) {
     rr_tls_ctx_free(x->tls);
     if (x->token)
       rr_http_client_token_free(x->token);
+    rr_dicomweb_client_free(x->dw);
     free(x);
   }
   free(d);

@@ -38,7 +38,13 @@
 #include "queue/sched.h"
 #include "store/journal.h"
 
-typedef enum rr_dest_kind { RR_DEST_MLLP = 0, RR_DEST_HTTP, RR_DEST_CHANNEL } rr_dest_kind_t;
+typedef enum rr_dest_kind {
+  RR_DEST_MLLP = 0,
+  RR_DEST_HTTP,
+  RR_DEST_CHANNEL,
+  RR_DEST_DICOM, /* C-STORE to a DICOM SCP (a PACS) */
+  RR_DEST_STOW   /* STOW-RS to a DICOMweb server */
+} rr_dest_kind_t;
 
 typedef struct rr_destination_config {
   char name[160]; /* the queue's name: "<channel>.<destination>" */
@@ -63,6 +69,12 @@ typedef struct rr_destination_config {
   uint64_t timeout_ms;    /* default 30000 */
   /* another channel */
   char channel[64];
+  /* DICOM (host, port, tls_* above): payload {"files": [paths]} or
+   * {"study_uid": UID} (the study's instances as recorded) */
+  char called_ae[17], calling_ae[17];
+  unsigned dimse_timeout_s; /* per C-STORE response; default 60 */
+  /* STOW-RS (url = the DICOMweb root, token_file, tls_* above); same payloads */
+  char user[128], password_file[1024]; /* basic authentication */
   /* routing (used by the channel, not the dispatcher) */
   char short_name[64]; /* the name scripts route to */
   bool key_none;       /* routes without a key of their own have none (default: the MRN) */

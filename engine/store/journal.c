@@ -1865,3 +1865,21 @@ int64_t rr_journal_study_instances(rr_journal_t *j, const char *study_uid) {
   sqlite3_finalize(st);
   return n;
 }
+
+int rr_journal_study_paths(rr_journal_t *j, const char *study_uid,
+                           void (*cb)(void *ud, const char *path), void *ud) {
+  sqlite3_stmt *st;
+  if (sqlite3_prepare_v2(j->rdb,
+                         "SELECT path FROM instances WHERE study_uid = ? ORDER BY series_uid,"
+                         " CAST(instance_number AS INTEGER), sop_instance_uid",
+                         -1, &st, NULL) != SQLITE_OK)
+    return RR_EIO;
+  bind_text(st, 1, study_uid);
+  int n = 0, rc;
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+    cb(ud, (const char *)sqlite3_column_text(st, 0));
+    n++;
+  }
+  sqlite3_finalize(st);
+  return rc == SQLITE_DONE ? n : RR_EIO;
+}

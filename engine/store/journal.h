@@ -266,6 +266,12 @@ int rr_journal_mark_study_stable(rr_journal_t *j, const char *study_uid, rr_jour
  * (committed), 0 when the study is unknown; RR_EIO. */
 int64_t rr_journal_study_instances(rr_journal_t *j, const char *study_uid);
 
+/* rr_journal_study_paths: the files (paths as recorded) of a study's
+ * instances, by series then instance number; cb per path. Returns how
+ * many, or RR_EIO. */
+int rr_journal_study_paths(rr_journal_t *j, const char *study_uid,
+                           void (*cb)(void *ud, const char *path), void *ud);
+
 /* rr_journal_unrouted: the studies of channel that are stable but whose
  * study event has not been journaled yet (a restart between the two, or a
  * study made stable by `radrelay study complete`), oldest first; cb per
