@@ -82,14 +82,14 @@ static void source_notify(void *ud, rr_http_req_t *req) {
   }
   const char *channel = rr_http_req_param(req, "channel");
   int rc = rr_engine_dicomweb_notify(a->engine, channel, uid, json_is_true(complete));
+  if (rc == 0) /* before the reply, which frees req and what it holds */
+    rr_log(RR_LOG_INFO, "api", "event=source_notified principal=%s channel=%s", who(req), channel);
   if (rc == RR_ENOTFOUND)
     rr_http_reply_error(req, 404, "not_found", "no DICOMweb source channel of that name");
   else if (rc)
     rr_http_reply_error(req, 503, "unavailable", rr_strerror(rc));
   else
     rr_http_reply_json(req, 202, json_pack("{s:s, s:s}", "channel", channel, "status", "queued"));
-  if (rc == 0)
-    rr_log(RR_LOG_INFO, "api", "event=source_notified principal=%s channel=%s", who(req), channel);
   json_decref(o);
 }
 

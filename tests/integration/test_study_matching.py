@@ -157,7 +157,10 @@ class Engine:
     def stop(self):
         self.proc.terminate()
         rc = self.proc.wait(timeout=30)
-        assert rc == 0, f"radrelay exited {rc} on SIGTERM:\n" + "\n".join(self.lines[-20:])
+        if rc != 0:  # a sanitizer report from its first line, else the last lines
+            first = next((i for i, l in enumerate(self.lines) if "==ERROR" in l), None)
+            shown = self.lines[first:first + 60] if first is not None else self.lines[-20:]
+            raise AssertionError(f"radrelay exited {rc} on SIGTERM:\n" + "\n".join(shown))
 
     def kill(self):
         self.proc.send_signal(signal.SIGKILL)
