@@ -143,11 +143,15 @@ static int valid_uid(const char *s) {
   return n >= 1 && n <= MAX_UID;
 }
 
+/* Appends s to a query: percent-encodes what RFC 3986 does not allow in a
+ * query or what would split it ('&', '=', '+', ';', '#', '%'). The QIDO-RS
+ * wildcards '*' and '?' and the list separator ',' stay literal: servers
+ * match on the raw value (Orthanc 1.10 does not decode "%2A"). */
 static int append_encoded(rr_buf_t *b, const char *s) {
   static const char hex[] = "0123456789ABCDEF";
   int rc = 0;
   for (const unsigned char *p = (const unsigned char *)s; *p && !rc; p++) {
-    if (isalnum(*p) || *p == '-' || *p == '.' || *p == '_' || *p == '~') {
+    if (isalnum(*p) || (*p < 0x80 && strchr("-._~*?,:@/!$'()", *p))) {
       rc = rr_buf_putc(b, (char)*p);
     } else {
       char e[3] = {'%', hex[*p >> 4], hex[*p & 15]};

@@ -17,7 +17,9 @@
  *   QIDO-RS  GET {base}/studies, /studies/{study}/series,
  *            /studies/{study}/instances, /studies/{study}/series/{series}/
  *            instances, with the query's parameters (names and values
- *            percent-encoded; includefield, limit, offset);
+ *            percent-encoded where RFC 3986 wants it, and '&', '=', '+',
+ *            ';' too; the wildcards '*' and '?' and ',' go literally, as
+ *            servers match on them undecoded); includefield, limit, offset;
  *            Accept: application/dicom+json. 200 with a JSON array, or 204
  *            (no match).
  *   Metadata GET {base}/studies/{study}[/series/{series}]/metadata;
