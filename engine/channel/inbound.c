@@ -736,7 +736,7 @@ int rr_engine_add_channel(rr_engine_t *e, const rr_channel_config_t *cfg, rr_cha
     return RR_ENOMEM;
   }
   int rc = 0;
-  if (ch->cfg.tls) {
+  if (ch->cfg.tls && !ch->cfg.dicom) { /* DICOM TLS is the SCP's own (studies.c) */
     fix_tls_pointers(&ch->cfg);
     rr_buf_t err;
     rr_buf_init(&err, 1 << 16);

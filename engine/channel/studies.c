@@ -390,6 +390,13 @@ int rr_channel_start_dicom(rr_engine_t *e, rr_channel_t *ch) {
                               .max_associations = c->dicom_max_associations,
                               .spool_dir = c->dicom_spool,
                               .min_free_bytes = c->dicom_min_free_bytes};
+  /* DICOM TLS: the source's "tls" (cert, key, ca, require_client_cert). */
+  rr_dicom_tls_config_t tls = {.cert_file = c->tls_cert,
+                               .key_file = c->tls_key,
+                               .ca_file = c->tls_ca[0] ? c->tls_ca : NULL,
+                               .require_peer_cert = c->tls_cfg.require_client_cert};
+  if (c->tls)
+    sc.tls = &tls;
   rr_dicom_scp_callbacks_t cb = {.on_instance = on_instance, .on_association = on_association};
   rc = rr_dicom_scp_start(e->loop, &sc, &cb, ch, &ch->scp);
   if (rc)

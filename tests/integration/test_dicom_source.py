@@ -226,12 +226,49 @@ def main():
             assert cli.returncode == 0, cli.stderr
             wait_for(lambda: e.sql("SELECT state FROM studies WHERE study_uid = '" + uid3 + "'")
                      == [("stable",)], 10, "the completed study stable")
-            assert e.grep("event=study_completed", "changed=yes")
+            wait_for(lambda: e.grep("event=study_completed", "changed=yes"), 10,
+                     "event=study_completed logged")
             assert not [l for l in e.lines if uid3 in l and "level=debug" not in l], \
                 "a Study UID logged above debug"
         finally:
             rc = e.stop()
-        e.lines = first_run + second_run + third_run + e.lines
+        fourth_run = list(e.lines)
+        # DICOM TLS: storescu with a client certificate from the test CA
+        # stores; one without a certificate is refused before any association
+        certs = os.path.join(tmp, "certs")
+        subprocess.run([os.path.join(ROOT, "scripts", "gen-certs"), certs], check=True)
+        cfg["source"]["tls"] = {"cert": os.path.join(certs, "server.pem"),
+                                "key": os.path.join(certs, "server.key"),
+                                "ca": os.path.join(certs, "ca.pem")}
+        with open(chf, "w") as f:
+            json.dump(cfg, f)
+        fourth = os.path.join(tmp, "fourth")
+        r = subprocess.run(["/usr/bin/python3", os.path.join(ROOT, "scripts", "make-study"),
+                            "--out", fourth, "--slices", "2", "--size", "64",
+                            "--accession", "RRACC0004", "--patient-id", "RRTEST-0004",
+                            "--seed", "10"], capture_output=True, text=True, check=True)
+        e.lines = []
+        e.start()
+        try:
+            tls = ["+tls", os.path.join(certs, "client.key"), os.path.join(certs, "client.pem"),
+                   "+cf", os.path.join(certs, "ca.pem")]
+            st = subprocess.run(["storescu", *tls, "-aet", "RRTEST", "-aec", "RADRELAY", "+sd",
+                                 "-xe", "127.0.0.1", str(e.port), fourth], capture_output=True,
+                                env=env)
+            assert st.returncode == 0, st.stderr
+            wait_for(lambda: e.sql("SELECT instances FROM studies WHERE accession ="
+                                   " 'RRACC0004'") == [(2,)], 10, "the study over DICOM TLS")
+            anon = subprocess.run(["storescu", "+tla", "+cf", os.path.join(certs, "ca.pem"),
+                                   "-aet", "RRTEST", "-aec", "RADRELAY", "127.0.0.1",
+                                   str(e.port), os.path.join(fourth, os.listdir(fourth)[0])],
+                                  capture_output=True, env=env)
+            assert anon.returncode != 0, "a client without a certificate was served"
+            plain = subprocess.run(["echoscu", "-aet", "RRTEST", "-aec", "RADRELAY",
+                                    "127.0.0.1", str(e.port)], capture_output=True, env=env)
+            assert plain.returncode != 0, "plain DICOM was served on the TLS port"
+        finally:
+            rc = e.stop()
+        e.lines = first_run + second_run + third_run + fourth_run + e.lines
         assert rc == 0, f"radrelay exited {rc} on SIGTERM:\n" + "\n".join(e.lines[-20:])
         assert e.grep("event=stopped"), "no event=stopped"
         bad = [l for l in e.lines if "Sanitizer" in l or "runtime error" in l]
@@ -241,7 +278,8 @@ def main():
         db.close()
         print(f"dicom source: 6 instances stored in {took:.2f} s, stable after the quiet "
               f"period, resend recorded once, unknown AE refused, restart mid-study: stable once, "
-              f"reopened by a late instance: stable again, study complete: stable at once")
+              f"reopened by a late instance: stable again, study complete: stable at once, "
+              f"DICOM TLS with a client certificate stored, without one refused")
     return 0
 
 
