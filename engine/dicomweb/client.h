@@ -272,7 +272,8 @@ void rr_dicomweb_cancel(rr_dicomweb_op_t *op);
  * Common to all: cb is required; ud is passed to it. On 0 the callback will
  * come exactly once; *op (may be NULL) is the operation, borrowed until its
  * callback returns. On error nothing was sent and cb is never called:
- * RR_EINVAL (bad arguments, a malformed UID), the errors of
+ * RR_EINVAL (bad arguments, a malformed UID), RR_ELIMIT (a QIDO-RS URL
+ * over 64 KiB), the errors of
  * rr_http_client_submit, RR_ENOMEM; STOW-RS also file errors (see
  * rr_dicomweb_store). Loop thread. */
 

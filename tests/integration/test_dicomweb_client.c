@@ -843,6 +843,36 @@ static void test_big_study(void) {
   long after = max_rss_kib();
   check_retrieved(&big, out, &g);
   long grew = after - before;
+
+  /* Canceled once the first instances are stored: UV_ECANCELED, permanent,
+   * the stored files stay and no temporary file is left. */
+  snprintf(out, sizeof out, "%s/wado-cancel", dir);
+  CHECK_EQ_INT(mkdir(out, 0700), 0);
+  got_t gc;
+  memset(&gc, 0, sizeof gc);
+  rr_dicomweb_op_t *op = NULL;
+  CHECK_EQ_INT(
+      rr_dicomweb_retrieve(pacs_client, big.uid, NULL, NULL, out, on_file, on_done, &gc, &op), 0);
+  CHECK(WAIT_UNTIL(gc.file_calls >= 2 || gc.calls > 0, 60000));
+  CHECK_EQ_INT(gc.calls, 0);
+  rr_dicomweb_cancel(op);
+  CHECK_EQ_INT(gc.calls, 0);
+  WAIT_DONE(&gc, 30000);
+  CHECK_EQ_INT(gc.status, UV_ECANCELED);
+  CHECK_EQ_INT(gc.retryable, 0);
+  CHECK(gc.files >= 2 && gc.files < big.n);
+  DIR *d = opendir(out);
+  size_t temps = 0, stored = 0;
+  struct dirent *e;
+  while (d && (e = readdir(d)) != NULL) {
+    temps += strncmp(e->d_name, ".rr-wado-", 9) == 0;
+    stored += e->d_name[0] != '.';
+  }
+  if (d)
+    closedir(d);
+  CHECK_EQ_INT(temps, 0);
+  CHECK_EQ_INT(stored, gc.files);
+
   printf("big study: %zu instances, %llu bytes; peak RSS %ld KiB -> %ld KiB (+%ld KiB)\n", big.n,
          (unsigned long long)big.total_bytes, before, after, grew);
   CHECK((uint64_t)grew * 1024u < big.total_bytes / 4);
