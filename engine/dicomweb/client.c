@@ -1435,6 +1435,7 @@ static void on_http_done(void *ud, rr_http_transfer_t *t, const rr_http_response
   if (r->status != 0) {
     o.status = r->status;
     o.retryable = code_retryable(r->status);
+    o.http_status = op->head_status; /* a WADO-RS response stopped midway */
     if (!op->msg[0])
       snprintf(op->msg, sizeof op->msg, "%s", r->message);
     o.files = op->files;

@@ -4,8 +4,11 @@
  * DICOMweb plugin (tests/integration/peers/orthanc.py, run as a command),
  * fed with synthetic CT studies from scripts/make-study.
  *
- *   test_dicomweb_client PYTHON ORTHANC_PY MAKE_STUDY
+ *   test_dicomweb_client PYTHON ORTHANC_PY DICOMWEB_PEER_PY MAKE_STUDY
  *
+ * Between the two, a scripted server (peers/dicomweb_peer.py) gives the
+ * answers Orthanc does not: STOW-RS 409/202, malformed and truncated
+ * bodies, 5xx.
  * Exits 77 (skipped) when Orthanc, its DICOMweb plugin or pydicom are
  * missing, after the crafted-input checks have passed. Everything runs on
  * one libuv loop: the clients, the Orthanc process (uv_spawn; its stdout
@@ -293,12 +296,10 @@ static void proc_exit(uv_process_t *proc, int64_t status, int sig) {
   uv_close((uv_handle_t *)proc, proc_handle_closed);
 }
 
-static int pacs_start(void) {
-  char pdir[300];
-  snprintf(pdir, sizeof pdir, "%s/pacs", dir);
-  char *args[] = {(char *)python, (char *)orthanc_py, "--dir", pdir, NULL};
+/* Starts args[0] with pipes on stdin and stdout; waits for its first
+ * stdout line (p->line). */
+static int proc_start(proc_t *p, char **args, uint64_t wait_ms) {
   uv_stdio_container_t io[3];
-  proc_t *p = &pacs;
   uv_pipe_init(&loop, &p->in, 0);
   uv_pipe_init(&loop, &p->out, 0);
   p->in.data = p->out.data = p->proc.data = p;
@@ -318,26 +319,41 @@ static int pacs_start(void) {
   o.stdio_count = 3;
   int rc = uv_spawn(&loop, &p->proc, &o);
   if (rc) {
-    fprintf(stderr, "cannot start %s: %s\n", orthanc_py, uv_strerror(rc));
+    fprintf(stderr, "cannot start %s: %s\n", args[1], uv_strerror(rc));
+    uv_close((uv_handle_t *)&p->in, NULL);
+    uv_close((uv_handle_t *)&p->out, NULL);
     return -1;
   }
   p->open_handles++;
   uv_read_start((uv_stream_t *)&p->out, proc_alloc, proc_read);
-  if (!WAIT_UNTIL(p->have_line || p->exited, 90000) || !p->have_line)
+  if (!WAIT_UNTIL(p->have_line || p->exited, wait_ms) || !p->have_line)
     return -1;
-  pacs_info = json_loads(p->line, 0, NULL);
+  return 0;
+}
+
+/* Closes its stdin (it then stops) and waits. */
+static void proc_stop(proc_t *p) {
+  if (!uv_is_closing((uv_handle_t *)&p->in))
+    uv_close((uv_handle_t *)&p->in, proc_handle_closed);
+  if (!WAIT_UNTIL(p->exited, 30000)) {
+    uv_process_kill(&p->proc, SIGKILL);
+    WAIT_UNTIL(p->exited, 10000);
+  }
+  WAIT_UNTIL(p->open_handles == 0, 10000);
+}
+
+static int pacs_start(void) {
+  char pdir[300];
+  snprintf(pdir, sizeof pdir, "%s/pacs", dir);
+  char *args[] = {(char *)python, (char *)orthanc_py, "--dir", pdir, NULL};
+  if (proc_start(&pacs, args, 90000) != 0)
+    return -1;
+  pacs_info = json_loads(pacs.line, 0, NULL);
   return pacs_info ? 0 : -1;
 }
 
-/* Closes Orthanc's stdin (orthanc.py then stops it) and waits. */
 static void pacs_stop(void) {
-  if (!uv_is_closing((uv_handle_t *)&pacs.in))
-    uv_close((uv_handle_t *)&pacs.in, proc_handle_closed);
-  if (!WAIT_UNTIL(pacs.exited, 30000)) {
-    uv_process_kill(&pacs.proc, SIGKILL);
-    WAIT_UNTIL(pacs.exited, 10000);
-  }
-  WAIT_UNTIL(pacs.open_handles == 0, 10000);
+  proc_stop(&pacs);
 }
 
 static const char *info(const char *key) {
@@ -423,6 +439,7 @@ static int same_file(const char *a, const char *b) {
 /* ---- clients and outcomes ------------------------------------------------------- */
 
 static rr_http_client_t *http;
+static int write_file(const char *path, const char *text);
 
 typedef struct got {
   int calls;
@@ -435,7 +452,7 @@ typedef struct got {
       patient_name[80];
   char uids[512][80]; /* SOP Instance UIDs of the matches, or of stored files */
   size_t nuids;
-  size_t files, sent, stored, failed;
+  size_t files, sent, stored, failed, warnings;
   uint64_t bytes;
   unsigned reason;
   int files_missing_at_cb; /* file_cb got a path that did not exist */
@@ -482,6 +499,7 @@ static void on_done(void *ud, rr_dicomweb_op_t *op, const rr_dicomweb_outcome_t 
   g->sent = o->sent;
   g->stored = o->stored;
   g->failed = o->failed;
+  g->warnings = o->warnings;
   g->reason = o->failure_reason;
   if (getenv("RR_TEST_VERBOSE"))
     fprintf(stderr, "  done status=%d (%s) retryable=%d http=%ld message=\"%s\" ms=%llu\n",
@@ -978,6 +996,150 @@ static void test_chunked_body(void) {
   study_free(&s);
 }
 
+/* ---- a scripted DICOMweb peer: answers Orthanc does not give ------------------ */
+
+static proc_t peer;
+static int peer_port;
+
+static rr_dicomweb_client_t *peer_client(const char *kind) {
+  char base[256];
+  snprintf(base, sizeof base, "http://127.0.0.1:%d/%s", peer_port, kind);
+  rr_dicomweb_config_t cfg;
+  rr_dicomweb_config_default(&cfg);
+  cfg.name = "peer";
+  cfg.base_url = base;
+  cfg.timeout_ms = cfg.bulk_timeout_ms = 20000;
+  rr_dicomweb_client_t *c = NULL;
+  CHECK_EQ_INT(rr_dicomweb_client_new(http, &cfg, &c, NULL), 0);
+  return c;
+}
+
+static void peer_store(const char *kind, const char *path, got_t *g) {
+  rr_dicomweb_client_t *c = peer_client(kind);
+  memset(g, 0, sizeof *g);
+  const char *paths[] = {path};
+  if (c)
+    CHECK_EQ_INT(rr_dicomweb_store(c, paths, 1, on_done, g, NULL), 0);
+  rr_dicomweb_client_free(c);
+  WAIT_DONE(g, 30000);
+}
+
+static void peer_search(const char *kind, got_t *g) {
+  rr_dicomweb_client_t *c = peer_client(kind);
+  rr_dicomweb_query_t q;
+  memset(&q, 0, sizeof q);
+  memset(g, 0, sizeof *g);
+  if (c)
+    CHECK_EQ_INT(rr_dicomweb_search(c, &q, on_done, g, NULL), 0);
+  rr_dicomweb_client_free(c);
+  WAIT_DONE(g, 30000);
+}
+
+/* Retrieves into a new directory dir/<kind>; *entries gets the number of
+ * files left there (temporary ones included). */
+static void peer_retrieve(const char *kind, got_t *g, int *entries) {
+  char out[300];
+  snprintf(out, sizeof out, "%s/%s", dir, kind);
+  CHECK_EQ_INT(mkdir(out, 0700), 0);
+  rr_dicomweb_client_t *c = peer_client(kind);
+  memset(g, 0, sizeof *g);
+  if (c)
+    CHECK_EQ_INT(rr_dicomweb_retrieve(c, "1.2.3", NULL, NULL, out, on_file, on_done, g, NULL), 0);
+  rr_dicomweb_client_free(c);
+  WAIT_DONE(g, 30000);
+  *entries = 0;
+  DIR *d = opendir(out);
+  struct dirent *e;
+  while (d && (e = readdir(d)) != NULL)
+    *entries += strcmp(e->d_name, ".") != 0 && strcmp(e->d_name, "..") != 0;
+  if (d)
+    closedir(d);
+}
+
+static void test_peer_stow(void) {
+  char path[300];
+  snprintf(path, sizeof path, "%s/peer-file.dcm", dir);
+  CHECK_EQ_INT(write_file(path, "not really DICOM, the peer does not look\n"), 0);
+  got_t g;
+  peer_store("stow-409-a700", path, &g);
+  CHECK_EQ_INT(g.status, RR_DICOMWEB_EREJECTED);
+  CHECK_EQ_INT(g.http, 409);
+  CHECK_EQ_INT(g.retryable, 1); /* out of resources */
+  CHECK_EQ_INT(g.failed, 1);
+  CHECK_EQ_INT(g.reason, 0xA700);
+  CHECK(strstr(g.message, "0xA700") != NULL);
+
+  peer_store("stow-202-warn", path, &g);
+  CHECK_EQ_INT(g.status, 0);
+  CHECK_EQ_INT(g.http, 202);
+  CHECK_EQ_INT(g.stored, 1);
+  CHECK_EQ_INT(g.warnings, 1);
+
+  peer_store("stow-202-fail", path, &g);
+  CHECK_EQ_INT(g.status, RR_DICOMWEB_EREJECTED);
+  CHECK_EQ_INT(g.retryable, 0);
+  CHECK_EQ_INT(g.stored, 1);
+  CHECK_EQ_INT(g.failed, 1);
+  CHECK_EQ_INT(g.reason, 0xC000);
+  CHECK(strstr(g.message, "cannot understand") != NULL);
+
+  peer_store("stow-200-short", path, &g);
+  CHECK_EQ_INT(g.status, RR_DICOMWEB_EREJECTED);
+  CHECK_EQ_INT(g.retryable, 0);
+  CHECK(strstr(g.message, "acknowledged 0 of 1") != NULL);
+
+  peer_store("stow-200-badjson", path, &g);
+  CHECK_EQ_INT(g.status, RR_EPARSE);
+  CHECK_EQ_INT(g.retryable, 0);
+  CHECK(strstr(g.message, "at byte 14") != NULL);
+}
+
+static void test_peer_qido(void) {
+  got_t g;
+  peer_search("qido-badjson", &g);
+  CHECK_EQ_INT(g.status, RR_EPARSE);
+  CHECK_EQ_INT(g.retryable, 0);
+  CHECK(strstr(g.message, "at byte 41") != NULL);
+  peer_search("qido-503", &g);
+  CHECK_EQ_INT(g.status, RR_DICOMWEB_EHTTP);
+  CHECK_EQ_INT(g.http, 503);
+  CHECK_EQ_INT(g.retryable, 1);
+  peer_search("qido-204", &g);
+  CHECK_EQ_INT(g.status, 0);
+  CHECK_EQ_INT(g.http, 204);
+  CHECK_EQ_INT(g.n, 0);
+}
+
+static void test_peer_wado(void) {
+  got_t g;
+  int entries;
+  /* Cut inside the second part: the first is stored (no meta header:
+   * sequential name), the second's temporary file is gone, retryable. */
+  peer_retrieve("wado-truncated", &g, &entries);
+  CHECK_EQ_INT(g.status, RR_HTTP_ECONNLOST);
+  CHECK_EQ_INT(g.retryable, 1);
+  CHECK_EQ_INT(g.files, 1);
+  CHECK(g.nuids == 1 && g.uids[0][0] == '\0');
+  CHECK_EQ_INT(entries, 1);
+  char path[400];
+  snprintf(path, sizeof path, "%s/wado-truncated/1.dcm", dir);
+  struct stat st;
+  CHECK(stat(path, &st) == 0 && st.st_size == 1000);
+
+  peer_retrieve("wado-badheader", &g, &entries);
+  CHECK_EQ_INT(g.status, RR_EPARSE);
+  CHECK_EQ_INT(g.retryable, 0);
+  CHECK_EQ_INT(g.http, 200);
+  CHECK(strstr(g.message, "malformed multipart") != NULL);
+  CHECK_EQ_INT(g.files, 0);
+  CHECK_EQ_INT(entries, 0);
+
+  peer_retrieve("wado-json", &g, &entries);
+  CHECK_EQ_INT(g.status, RR_EPARSE);
+  CHECK(strstr(g.message, "not multipart") != NULL);
+  CHECK_EQ_INT(entries, 0);
+}
+
 /* Run last: Orthanc is gone, connections are refused: retryable. */
 static void test_pacs_down(void) {
   pacs_stop();
@@ -1033,14 +1195,28 @@ static void on_http_closed(void *ud) {
   (*(int *)ud)++;
 }
 
+/* Closes the HTTP client and the loop, removes the folder. */
+static void teardown(void) {
+  if (http) {
+    int closed = 0;
+    rr_http_client_close(http, on_http_closed, &closed);
+    CHECK(WAIT_UNTIL(closed == 1, 10000));
+    http = NULL;
+  }
+  uv_close((uv_handle_t *)&deadline_timer, NULL);
+  uv_run(&loop, UV_RUN_DEFAULT);
+  CHECK_EQ_INT(uv_loop_close(&loop), 0);
+  remove_dir();
+}
+
 int main(int argc, char **argv) {
-  if (argc != 4) {
-    fprintf(stderr, "usage: %s PYTHON ORTHANC_PY MAKE_STUDY\n", argv[0]);
+  if (argc != 5) {
+    fprintf(stderr, "usage: %s PYTHON ORTHANC_PY DICOMWEB_PEER_PY MAKE_STUDY\n", argv[0]);
     return 2;
   }
   python = argv[1];
   orthanc_py = argv[2];
-  make_study = argv[3];
+  make_study = argv[4];
   signal(SIGPIPE, SIG_IGN);
   const char *v = getenv("RR_TEST_VERBOSE");
   rr_log_set_level(v && v[0] == '1' ? RR_LOG_DEBUG : RR_LOG_ERROR);
@@ -1049,16 +1225,34 @@ int main(int argc, char **argv) {
   RUN(test_json_bad);
   RUN(test_json_accessors);
   RUN(test_part10);
-  if (rr_tests_failed)
-    return TEST_SUMMARY();
-  if (prerequisites() != 0) {
-    printf("skipped: the PACS peer cannot run here\n");
-    return SKIP;
-  }
 
   snprintf(dir, sizeof dir, "/tmp/rr-dicomweb-XXXXXX");
   if (!mkdtemp(dir))
     return 2;
+  uv_loop_init(&loop);
+  uv_timer_init(&loop, &deadline_timer);
+  CHECK_EQ_INT(rr_http_client_new(&loop, NULL, &http), 0);
+  char *peer_args[] = {(char *)python, argv[3], NULL};
+  if (!http || proc_start(&peer, peer_args, 20000) != 0 ||
+      sscanf(peer.line, "ready port=%d", &peer_port) != 1) {
+    fprintf(stderr, "the scripted DICOMweb peer did not start\n");
+    teardown();
+    return 2;
+  }
+  RUN(test_peer_stow);
+  RUN(test_peer_qido);
+  RUN(test_peer_wado);
+  proc_stop(&peer);
+  if (rr_tests_failed) {
+    teardown();
+    return TEST_SUMMARY();
+  }
+  if (prerequisites() != 0) {
+    printf("skipped: the PACS peer cannot run here\n");
+    teardown();
+    return SKIP;
+  }
+
   const char *slices = getenv("RR_DICOMWEB_BIG_SLICES");
   char big_args[512];
   snprintf(big_args, sizeof big_args,
@@ -1070,24 +1264,25 @@ int main(int argc, char **argv) {
            "--accession RRTEST-ACC-0101 --patient-id RRTEST-PAT-0101") != 0 ||
       make(&big, "big", big_args) != 0) {
     fprintf(stderr, "make-study failed\n");
-    remove_dir();
+    teardown();
     return 2;
   }
   snprintf(pwfile, sizeof pwfile, "%s/password", dir);
   snprintf(badpwfile, sizeof badpwfile, "%s/bad-password", dir);
-  uv_loop_init(&loop);
-  uv_timer_init(&loop, &deadline_timer);
   if (pacs_start() != 0) {
     fprintf(stderr, "Orthanc did not start\n");
-    remove_dir();
+    teardown();
     return 2;
   }
-  if (write_file(pwfile, info("password")) != 0 || write_file(badpwfile, "not-it\n") != 0)
+  if (write_file(pwfile, info("password")) != 0 || write_file(badpwfile, "not-it\n") != 0) {
+    teardown();
     return 2;
-  CHECK_EQ_INT(rr_http_client_new(&loop, NULL, &http), 0);
+  }
   pacs_client = new_client(pwfile);
-  if (!http || !pacs_client)
+  if (!pacs_client) {
+    teardown();
     return TEST_SUMMARY();
+  }
 
   RUN(test_stow);
   RUN(test_qido);
@@ -1100,15 +1295,9 @@ int main(int argc, char **argv) {
   RUN(test_pacs_down);
 
   rr_dicomweb_client_free(pacs_client);
-  int closed = 0;
-  rr_http_client_close(http, on_http_closed, &closed);
-  CHECK(WAIT_UNTIL(closed == 1, 10000));
-  uv_close((uv_handle_t *)&deadline_timer, NULL);
-  uv_run(&loop, UV_RUN_DEFAULT);
-  CHECK_EQ_INT(uv_loop_close(&loop), 0);
+  teardown();
   study_free(&small);
   study_free(&big);
   json_decref(pacs_info);
-  remove_dir();
   return TEST_SUMMARY();
 }
