@@ -18,6 +18,9 @@ until stdin closes. The first path segment picks the answer:
     GET  /qido-204/studies        204
     GET  /wado-truncated/...      one whole part, then the connection closes
                                   inside the second
+    GET  /wado-stall/...          one whole part and the start of a second,
+                                  then nothing more (for cancel) until the
+                                  client goes or 60 s pass
     GET  /wado-badheader/...      a part header line without ':'
     GET  /wado-json/...           200 application/json instead of multipart
 
@@ -103,6 +106,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
             body = part(b"A" * 1000) + (f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n"
                                         ).encode() + b"B" * 500
             return self.reply(200, body, mp)
+        if kind == "wado-stall":
+            self.reply(200, part(b"A" * 1000) + part(b"B" * 500)[:-100], mp)
+            self.wfile.flush()
+            self.connection.settimeout(60)
+            try:
+                self.connection.recv(1)   # returns when the client closes
+            except OSError:
+                pass
+            return None
         if kind == "wado-badheader":
             body = f"--{BOUNDARY}\r\nNoColonHere\r\n\r\ndata\r\n--{BOUNDARY}--\r\n".encode()
             return self.reply(200, body, mp)
