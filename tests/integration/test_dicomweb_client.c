@@ -51,6 +51,9 @@ static uint64_t now_ms(void) {
   return uv_hrtime() / 1000000u;
 }
 
+/* Completion callbacks call uv_stop: one that runs from a timer at the
+ * start of an iteration would otherwise leave that iteration blocking in
+ * its I/O poll until the deadline. */
 #define WAIT_UNTIL(cond, ms)                                                                       \
   ({                                                                                               \
     uint64_t dl_ = now_ms() + (ms);                                                                \
@@ -291,6 +294,7 @@ static void proc_read(uv_stream_t *st, ssize_t n, const uv_buf_t *b) {
 static void proc_exit(uv_process_t *proc, int64_t status, int sig) {
   proc_t *p = proc->data;
   (void)sig;
+  uv_stop(&loop);
   p->exited = 1;
   p->exit_status = status;
   uv_close((uv_handle_t *)proc, proc_handle_closed);
@@ -468,6 +472,7 @@ static void copy(char *dst, size_t cap, const char *s) {
 static void on_done(void *ud, rr_dicomweb_op_t *op, const rr_dicomweb_outcome_t *o) {
   got_t *g = ud;
   (void)op;
+  uv_stop(&loop);
   g->calls++;
   g->status = o->status;
   g->retryable = o->retryable;
@@ -572,6 +577,7 @@ typedef struct rest {
 static void on_rest(void *ud, rr_http_transfer_t *t, const rr_http_response_t *r) {
   rest_t *x = ud;
   (void)t;
+  uv_stop(&loop);
   x->calls++;
   x->http = r->http_status;
   x->j = r->status == 0 ? json_loadb(r->body, r->body_len, 0, NULL) : NULL;
@@ -1201,6 +1207,7 @@ static void remove_dir(void) {
 }
 
 static void on_http_closed(void *ud) {
+  uv_stop(&loop);
   (*(int *)ud)++;
 }
 
