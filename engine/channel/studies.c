@@ -16,7 +16,25 @@
 
 /* ---- DICOM sources ------------------------------------------------------------ */
 
-/* A stored instance: into the store (instances, studies), with the batch. */
+typedef struct instance_kept {
+  rr_channel_t *ch;
+  uint64_t token;
+} instance_kept_t;
+
+/* The commit that records an instance: now the C-STORE is answered. */
+static void on_instance_kept(void *ud, int status, int64_t id) {
+  instance_kept_t *k = ud;
+  (void)id;
+  if (status)
+    rr_log(RR_LOG_ERROR, "dicom", "event=instance_not_recorded channel=%s error=%s",
+           k->ch->cfg.name, rr_strerror(status));
+  if (k->ch->scp) /* NULL once stopping: the SCP answered the waiting C-STOREs itself */
+    rr_dicom_scp_confirm(k->ch->scp, k->token, status);
+  free(k);
+}
+
+/* A stored instance: into the store (instances, studies), with the batch;
+ * its C-STORE is answered after that commit. */
 static void on_instance(void *ud, const rr_dicom_instance_t *in) {
   rr_channel_t *ch = ud;
   rr_engine_t *e = ch->engine;
@@ -41,10 +59,15 @@ static void on_instance(void *ud, const rr_dicom_instance_t *in) {
                               .size = in->size,
                               .received_ms = rr_wall_ms(),
                               .reopen = ch->cfg.dicom_reopen};
-  if (rr_journal_add_instance(e->journal, &ji, NULL, NULL) != 0) {
+  instance_kept_t *k = malloc(sizeof *k);
+  if (k)
+    *k = (instance_kept_t){ch, in->token};
+  if (!k || rr_journal_add_instance(e->journal, &ji, on_instance_kept, k) != 0) {
+    free(k);
     ch->errored++;
     rr_log(RR_LOG_ERROR, "dicom", "event=instance_not_recorded channel=%s assoc=%llu error=%s",
            ch->cfg.name, (unsigned long long)in->assoc_id, rr_strerror(RR_ENOMEM));
+    rr_dicom_scp_confirm(ch->scp, in->token, RR_ENOMEM);
     return;
   }
   ch->accepted++;
@@ -389,7 +412,8 @@ int rr_channel_start_dicom(rr_engine_t *e, rr_channel_t *ch) {
                               .n_allowed_peers = c->dicom_peers ? npeers : 2,
                               .max_associations = c->dicom_max_associations,
                               .spool_dir = c->dicom_spool,
-                              .min_free_bytes = c->dicom_min_free_bytes};
+                              .min_free_bytes = c->dicom_min_free_bytes,
+                              .confirm = 1}; /* C-STORE success once recorded */
   /* DICOM TLS: the source's "tls" (cert, key, ca, require_client_cert). */
   rr_dicom_tls_config_t tls = {.cert_file = c->tls_cert,
                                .key_file = c->tls_key,

@@ -45,6 +45,7 @@ extern "C" {
 #include <cstring>
 #include <deque>
 #include <list>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <new>
@@ -132,6 +133,7 @@ struct Event {
   int rj_result = 0, rj_source = 0, rj_reason = 0;
   const char *reason = "";
   unsigned instances = 0, contexts = 0;
+  uint64_t token = 0; // INSTANCE with confirm: the worker waits for it
 };
 
 struct PeerRule {
@@ -370,6 +372,10 @@ struct rr_dicom_scp {
   unsigned live = 0;      // worker threads not finished
   std::deque<Event> events;
   size_t reserved = 0; // instance events promised to finishing C-STOREs
+  bool confirm = false;
+  uint64_t next_token = 0;
+  std::map<uint64_t, int> confirmed; // token -> status (-1 while waiting)
+  std::condition_variable confirm_cv;
   rr_dicom_scp_stats_t stats = {};
   uint64_t next_id = 0;
 
@@ -568,8 +574,35 @@ Uint16 finish_instance(StoreCtx *ctx, const T_DIMSE_C_StoreRQ *req) {
          "event=stored_ids scp=%s assoc=%llu patient_id=%s study=%s series=%s sop_instance=%s",
          scp->name.c_str(), (unsigned long long)c->id, ev.s[F_PATIENT_ID].c_str(),
          ev.s[F_STUDY].c_str(), ev.s[F_SERIES].c_str(), ev.s[F_SOP_INSTANCE].c_str());
+  if (!scp->confirm) {
+    push_event(scp, std::move(ev), true);
+    return STATUS_Success;
+  }
+  // The answer waits for the loop to record the instance (its commit).
+  uint64_t token;
+  {
+    std::lock_guard<std::mutex> lk(scp->mu);
+    token = ++scp->next_token;
+    scp->confirmed[token] = -1;
+  }
+  ev.token = token;
   push_event(scp, std::move(ev), true);
-  return STATUS_Success;
+  std::unique_lock<std::mutex> lk(scp->mu);
+  bool answered = scp->confirm_cv.wait_for(lk, std::chrono::seconds(scp->dimse_timeout), [&] {
+    return scp->confirmed[token] != -1 || scp->stopping.load();
+  });
+  int status = scp->confirmed[token];
+  scp->confirmed.erase(token);
+  if (answered && status == 0)
+    return STATUS_Success;
+  scp->stats.store_failures++;
+  lk.unlock();
+  rr_log(RR_LOG_WARN, kLogModule, "event=store_not_confirmed scp=%s assoc=%llu reason=%s",
+         scp->name.c_str(), (unsigned long long)c->id,
+         !answered      ? "timeout"
+         : status == -1 ? "stopping"
+                        : "not recorded");
+  return STATUS_STORE_Refused_OutOfResources;
 }
 
 void store_progress(void *data, T_DIMSE_StoreProgress *progress, T_DIMSE_C_StoreRQ *req,
@@ -1103,6 +1136,7 @@ void deliver(rr_dicom_scp *scp, const Event &ev) {
     in.study_time = ev.s[F_STUDY_TIME].c_str();
     in.series_number = ev.s[F_SERIES_NUMBER].c_str();
     in.instance_number = ev.s[F_INSTANCE_NUMBER].c_str();
+    in.token = ev.token;
     scp->cb.on_instance(scp->ud, &in);
   } else if (ev.type == Event::ASSOC && scp->cb.on_association) {
     rr_dicom_assoc_event_t ae;
@@ -1271,6 +1305,7 @@ int configure(rr_dicom_scp *scp, const rr_dicom_scp_config_t *cfg) {
     return RR_EINVAL;
   scp->max_pdu = cfg->max_pdu ? static_cast<long>(cfg->max_pdu) : 65536;
   scp->max_events = cfg->max_pending_events ? cfg->max_pending_events : 10000;
+  scp->confirm = cfg->confirm != 0;
   if (cfg->tls) {
     std::string why;
     scp->tls = rr_dicom::make_tls_layer(NET_ACCEPTOR, *cfg->tls, std::string(), &why);
@@ -1421,9 +1456,24 @@ extern "C" void rr_dicom_scp_stop(rr_dicom_scp_t *scp, uint64_t deadline_ms,
   rr_log(RR_LOG_INFO, kLogModule, "event=stopping scp=%s deadline_ms=%llu", scp->name.c_str(),
          (unsigned long long)deadline_ms);
   scp->stopping.store(true);
+  {
+    std::lock_guard<std::mutex> lk(scp->mu);
+    scp->confirm_cv.notify_all(); // C-STOREs waiting for a confirmation give up
+  }
   uint64_t one = 1;
   ssize_t n = write(scp->wake_fd, &one, sizeof(one));
   (void)n; // an eventfd write only fails when the counter is saturated: already woken
+}
+
+extern "C" void rr_dicom_scp_confirm(rr_dicom_scp_t *scp, uint64_t token, int status) {
+  if (!scp || token == 0)
+    return;
+  std::lock_guard<std::mutex> lk(scp->mu);
+  auto it = scp->confirmed.find(token);
+  if (it == scp->confirmed.end())
+    return;
+  it->second = status == 0 ? 0 : 1;
+  scp->confirm_cv.notify_all();
 }
 
 extern "C" const char *rr_dicom_scp_strerror(int code) {

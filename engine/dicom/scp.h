@@ -124,6 +124,12 @@ typedef struct rr_dicom_scp_config {
                                        default 65536 */
   unsigned max_pending_events;      /* events queued for the loop; default 10000 */
   const rr_dicom_tls_config_t *tls; /* NULL: plain TCP; copied */
+  int confirm;                      /* 1: a C-STORE is answered only once the loop has confirmed the
+                                       instance (rr_dicom_scp_confirm, e.g. after the commit that
+                                       records it): success then means durable and recorded; no
+                                       confirmation within dimse_timeout_s, a failed one, or a stop
+                                       is answered 0xA700. 0 (default): answered once the file is
+                                       durable */
 } rr_dicom_scp_config_t;
 
 /* One stored instance. Every pointer is borrowed for the callback; strings
@@ -141,6 +147,7 @@ typedef struct rr_dicom_instance {
   const char *modality, *body_part_examined, *study_description;
   const char *study_date, *study_time;
   const char *series_number, *instance_number; /* IS, as text */
+  uint64_t token; /* with cfg.confirm: what rr_dicom_scp_confirm takes; else 0 */
 } rr_dicom_instance_t;
 
 typedef enum rr_dicom_assoc_kind {
@@ -214,6 +221,12 @@ void rr_dicom_scp_stop(rr_dicom_scp_t *scp, uint64_t deadline_ms,
 /* rr_dicom_scp_strerror: static text for RR_DICOM_E* and every code
  * rr_strerror knows. Never NULL. Any thread. */
 const char *rr_dicom_scp_strerror(int code);
+
+/* rr_dicom_scp_confirm: with cfg.confirm, the answer for the instance of
+ * token: status 0 = recorded (C-STORE success), else 0xA700. A token whose
+ * C-STORE was already answered (timeout, stop) is ignored. Loop thread (any
+ * thread is safe); until stopped_cb. */
+void rr_dicom_scp_confirm(rr_dicom_scp_t *scp, uint64_t token, int status);
 
 #ifdef __cplusplus
 }
