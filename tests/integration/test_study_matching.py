@@ -10,6 +10,8 @@ here. Checked:
   by patient ID + modality + time window; no order ("none");
 - the context carries the order's priority, indication and procedure;
 - an order changed (XO) and cancelled (CA) after it was first kept;
+- a late instance of a routed study: recorded, not routed again
+  (late_series "ignore"); with "reopen" the study is routed again;
 - a study interrupted by a restart completes, and is routed, once; so does
   one that arrived just before a kill -9, and one made stable by `radrelay
   study complete` while the engine was down;
@@ -146,11 +148,13 @@ class Engine:
         finally:
             db.close()
 
-    def set_stable_after(self, seconds):
+    def set_stable_after(self, seconds, late_series=None):
         path = os.path.join(self.dir, "channels", "imaging.json")
         with open(path) as f:
             cfg = json.load(f)
         cfg["source"]["stable_after_s"] = seconds
+        if late_series:
+            cfg["source"]["late_series"] = late_series
         with open(path, "w") as f:
             json.dump(cfg, f)
 
@@ -313,6 +317,16 @@ def main():
             store(e.dicom_port, *files[3:])
             wait_for(lambda: rx.for_study(uid6), 30, "the interrupted study routed")
             assert rx.for_study(uid6)[0]["instances"] == 6
+            # a late instance of a routed study with late_series "ignore"
+            # (the default): recorded, the study stays routed, not again
+            s5 = os.path.join(tmp, "s5")
+            before = e.sql("SELECT max(i.received_ms), s.routed_ms FROM instances i JOIN studies"
+                           " s USING (study_uid) WHERE study_uid = ?", uid_c)[0]
+            store(e.dicom_port, os.path.join(s5, sorted(os.listdir(s5))[0]))
+            wait_for(lambda: e.sql("SELECT max(received_ms) FROM instances WHERE study_uid = ?",
+                                   uid_c)[0][0] > before[0], 10, "the late instance recorded")
+            assert e.sql("SELECT state, routed_ms FROM studies WHERE study_uid = ?", uid_c) == [
+                ("stable", before[1])]
             # kill -9 right after a study arrived: routed once, after the restart
             uid7 = make_study(os.path.join(tmp, "s7"), 7, "RRACC-U1", "RRPAT-2")
             store(e.dicom_port, os.path.join(tmp, "s7"))
@@ -347,7 +361,21 @@ def main():
                      "every delivery done")
         finally:
             e.stop()
-        for uid in list(studies.values()) + [uid_c, uid6, uid7, uid8]:
+        # late_series "reopen": a late instance makes the routed study
+        # arriving again; stable again, it is handed to on_study again
+        e.set_stable_after(1, late_series="reopen")
+        e.start()
+        try:
+            s1 = os.path.join(tmp, "s1")
+            store(e.dicom_port, os.path.join(s1, sorted(os.listdir(s1))[0]))
+            wait_for(lambda: len(rx.for_study(studies["accession"])) == 2, 30,
+                     "the reopened study routed again")
+            again = rx.for_study(studies["accession"])[1]
+            assert again["match"] == "accession" and again["instances"] == 3, again
+        finally:
+            e.stop()
+        assert len(rx.for_study(studies["accession"])) == 2
+        for uid in list(studies.values())[1:] + [uid_c, uid6, uid7, uid8]:
             assert len(rx.for_study(uid)) == 1, (uid, len(rx.for_study(uid)))
         assert e.sql("SELECT count(*) FROM studies WHERE routed_ms IS NULL") == [(0,)]
         leaks = [l for l in e.all_lines if "level=debug" not in l and
