@@ -25,8 +25,11 @@ typedef struct pending {
   int64_t prune_before;            /* > 0: remove messages received before (prune_limit at most) */
   rr_journal_instance_t *instance; /* a DICOM instance (strings in blob) */
   rr_journal_order_t *order;       /* an order (strings in blob) */
-  int64_t order_ms;                /* its ordered_at read as if UTC */
-  int64_t stable_before;           /* > 0: studies of channel e.channel quiet since then */
+  rr_journal_write_fn custom;      /* another module's write (custom_data) */
+  void *custom_data;
+  void (*custom_free)(void *data);
+  int64_t order_ms;      /* its ordered_at read as if UTC */
+  int64_t stable_before; /* > 0: studies of channel e.channel quiet since then */
   rr_journal_stable_cb stable_cb;
   char **stable_uids; /* written by the worker: the studies that became stable */
   size_t nstable;
@@ -476,6 +479,8 @@ static void free_batch(batch_t *b) {
   for (size_t i = 0; i < b->n; i++) {
     free(b->v[i].blob);
     free(b->v[i].routes);
+    if (b->v[i].custom_free)
+      b->v[i].custom_free(b->v[i].custom_data);
     for (size_t k = 0; k < b->v[i].nstable; k++)
       free(b->v[i].stable_uids[k]);
     free(b->v[i].stable_uids);
@@ -1015,6 +1020,8 @@ static void commit_work(uv_work_t *w) {
       rc = instance_write(j, &b->v[i]);
     else if (b->v[i].order)
       rc = order_write(j, &b->v[i]);
+    else if (b->v[i].custom)
+      rc = b->v[i].custom(j->wdb, b->v[i].custom_data);
     else if (b->v[i].stable_before)
       rc = stable_write(j, &b->v[i]);
     else if (b->v[i].delivery)
@@ -1076,7 +1083,7 @@ static void finish_flight(rr_journal_t *j) {
   for (size_t i = 0; i < b.n; i++)
     entries += !b.v[i].barrier && !b.v[i].kv && !b.v[i].delivery && !b.v[i].replay &&
                !b.v[i].ops_upto && !b.v[i].prune_before && !b.v[i].instance &&
-               !b.v[i].stable_before && !b.v[i].order;
+               !b.v[i].stable_before && !b.v[i].order && !b.v[i].custom;
   j->last_batch = entries;
   if (entries)
     learn_sources(j, &b);
@@ -1183,8 +1190,9 @@ static bool find_in(const batch_t *b, const char *channel, const char *app, cons
     const rr_journal_entry_t *e = &b->v[i].e;
     if (b->v[i].barrier || b->v[i].kv || b->v[i].delivery || b->v[i].replay || b->v[i].ops_upto ||
         b->v[i].prune_before || b->v[i].instance || b->v[i].stable_before || b->v[i].order ||
-        !e->control_id || strcmp(e->control_id, ctl) != 0 || !same_str(e->sending_app, app) ||
-        !same_str(e->sending_facility, fac) || !same_str(e->channel, channel))
+        b->v[i].custom || !e->control_id || strcmp(e->control_id, ctl) != 0 ||
+        !same_str(e->sending_app, app) || !same_str(e->sending_facility, fac) ||
+        !same_str(e->channel, channel))
       continue;
     out->found = true;
     out->committed = false;
@@ -1882,4 +1890,33 @@ int rr_journal_study_paths(rr_journal_t *j, const char *study_uid,
   }
   sqlite3_finalize(st);
   return rc == SQLITE_DONE ? n : RR_EIO;
+}
+
+int rr_journal_custom(rr_journal_t *j, rr_journal_write_fn write, void *data,
+                      void (*free_data)(void *data), rr_journal_done_cb cb, void *ud) {
+  pending_t *p = slot(&j->queue);
+  if (!p) {
+    if (free_data)
+      free_data(data);
+    return RR_ENOMEM;
+  }
+  p->custom = write;
+  p->custom_data = data;
+  p->custom_free = free_data;
+  p->cb = cb;
+  p->ud = ud;
+  j->queue.n++; /* not a message: group commit does not wait for it */
+  return 0;
+}
+
+sqlite3 *rr_journal_reader(rr_journal_t *j) {
+  return j->rdb;
+}
+
+int rr_journal_schema(rr_journal_t *j, const char *sql, char **errmsg) {
+  if (j->busy)
+    return RR_EAGAIN;
+  if (sqlite3_exec(j->wdb, sql, NULL, NULL, NULL) != SQLITE_OK)
+    return fail(j->wdb, "schema", errmsg);
+  return 0;
 }

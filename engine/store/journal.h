@@ -316,6 +316,26 @@ int rr_journal_order_get(rr_journal_t *j, const char *accession, rr_buf_t *out);
 int rr_journal_study_context(rr_journal_t *j, const char *study_uid, int64_t window_ms,
                              rr_buf_t *out, int64_t *order_id, const char **method);
 
+/* ---- other modules' tables -------------------------------------------------
+ * A module with tables of its own in the store (AI jobs, audit, ...) writes
+ * through the journal, so its rows commit in the same transactions as the
+ * messages: write runs on the worker thread, inside the batch's
+ * transaction, on the writer connection (it must not BEGIN or COMMIT);
+ * a negative return fails the whole batch. free_data (may be NULL) is
+ * called once the batch is done, committed or not; cb (may be NULL) after
+ * the commit, like an entry's. */
+struct sqlite3;
+typedef int (*rr_journal_write_fn)(struct sqlite3 *db, void *data);
+int rr_journal_custom(rr_journal_t *j, rr_journal_write_fn write, void *data,
+                      void (*free_data)(void *data), rr_journal_done_cb cb, void *ud);
+/* rr_journal_schema: runs a module's schema SQL (CREATE TABLE IF NOT
+ * EXISTS ...) on the writer connection, now. Only while the journal is
+ * idle (at start): RR_EAGAIN otherwise; RR_EIO with a malloc'd message in
+ * *errmsg (may be NULL). */
+int rr_journal_schema(rr_journal_t *j, const char *sql, char **errmsg);
+/* rr_journal_reader: the loop thread's read connection (committed rows). */
+struct sqlite3 *rr_journal_reader(rr_journal_t *j);
+
 /* rr_journal_count: rows in the journal (for tools and tests). */
 int64_t rr_journal_count(rr_journal_t *j);
 
