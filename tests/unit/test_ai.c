@@ -1,0 +1,288 @@
+/* AI jobs: request documents built from study contexts, result checks,
+ * takes-filters, tokens; and the job and result rows in a real store. */
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <sqlite3.h>
+#include <uv.h>
+
+#include "ai/ai.h"
+#include "core/error.h"
+#include "rr_test.h"
+
+static const char *const ctx_text =
+    "{\"study_uid\":\"2.25.1001\",\"channel\":\"imaging\",\"patient_id\":\"RRPAT-1\","
+    "\"accession\":\"RRACC-1\",\"modality\":\"CT\",\"modalities\":[\"CT\",\"SR\"],"
+    "\"body_part\":\"HEAD\",\"description\":\"CT HEAD\",\"study_date\":\"20261128\","
+    "\"study_time\":\"091500\",\"instances\":24,\"calling_ae\":\"CT01\","
+    "\"series\":[{\"series_uid\":\"2.25.1002\",\"modality\":\"CT\",\"series_number\":\"1\","
+    "\"instances\":24,\"body_part\":\"HEAD\"}],\"match\":\"accession\","
+    "\"order\":{\"id\":7,\"status\":\"active\",\"accession\":\"RRACC-1\",\"mrn\":\"RRPAT-1\","
+    "\"patient\":{\"family\":\"ZZTEST\"},\"priority\":\"STAT\",\"reason\":\"FALL\","
+    "\"procedure\":{\"code\":\"CTHEAD\",\"text\":\"CT HEAD\"},\"patient_class\":\"E\"}}";
+
+static void test_request(void) {
+  json_t *ctx = json_loads(ctx_text, 0, NULL);
+  rr_buf_t out;
+  rr_buf_init(&out, 1 << 20);
+  rr_ai_request_opts_t o = {.job_id = "AJ-1",
+                            .endpoint = "hemorrhage",
+                            .created_ms = 1795856102123,
+                            .deadline_ms = 1795857902123,
+                            .callback_url = "http://127.0.0.1:8480/api/ai/jobs/AJ-1/result",
+                            .token = "abc",
+                            .images_root = "http://pacs:8042/dicom-web/"};
+  CHECK_EQ_INT(rr_ai_build_request(ctx, &o, &out), 0);
+  json_t *req = json_loadb(out.data, out.len, 0, NULL);
+  CHECK(req != NULL);
+  CHECK(strcmp(json_string_value(json_object_get(req, "schema")), "radrelay.ai-request/1") == 0);
+  CHECK(strcmp(json_string_value(json_object_get(req, "created")), "2026-11-28T08:55:02.123Z") ==
+        0);
+  json_t *study = json_object_get(req, "study");
+  CHECK(strcmp(json_string_value(json_object_get(study, "study_uid")), "2.25.1001") == 0);
+  CHECK_EQ_INT(json_integer_value(json_object_get(study, "instances")), 24);
+  CHECK_EQ_INT(json_array_size(json_object_get(study, "series")), 1);
+  /* nothing that names the patient leaves */
+  CHECK(strstr(out.data, "RRPAT-1") == NULL);
+  CHECK(strstr(out.data, "ZZTEST") == NULL);
+  CHECK(json_object_get(study, "patient_id") == NULL);
+  CHECK(strcmp(json_string_value(json_object_get(json_object_get(req, "order"), "priority")),
+               "STAT") == 0);
+  CHECK(strcmp(json_string_value(json_object_get(json_object_get(req, "images"), "wado_rs")),
+               "http://pacs:8042/dicom-web/studies/2.25.1001") == 0);
+  CHECK(strcmp(json_string_value(json_object_get(json_object_get(req, "callback"), "token")),
+               "abc") == 0);
+  json_decref(req);
+  /* a DICOMweb source's study: its own retrieve URL wins */
+  json_object_set_new(ctx, "retrieve_url", json_string("http://other/dw/studies/2.25.1001"));
+  rr_buf_reset(&out);
+  o.callback_url = NULL;
+  CHECK_EQ_INT(rr_ai_build_request(ctx, &o, &out), 0);
+  req = json_loadb(out.data, out.len, 0, NULL);
+  CHECK(strcmp(json_string_value(json_object_get(json_object_get(req, "images"), "wado_rs")),
+               "http://other/dw/studies/2.25.1001") == 0);
+  CHECK(json_object_get(req, "callback") == NULL);
+  json_decref(req);
+  json_object_del(ctx, "study_uid");
+  CHECK_EQ_INT(rr_ai_build_request(ctx, &o, &out), RR_EINVAL);
+  json_decref(ctx);
+  rr_buf_close(&out);
+}
+
+static void test_takes(void) {
+  json_t *ctx = json_loads(ctx_text, 0, NULL);
+  char *ct[] = {"CT", NULL}, *mr[] = {"MR", NULL}, *head[] = {"head", NULL},
+       *chest[] = {"CHEST", NULL}, *proc[] = {"CTHEAD", NULL}, *other[] = {"XRCHEST", NULL};
+  const char *why;
+  rr_ai_takes_t any = {0};
+  CHECK(rr_ai_takes_match(&any, ctx, &why));
+  rr_ai_takes_t t = {ct, head, proc};
+  CHECK(rr_ai_takes_match(&t, ctx, &why));
+  t.modalities = mr;
+  CHECK(!rr_ai_takes_match(&t, ctx, &why) && strcmp(why, "modality") == 0);
+  t.modalities = ct;
+  t.body_parts = chest;
+  CHECK(!rr_ai_takes_match(&t, ctx, &why) && strcmp(why, "body part") == 0);
+  t.body_parts = head;
+  t.procedures = other;
+  CHECK(!rr_ai_takes_match(&t, ctx, &why) && strcmp(why, "procedure") == 0);
+  json_decref(ctx);
+}
+
+#define RESULT_HEAD "{\"schema\":\"radrelay.ai-result/1\",\"job_id\":\"AJ-1\","
+
+static void test_parse(void) {
+  const char *good = RESULT_HEAD
+      "\"status\":\"completed\",\"model\":{\"name\":\"ref\",\"version\":\"1.0\"},"
+      "\"findings\":[{\"id\":\"F1\",\"code\":{\"system\":\"SCT\",\"code\":\"274100004\","
+      "\"meaning\":\"Cerebral hemorrhage\"},\"label\":\"bleed\",\"confidence\":0.93,"
+      "\"critical\":true,\"acr_category\":1,\"location\":{\"series_uid\":\"2.25.1\","
+      "\"instance_uid\":\"2.25.2\",\"frame\":1,\"point\":[10,20],\"point3d\":[1,2,3]},"
+      "\"measurements\":[{\"code\":{\"system\":\"DCM\",\"code\":\"118565006\","
+      "\"meaning\":\"Volume\"},\"value\":1234.5,\"unit\":\"mm3\"}]},"
+      "{\"id\":\"F2\",\"code\":{\"system\":\"SCT\",\"code\":\"1\",\"meaning\":\"x\"},"
+      "\"acr_category\":2}]}";
+  rr_ai_result_t *r;
+  rr_buf_t err;
+  rr_buf_init(&err, 4096);
+  CHECK_EQ_INT(rr_ai_parse_result(good, strlen(good), &r, &err), 0);
+  CHECK_EQ_INT(r->nfindings, 2);
+  CHECK(r->critical);
+  CHECK_EQ_INT(r->acr_category, 1);
+  CHECK(strcmp(r->findings[0].code, "274100004") == 0);
+  CHECK(r->findings[0].confidence > 0.92 && r->findings[0].confidence < 0.94);
+  CHECK(r->findings[1].confidence < 0 && !r->findings[1].critical);
+  CHECK(strcmp(r->model_version, "1.0") == 0);
+  rr_ai_result_free(r);
+  const char *bad[] = {
+      "not json",
+      "[]",
+      "{\"schema\":\"other/1\",\"job_id\":\"AJ-1\",\"status\":\"completed\","
+      "\"model\":{\"name\":\"a\",\"version\":\"1\"}}",
+      RESULT_HEAD "\"status\":\"done\",\"model\":{\"name\":\"a\",\"version\":\"1\"}}",
+      RESULT_HEAD "\"status\":\"completed\"}",
+      RESULT_HEAD "\"status\":\"completed\",\"model\":{\"name\":\"a\",\"version\":\"1\"},"
+                  "\"findings\":[{\"id\":\"F1\",\"code\":{\"system\":\"S\",\"code\":\"1\"}}]}",
+      RESULT_HEAD "\"status\":\"completed\",\"model\":{\"name\":\"a\",\"version\":\"1\"},"
+                  "\"findings\":[{\"id\":\"F1\",\"code\":{\"system\":\"S\",\"code\":\"1\","
+                  "\"meaning\":\"m\"},\"confidence\":1.5}]}",
+      RESULT_HEAD "\"status\":\"completed\",\"model\":{\"name\":\"a\",\"version\":\"1\"},"
+                  "\"findings\":[{\"id\":\"F1\",\"code\":{\"system\":\"S\",\"code\":\"1\","
+                  "\"meaning\":\"m\"},\"acr_category\":4}]}",
+      RESULT_HEAD "\"status\":\"completed\",\"model\":{\"name\":\"a\",\"version\":\"1\"},"
+                  "\"findings\":[{\"id\":\"F1\",\"code\":{\"system\":\"S\",\"code\":\"1\","
+                  "\"meaning\":\"m\"},\"location\":{\"point\":[1]}}]}",
+      RESULT_HEAD "\"status\":\"completed\",\"model\":{\"name\":\"a\",\"version\":\"1\"},"
+                  "\"findings\":[{\"id\":\"F1\",\"code\":{\"system\":\"S\",\"code\":\"1\","
+                  "\"meaning\":\"m\"}},{\"id\":\"F1\",\"code\":{\"system\":\"S\",\"code\":\"2\","
+                  "\"meaning\":\"n\"}}]}",
+      RESULT_HEAD "\"status\":\"completed\",\"model\":{\"name\":\"a\",\"version\":\"1\"},"
+                  "\"findings\":[{\"id\":\"F1\",\"code\":{\"system\":\"S\",\"code\":\"1\","
+                  "\"meaning\":\"m\"},\"measurements\":[{\"value\":\"3\"}]}]}",
+  };
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    rr_buf_reset(&err);
+    r = NULL;
+    CHECK_EQ_INT(rr_ai_parse_result(bad[i], strlen(bad[i]), &r, &err), RR_EPARSE);
+    CHECK(r == NULL && err.len > 0);
+  }
+  rr_buf_close(&err);
+}
+
+static void test_tokens(void) {
+  char t1[RR_AI_TOKEN_HEX + 1], h1[65], t2[RR_AI_TOKEN_HEX + 1], h2[65], h[65];
+  CHECK_EQ_INT(rr_ai_token(t1, h1), 0);
+  CHECK_EQ_INT(rr_ai_token(t2, h2), 0);
+  CHECK(strlen(t1) == RR_AI_TOKEN_HEX && strcmp(t1, t2) != 0 && strcmp(h1, h2) != 0);
+  rr_ai_token_hash(t1, h);
+  CHECK(strcmp(h, h1) == 0);
+  rr_ai_token_hash("abc", h); /* SHA-256("abc") */
+  CHECK(strcmp(h, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad") == 0);
+}
+
+typedef struct {
+  int done, status;
+} waiter_t;
+
+static void on_done(void *ud, int status, int64_t id) {
+  waiter_t *w = ud;
+  (void)id;
+  w->done++;
+  w->status = status;
+}
+
+static char g_dir[] = "/tmp/rr-test-ai-XXXXXX";
+
+static void test_store(void) {
+  const char *dir = g_dir;
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  char path[1024];
+  snprintf(path, sizeof path, "%s/ai.db", dir);
+  rr_journal_t *j;
+  char *emsg = NULL;
+  CHECK_EQ_INT(rr_journal_open(&loop, path, RR_JOURNAL_SYNC_FULL, &j, &emsg), 0);
+  CHECK_EQ_INT(rr_ai_schema(j, &emsg), 0);
+  rr_ai_job_t job = {.job_id = "AJ-5",
+                     .queue_id = 5,
+                     .destination = "imaging.hemorrhage",
+                     .channel = "imaging",
+                     .study_uid = "2.25.1001",
+                     .mode = RR_AI_ACTIVE,
+                     .state = "running",
+                     .token_hash = "00ff",
+                     .sent_ms = 1000,
+                     .deadline_ms = 5000,
+                     .request = "{}"};
+  CHECK_EQ_INT(rr_ai_job_sent(j, &job), 0);
+  job.job_id = "AJ-6";
+  job.deadline_ms = 2000;
+  CHECK_EQ_INT(rr_ai_job_sent(j, &job), 0);
+  waiter_t w = {0};
+  CHECK_EQ_INT(rr_journal_add_barrier(j, on_done, &w), 0);
+  rr_journal_kick(j);
+  while (!w.done)
+    uv_run(&loop, UV_RUN_ONCE);
+  rr_ai_job_info_t info;
+  CHECK_EQ_INT(rr_ai_job_get(j, "AJ-5", &info), 0);
+  CHECK(strcmp(info.state, "running") == 0 && info.mode == RR_AI_ACTIVE);
+  CHECK(strcmp(info.token_hash, "00ff") == 0 && info.deadline_ms == 5000);
+  CHECK_EQ_INT(rr_ai_job_get(j, "AJ-404", &info), RR_ENOTFOUND);
+  const char *res = "{\"schema\":\"radrelay.ai-result/1\",\"job_id\":\"AJ-5\","
+                    "\"status\":\"completed\",\"model\":{\"name\":\"ref\",\"version\":\"2\"},"
+                    "\"findings\":[{\"id\":\"F1\",\"code\":{\"system\":\"SCT\",\"code\":\"1\","
+                    "\"meaning\":\"m\"},\"critical\":true,\"acr_category\":1,\"confidence\":0.5}]}";
+  rr_ai_result_t *r;
+  CHECK_EQ_INT(rr_ai_parse_result(res, strlen(res), &r, NULL), 0);
+  w.done = 0;
+  CHECK_EQ_INT(rr_ai_store_result(j, r, 3000, on_done, &w), 0);
+  rr_ai_result_free(r);
+  /* expired: only a job without a result changes */
+  CHECK_EQ_INT(rr_ai_job_state(j, "AJ-5", "expired", "too late", 4000), 0);
+  rr_journal_kick(j);
+  while (!w.done)
+    uv_run(&loop, UV_RUN_ONCE);
+  CHECK_EQ_INT(w.status, 0);
+  w.done = 0;
+  CHECK_EQ_INT(rr_journal_add_barrier(j, on_done, &w), 0);
+  rr_journal_kick(j);
+  while (!w.done)
+    uv_run(&loop, UV_RUN_ONCE);
+  CHECK_EQ_INT(rr_ai_job_get(j, "AJ-5", &info), 0);
+  CHECK(strcmp(info.state, "completed") == 0 && info.result_ms == 3000);
+  sqlite3 *db = rr_journal_reader(j);
+  sqlite3_stmt *st;
+  CHECK(sqlite3_prepare_v2(db,
+                           "SELECT study_uid, critical, acr_category, confidence FROM ai_findings",
+                           -1, &st, NULL) == SQLITE_OK);
+  CHECK(sqlite3_step(st) == SQLITE_ROW);
+  CHECK(strcmp((const char *)sqlite3_column_text(st, 0), "2.25.1001") == 0);
+  CHECK_EQ_INT(sqlite3_column_int(st, 1), 1);
+  CHECK_EQ_INT(sqlite3_column_int(st, 2), 1);
+  CHECK(sqlite3_step(st) == SQLITE_DONE);
+  sqlite3_finalize(st);
+  CHECK(rr_journal_idle(j));
+  rr_journal_close(j);
+  uv_loop_close(&loop);
+}
+
+static void count_overdue(void *ud, const char *job_id, const char *destination) {
+  int *n = ud;
+  (void)destination;
+  if (strcmp(job_id, "AJ-6") == 0)
+    (*n)++;
+}
+
+static void test_overdue(void) {
+  const char *dir = g_dir;
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  char path[1024];
+  snprintf(path, sizeof path, "%s/ai.db", dir);
+  rr_journal_t *j;
+  CHECK_EQ_INT(rr_journal_open(&loop, path, RR_JOURNAL_SYNC_FULL, &j, NULL), 0);
+  /* AJ-6 (deadline 2000) is overdue at 2500; AJ-5 has its result */
+  int n = 0;
+  CHECK_EQ_INT(rr_ai_jobs_overdue(j, 2500, count_overdue, &n), 1);
+  CHECK_EQ_INT(n, 1);
+  CHECK_EQ_INT(rr_ai_jobs_overdue(j, 1500, count_overdue, &n), 0);
+  rr_journal_close(j);
+  uv_loop_close(&loop);
+}
+
+int main(void) {
+  if (!mkdtemp(g_dir))
+    return 2;
+  RUN(test_request);
+  RUN(test_takes);
+  RUN(test_parse);
+  RUN(test_tokens);
+  RUN(test_store);
+  RUN(test_overdue);
+  char cmd[128];
+  snprintf(cmd, sizeof cmd, "rm -rf %s", g_dir);
+  if (system(cmd) != 0)
+    return 2;
+  return TEST_SUMMARY();
+}
