@@ -2,9 +2,14 @@
  * engine and its journal. */
 #include "admin/api.h"
 
+#include <errno.h>
+#include <sqlite3.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
+#include <time.h>
 
+#include "ai/ai.h"
 #include "core/log.h"
 
 struct rr_admin {
@@ -135,6 +140,166 @@ static void order_get(void *ud, rr_http_req_t *req) {
   rr_buf_close(&out);
 }
 
+/* ---- AI jobs -------------------------------------------------------------- */
+
+typedef struct result_kept {
+  rr_http_req_t *req;
+  char job_id[RR_AI_JOB_ID_MAX];
+} result_kept_t;
+
+static void on_result_kept(void *ud, int status, int64_t id) {
+  result_kept_t *k = ud;
+  (void)id;
+  if (status)
+    rr_http_reply_error(k->req, 503, "store_unavailable", "the result could not be recorded");
+  else
+    rr_http_reply_json(k->req, 200,
+                       json_pack("{s:s, s:s}", "job_id", k->job_id, "status", "recorded"));
+  free(k);
+}
+
+/* POST /api/ai/jobs/{id}/result: an endpoint's result, with the one-job
+ * token the request carried; answered once it is recorded. */
+static void ai_result(void *ud, rr_http_req_t *req) {
+  rr_admin_t *a = ud;
+  const char *id = rr_http_req_param(req, "id");
+  const char *auth = rr_http_req_header(req, "authorization");
+  const char *token = auth && strncasecmp(auth, "bearer ", 7) == 0 ? auth + 7 : NULL;
+  if (!id || strlen(id) >= RR_AI_JOB_ID_MAX) {
+    rr_http_reply_error(req, 404, "not_found", "no such job");
+    return;
+  }
+  if (!token) {
+    rr_http_reply_error(req, 401, "unauthorized", "the job's bearer token is required");
+    return;
+  }
+  result_kept_t *k = malloc(sizeof *k);
+  if (!k) {
+    rr_http_reply_error(req, 500, "internal_error", "out of memory");
+    return;
+  }
+  k->req = req;
+  snprintf(k->job_id, sizeof k->job_id, "%s", id);
+  size_t len;
+  const char *body = rr_http_req_body(req, &len);
+  rr_buf_t err;
+  rr_buf_init(&err, 1024);
+  int rc = rr_engine_ai_callback(a->engine, id, token, body, len, on_result_kept, k, &err);
+  if (rc) {
+    free(k);
+    char msg[300];
+    snprintf(msg, sizeof msg, "%s", err.data ? err.data : rr_strerror(rc));
+    if (rc == RR_ENOTFOUND)
+      rr_http_reply_error(req, 404, "not_found", msg);
+    else if (rc == -EPERM)
+      rr_http_reply_error(req, 401, "unauthorized", msg);
+    else if (rc == -EEXIST)
+      rr_http_reply_error(req, 409, "conflict", msg);
+    else if (rc == RR_EPARSE)
+      rr_http_reply_error(req, 400, "bad_result", msg);
+    else
+      rr_http_reply_error(req, 503, "unavailable", msg);
+  }
+  rr_buf_close(&err);
+}
+
+/* GET /api/ai/jobs/{id}: the job's state and result. */
+static void ai_job_get(void *ud, rr_http_req_t *req) {
+  rr_admin_t *a = ud;
+  sqlite3_stmt *st;
+  if (sqlite3_prepare_v2(rr_journal_reader(a->journal),
+                         "SELECT job_id, destination, study_uid, mode, state, sent_ms, deadline_ms,"
+                         " result_ms, model_name, model_version, critical, acr_category, reason,"
+                         " result FROM ai_jobs WHERE job_id = ?",
+                         -1, &st, NULL) != SQLITE_OK) {
+    rr_http_reply_error(req, 500, "internal_error", "the store could not be read");
+    return;
+  }
+  sqlite3_bind_text(st, 1, rr_http_req_param(req, "id"), -1, SQLITE_TRANSIENT);
+  if (sqlite3_step(st) != SQLITE_ROW) {
+    sqlite3_finalize(st);
+    rr_http_reply_error(req, 404, "not_found", "no such job");
+    return;
+  }
+  json_t *o = json_object();
+  static const char *const cols[] = {"job_id",     "endpoint",      "study_uid",   "mode",
+                                     "state",      "sent_ms",       "deadline_ms", "result_ms",
+                                     "model_name", "model_version", "critical",    "acr_category",
+                                     "reason"};
+  for (int i = 0; i < 13; i++) {
+    int t = sqlite3_column_type(st, i);
+    json_object_set_new(o, cols[i],
+                        t == SQLITE_NULL ? json_null()
+                        : t == SQLITE_INTEGER
+                            ? json_integer(sqlite3_column_int64(st, i))
+                            : json_string((const char *)sqlite3_column_text(st, i)));
+  }
+  json_t *res = sqlite3_column_type(st, 13) == SQLITE_NULL
+                    ? json_null()
+                    : json_loads((const char *)sqlite3_column_text(st, 13), 0, NULL);
+  json_object_set_new(o, "result", res ? res : json_null());
+  sqlite3_finalize(st);
+  rr_http_reply_json(req, 200, o);
+}
+
+/* GET /api/worklist: stable studies of the last days, AI-critical first
+ * (findings of endpoints in active mode only), then STAT orders, then the
+ * oldest. */
+static void worklist(void *ud, rr_http_req_t *req) {
+  rr_admin_t *a = ud;
+  const char *d = rr_http_req_query(req, "days");
+  long days = d ? strtol(d, NULL, 10) : 7;
+  if (days < 1 || days > 366)
+    days = 7;
+  sqlite3_stmt *st;
+  const char *sql =
+      "SELECT s.study_uid, s.accession, s.modality, s.body_part, s.description, s.stable_ms,"
+      " o.priority, json_extract(o.record, '$.reason'),"
+      " (SELECT max(f.critical) FROM ai_findings f JOIN ai_jobs j USING (job_id)"
+      "   WHERE f.study_uid = s.study_uid AND j.mode = 'active') AS critical,"
+      " (SELECT min(f.acr_category) FROM ai_findings f JOIN ai_jobs j USING (job_id)"
+      "   WHERE f.study_uid = s.study_uid AND j.mode = 'active') AS acr,"
+      " (SELECT json_group_array(f.label) FROM ai_findings f JOIN ai_jobs j USING (job_id)"
+      "   WHERE f.study_uid = s.study_uid AND j.mode = 'active' AND f.critical) AS labels"
+      " FROM studies s LEFT JOIN orders o ON o.id = s.order_id"
+      " WHERE s.state = 'stable' AND s.stable_ms >= ?1"
+      " ORDER BY coalesce(critical, 0) DESC, coalesce(acr, 9),"
+      " (o.priority IN ('S', 'STAT')) DESC, s.stable_ms LIMIT 1000";
+  if (sqlite3_prepare_v2(rr_journal_reader(a->journal), sql, -1, &st, NULL) != SQLITE_OK) {
+    rr_http_reply_error(req, 500, "internal_error", "the store could not be read");
+    return;
+  }
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  sqlite3_bind_int64(st, 1, ((int64_t)ts.tv_sec - days * 86400) * 1000);
+  json_t *rows = json_array();
+  while (sqlite3_step(st) == SQLITE_ROW) {
+    json_t *labels = sqlite3_column_type(st, 10) == SQLITE_NULL
+                         ? NULL
+                         : json_loads((const char *)sqlite3_column_text(st, 10), 0, NULL);
+    json_t *row = json_object();
+    static const char *const cols[] = {"study_uid",   "accession", "modality", "body_part",
+                                       "description", "stable_ms", "priority", "reason"};
+    for (int i = 0; i < 8; i++) {
+      int t = sqlite3_column_type(st, i);
+      json_object_set_new(row, cols[i],
+                          t == SQLITE_NULL ? json_null()
+                          : t == SQLITE_INTEGER
+                              ? json_integer(sqlite3_column_int64(st, i))
+                              : json_string((const char *)sqlite3_column_text(st, i)));
+    }
+    json_object_set_new(row, "ai_critical", json_boolean(sqlite3_column_int(st, 8) == 1));
+    json_object_set_new(row, "acr_category",
+                        sqlite3_column_type(st, 9) == SQLITE_NULL
+                            ? json_null()
+                            : json_integer(sqlite3_column_int(st, 9)));
+    json_object_set_new(row, "ai_findings", labels ? labels : json_array());
+    json_array_append_new(rows, row);
+  }
+  sqlite3_finalize(st);
+  rr_http_reply_json(req, 200, json_pack("{s:o}", "studies", rows));
+}
+
 int rr_admin_start(uv_loop_t *loop, rr_engine_t *e, rr_journal_t *j, const rr_admin_config_t *cfg,
                    rr_admin_t **out, rr_buf_t *err) {
   rr_admin_t *a = calloc(1, sizeof *a);
@@ -143,12 +308,16 @@ int rr_admin_start(uv_loop_t *loop, rr_engine_t *e, rr_journal_t *j, const rr_ad
   a->engine = e;
   a->journal = j;
   const rr_http_route_t routes[] = {
-      {"GET", "/health", RR_HTTP_PUBLIC, NULL, 0, health, a},
-      {"POST", "/api/studies/{uid}/complete", RR_HTTP_OPERATOR, NULL, 4096, study_complete, a},
+      {"GET", "/health", RR_HTTP_PUBLIC, NULL, 0, health, a, 0},
+      {"POST", "/api/studies/{uid}/complete", RR_HTTP_OPERATOR, NULL, 4096, study_complete, a, 0},
       {"POST", "/api/sources/{channel}/notify", RR_HTTP_OPERATOR, "application/json", 4096,
-       source_notify, a},
-      {"GET", "/api/studies/{uid}", RR_HTTP_VIEWER, NULL, 0, study_get, a},
-      {"GET", "/api/orders/{accession}", RR_HTTP_VIEWER, NULL, 0, order_get, a},
+       source_notify, a, 0},
+      {"GET", "/api/studies/{uid}", RR_HTTP_VIEWER, NULL, 0, study_get, a, 0},
+      {"GET", "/api/orders/{accession}", RR_HTTP_VIEWER, NULL, 0, order_get, a, 0},
+      {"POST", "/api/ai/jobs/{id}/result", RR_HTTP_PUBLIC, "application/json", (size_t)16 << 20,
+       ai_result, a, 1},
+      {"GET", "/api/ai/jobs/{id}", RR_HTTP_VIEWER, NULL, 0, ai_job_get, a, 0},
+      {"GET", "/api/worklist", RR_HTTP_VIEWER, NULL, 0, worklist, a, 0},
   };
   rr_http_server_config_t sc;
   rr_http_server_config_default(&sc);

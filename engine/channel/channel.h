@@ -117,6 +117,21 @@ int rr_engine_complete_study(rr_engine_t *e, const char *study_uid, rr_engine_co
 int rr_engine_dicomweb_notify(rr_engine_t *e, const char *channel, const char *study_uid,
                               bool complete);
 
+/* ---- AI results (channel/ai_results.c) ----
+ * rr_engine_ai_result (an rr_dispatch_ai_result_fn, ud: the engine): a
+ * result that came in an endpoint's answer. rr_engine_ai_callback: one
+ * POSTed to /api/ai/jobs/{id}/result with the job's token: -EPERM (not the
+ * job's token), -EEXIST (the job has its result, or expired), RR_EPARSE
+ * (not a result of this job; err says what), RR_ENOTFOUND; cb after the
+ * commit that keeps it. rr_engine_ai_expire: jobs past their deadline
+ * without a result are expired; returns how many. */
+struct rr_ai_result;
+void rr_engine_ai_result(void *ud, const rr_destination_config_t *dest, const char *job_id,
+                         const char *study_uid, const struct rr_ai_result *r);
+int rr_engine_ai_callback(rr_engine_t *e, const char *job_id, const char *token, const char *body,
+                          size_t len, rr_journal_done_cb cb, void *ud, rr_buf_t *err);
+int rr_engine_ai_expire(rr_engine_t *e);
+
 /* rr_channel_accepts: whether type ("ADT^A01") matches the accept list;
  * an entry "ADT^*" or "ADT" matches every ADT event. Pure. */
 bool rr_channel_accepts(char *const *accept, const char *type, const char *event);

@@ -79,6 +79,14 @@ int rr_channel_start_dicom(rr_engine_t *e, rr_channel_t *ch);
 /* rr_channel_stop_dicom: stops them (shutdown); safe to call twice. */
 void rr_channel_stop_dicom(rr_channel_t *ch);
 
+/* rr_engine_take_ai_result: a checked result of job_id (of endpoint dest)
+ * into the store and through the channel's on_result; cb after the commit
+ * of the AI_RESULT entry. via: "answer" or "callback". */
+int rr_engine_take_ai_result(rr_engine_t *e, const rr_destination_config_t *dest,
+                             const char *job_id, const char *study_uid,
+                             const struct rr_ai_result *r, const char *via, rr_journal_done_cb cb,
+                             void *ud);
+
 /* rr_channel_start_dicomweb: the QIDO-RS poller of a DICOMweb source. */
 int rr_channel_start_dicomweb(rr_engine_t *e, rr_channel_t *ch);
 /* rr_channel_stop_dicomweb: stops it (cancels a running request). */

@@ -876,6 +876,8 @@ void rr_engine_free(rr_engine_t *e) {
     for (size_t i = 0; i < ch->cfg.tls_cfg.nallow; i++)
       free(ch->cfg.tls_allow[i]);
     free(ch->cfg.tls_allow);
+    for (size_t i = 0; ch->cfg.destinations && i < ch->cfg.ndestinations; i++)
+      rr_destination_config_free_lists(&ch->cfg.destinations[i]);
     free(ch->cfg.destinations);
     for (char **a = ch->cfg.dicom_calling_aes; a && *a; a++)
       free(*a);

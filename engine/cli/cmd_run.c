@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "admin/api.h"
+#include "ai/ai.h"
 #include "cli/cli.h"
 #include "cli/config.h"
 #include "core/error.h"
@@ -18,7 +19,8 @@
 typedef struct run_state {
   rr_engine_t *engine;
   rr_dispatch_t *dispatch;
-  rr_admin_t *api; /* NULL without an "http" section */
+  uv_timer_t ai_expiry; /* AI jobs past their deadline */
+  rr_admin_t *api;      /* NULL without an "http" section */
   uv_signal_t sigint, sigterm, sighup, sigusr2;
   uv_timer_t prune; /* retention: removes old messages in slices */
   rr_journal_t *journal;
@@ -106,6 +108,13 @@ static void on_signal(uv_signal_t *h, int signum) {
   uv_close((uv_handle_t *)&s->sigusr2, NULL);
   if (s->retention_days)
     uv_close((uv_handle_t *)&s->prune, NULL);
+  uv_close((uv_handle_t *)&s->ai_expiry, NULL);
+}
+
+static void on_ai_expiry(uv_timer_t *t) {
+  run_state_t *s = t->data;
+  if (!s->stopping)
+    rr_engine_ai_expire(s->engine);
 }
 
 /* mkdir -p of the folder holding path. */
@@ -270,6 +279,12 @@ int rr_cmd_run(int argc, char **argv) {
     goto out;
   }
   rr_journal_set_gather(journal, cfg.group_commit_wait_us);
+  if ((rc = rr_ai_schema(journal, &emsg)) != 0) {
+    rr_log(RR_LOG_ERROR, "engine", "event=store_open_failed path=%s error=\"%s\"", cfg.store_path,
+           emsg ? emsg : rr_strerror(rc));
+    free(emsg);
+    goto out;
+  }
   rr_log(RR_LOG_INFO, "engine", "event=store_open path=%s synchronous=%s", cfg.store_path,
          cfg.sync == RR_JOURNAL_SYNC_FULL     ? "full"
          : cfg.sync == RR_JOURNAL_SYNC_NORMAL ? "normal"
@@ -280,6 +295,8 @@ int rr_cmd_run(int argc, char **argv) {
   rr_dispatch_set_replay(s.dispatch, rr_engine_replay, s.engine);
   rr_dispatch_set_inject(s.dispatch, rr_engine_inject, s.engine);
   rr_dispatch_set_study_complete(s.dispatch, rr_engine_study_complete, s.engine);
+  rr_dispatch_set_ai(s.dispatch, cfg.http_public_url[0] ? cfg.http_public_url : NULL,
+                     rr_engine_ai_result, s.engine);
   /* Destinations first: their queues may hold what earlier runs accepted. */
   for (size_t i = 0; i < cfg.nchannels; i++)
     for (size_t k = 0; k < cfg.channels[i].ndestinations; k++) {
@@ -348,6 +365,10 @@ int rr_cmd_run(int argc, char **argv) {
     rr_log(RR_LOG_INFO, "engine", "event=api_ready host=%s port=%d tls=%s", cfg.http_host,
            rr_admin_port(s.api), cfg.http_tls ? "yes" : "no");
   }
+  uv_timer_init(&loop, &s.ai_expiry);
+  s.ai_expiry.data = &s;
+  uv_timer_start(&s.ai_expiry, on_ai_expiry, 5000, 5000);
+  uv_unref((uv_handle_t *)&s.ai_expiry);
   uv_signal_init(&loop, &s.sigint);
   uv_signal_init(&loop, &s.sigterm);
   uv_signal_init(&loop, &s.sighup);

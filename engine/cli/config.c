@@ -1,6 +1,8 @@
 /* Configuration loading with precise error messages. */
 #include "cli/config.h"
 
+#include "ai/ai.h"
+
 #include <dirent.h>
 #include <jansson.h>
 #include <libgen.h>
@@ -219,6 +221,17 @@ static bool good_name(const char *s) {
 }
 
 /* $.destinations: one rr_destination_config_t per entry. */
+static char **string_list(json_t *arr) {
+  if (!json_is_array(arr))
+    return NULL;
+  size_t n = json_array_size(arr);
+  char **v = calloc(n + 1, sizeof *v);
+  for (size_t i = 0; v && i < n; i++)
+    v[i] = strdup(
+        json_string_value(json_array_get(arr, i)) ? json_string_value(json_array_get(arr, i)) : "");
+  return v;
+}
+
 static void load_destinations(ctx_t *c, json_t *obj, const char *base, rr_channel_config_t *ch) {
   if (!obj)
     return;
@@ -254,7 +267,12 @@ static void load_destinations(ctx_t *c, json_t *obj, const char *base, rr_channe
               : strcmp(type, "channel") == 0 ? RR_DEST_CHANNEL
               : strcmp(type, "dicom") == 0   ? RR_DEST_DICOM
               : strcmp(type, "stow") == 0    ? RR_DEST_STOW
+              : strcmp(type, "ai") == 0      ? RR_DEST_AI
                                              : RR_DEST_MLLP;
+    get_string(c, d, "role", path, x->role, sizeof x->role, "result");
+    if (strcmp(x->role, "result") != 0 && strcmp(x->role, "worklist") != 0 &&
+        strcmp(x->role, "notification") != 0)
+      problem(c, path, "role: \"%s\" is not one of result, worklist, notification", x->role);
     uint64_t v;
     if (x->kind == RR_DEST_MLLP) {
       get_string(c, d, "host", path, x->host, sizeof x->host, NULL);
@@ -293,6 +311,29 @@ static void load_destinations(ctx_t *c, json_t *obj, const char *base, rr_channe
       v = 60;
       if (get_uint(c, d, "dimse_timeout_s", path, 1, 3600, &v) == 0)
         x->dimse_timeout_s = (unsigned)v;
+    } else if (x->kind == RR_DEST_AI) {
+      get_string(c, d, "url", path, x->url, sizeof x->url, NULL);
+      char rel[1024] = "";
+      get_string(c, d, "bearer_token_file", path, rel, sizeof rel, "");
+      if (rel[0] && join_path(base, rel, x->token_file, sizeof x->token_file))
+        problem(c, path, "bearer_token_file: path too long");
+      get_uint(c, d, "timeout_ms", path, 1, UINT32_MAX, &x->timeout_ms);
+      char mode[16];
+      get_string(c, d, "mode", path, mode, sizeof mode, "silent");
+      int m = rr_ai_mode_parse(mode);
+      if (m < 0)
+        problem(c, path, "mode: \"%s\" is not one of silent, assistant, active", mode);
+      x->ai_mode = m < 0 ? RR_AI_SILENT : m;
+      json_t *takes = json_object_get(d, "takes");
+      x->ai_modalities = string_list(json_object_get(takes, "modalities"));
+      x->ai_body_parts = string_list(json_object_get(takes, "body_parts"));
+      x->ai_procedures = string_list(json_object_get(takes, "procedures"));
+      get_string(c, d, "images_root", path, x->ai_images_root, sizeof x->ai_images_root, "");
+      char result[16];
+      get_string(c, d, "result", path, result, sizeof result, "sync");
+      if (strcmp(result, "sync") != 0 && strcmp(result, "callback") != 0)
+        problem(c, path, "result: \"%s\" is not one of sync, callback", result);
+      x->ai_callback = strcmp(result, "callback") == 0;
     } else if (x->kind == RR_DEST_STOW) {
       get_string(c, d, "url", path, x->url, sizeof x->url, NULL);
       get_string(c, d, "user", path, x->user, sizeof x->user, "");
@@ -359,16 +400,6 @@ static void load_destinations(ctx_t *c, json_t *obj, const char *base, rr_channe
 }
 
 /* NULL-terminated copies of a JSON array of strings (NULL when absent). */
-static char **string_list(json_t *arr) {
-  if (!json_is_array(arr))
-    return NULL;
-  size_t n = json_array_size(arr);
-  char **v = calloc(n + 1, sizeof *v);
-  for (size_t i = 0; v && i < n; i++)
-    v[i] = strdup(
-        json_string_value(json_array_get(arr, i)) ? json_string_value(json_array_get(arr, i)) : "");
-  return v;
-}
 
 static void load_dicom_source(ctx_t *c, json_t *src, const char *base, rr_channel_config_t *ch) {
   ch->dicom = true;
@@ -678,13 +709,15 @@ int rr_config_load(const char *path, rr_config_t *cfg, rr_buf_t *err) {
   if (http && !json_is_object(http)) {
     problem(&c, "$.http", "must be an object");
   } else if (http) {
-    static const char *const keys[] = {"host", "port", "token_file", "tls", NULL};
+    static const char *const keys[] = {"host", "port", "token_file", "tls", "public_url", NULL};
     unknown_keys(&c, http, "$.http", keys);
     cfg->http = true;
     get_string(&c, http, "host", "$.http", cfg->http_host, sizeof cfg->http_host, "127.0.0.1");
     uint64_t v = 8480;
     if (get_uint(&c, http, "port", "$.http", 0, 65535, &v) == 0)
       cfg->http_port = (int)v;
+    get_string(&c, http, "public_url", "$.http", cfg->http_public_url, sizeof cfg->http_public_url,
+               "");
     char rel[1024] = "";
     get_string(&c, http, "token_file", "$.http", rel, sizeof rel, "");
     if (rel[0] && join_path(base, rel, cfg->http_token_file, sizeof cfg->http_token_file))
@@ -810,6 +843,8 @@ static void free_channel_lists(rr_channel_config_t *ch) {
     free(*a);
   free(ch->tls_allow);
   ch->tls_allow = NULL;
+  for (size_t i = 0; ch->destinations && i < ch->ndestinations; i++)
+    rr_destination_config_free_lists(&ch->destinations[i]);
   free(ch->destinations);
   ch->destinations = NULL;
   ch->ndestinations = 0;

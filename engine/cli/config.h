@@ -17,6 +17,7 @@ typedef struct rr_config {
   char http_host[64];
   int http_port;
   char http_token_file[1024];
+  char http_public_url[1024]; /* how AI endpoints reach the API (callbacks); "" = none */
   bool http_tls;
   char http_cert[1024], http_key[1024], http_ca[1024], http_crl[1024];
   bool http_require_client_cert;

@@ -135,6 +135,9 @@ typedef struct rr_http_route {
   size_t max_body;            /* 0: the server's max_body */
   rr_http_handler_fn handler; /* required */
   void *ud;
+  int own_auth; /* 1 (with RR_HTTP_PUBLIC): the handler checks the Authorization
+                   header itself (e.g. a one-job token); the token file is not
+                   consulted and the principal is "-" */
 } rr_http_route_t;
 
 typedef struct rr_http_static_dir {

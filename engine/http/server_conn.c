@@ -599,7 +599,7 @@ static void head_done(hs_conn_t *c) {
     return;
   }
   rr_http_role_t need = req->route ? req->route->min_role : req->statik->min_role;
-  int auth = authenticate(c, req, need);
+  int auth = req->route && req->route->own_auth ? 0 : authenticate(c, req, need);
   if (auth == 401) {
     early_error(c, 401, "unauthorized", "A valid bearer token is required.", 0);
     return;

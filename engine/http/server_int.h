@@ -33,6 +33,7 @@ typedef struct hs_route {
   size_t max_body;
   rr_http_handler_fn handler;
   void *ud;
+  int own_auth;
 } hs_route_t;
 
 typedef struct hs_static {

@@ -50,6 +50,8 @@ int hs_route_compile(const rr_http_route_t *r, hs_route_t *out, rr_buf_t *err) {
     return bad_route(err, r, "no handler");
   if ((unsigned)r->min_role > RR_HTTP_ADMIN)
     return bad_route(err, r, "unknown role");
+  if (r->own_auth && r->min_role != RR_HTTP_PUBLIC)
+    return bad_route(err, r, "own_auth needs RR_HTTP_PUBLIC");
   int rc = RR_ENOMEM;
   size_t nsegs = 1;
   for (const char *p = r->pattern + 1; *p; p++)
@@ -98,6 +100,7 @@ int hs_route_compile(const rr_http_route_t *r, hs_route_t *out, rr_buf_t *err) {
   out->min_role = r->min_role;
   out->max_body = r->max_body;
   out->handler = r->handler;
+  out->own_auth = r->own_auth;
   out->ud = r->ud;
   return 0;
 out:

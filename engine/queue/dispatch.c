@@ -9,6 +9,7 @@
 
 #include <jansson.h>
 
+#include "ai/ai.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "dicom/scu.h"
@@ -54,6 +55,9 @@ typedef struct attempt {
   rr_dicomweb_op_t *stow;   /* STOW-RS: while running */
   char **paths;             /* DICOM, STOW-RS: the files */
   size_t npaths, paths_cap;
+  char job_id[RR_AI_JOB_ID_MAX]; /* AI: the job */
+  char study_uid[65];
+  rr_buf_t request; /* AI: the request document */
   struct attempt *next;
 } attempt_t;
 
@@ -94,6 +98,9 @@ struct rr_dispatch {
   void *replay_ud;
   int (*complete)(void *ud, const char *study_uid);
   void *complete_ud;
+  char *ai_callback_base;
+  rr_dispatch_ai_result_fn ai_result;
+  void *ai_result_ud;
   bool stopping;
   record_t *unrecorded; /* outcomes whose commit failed, to write again */
   uv_timer_t rewrite;   /* when to try them again */
@@ -130,9 +137,19 @@ void rr_destination_config_default(rr_destination_config_t *c) {
   c->timeout_ms = 30000;
 }
 
+void rr_destination_config_free_lists(rr_destination_config_t *c) {
+  char ***lists[] = {&c->ai_modalities, &c->ai_body_parts, &c->ai_procedures};
+  for (size_t i = 0; i < 3; i++) {
+    for (char **a = *lists[i]; a && *a; a++)
+      free(*a);
+    free(*lists[i]);
+    *lists[i] = NULL;
+  }
+}
+
 static const char *kind_name(rr_dest_kind_t k) {
-  static const char *const names[] = {"mllp", "http", "channel", "dicom", "stow"};
-  return k <= RR_DEST_STOW ? names[k] : "?";
+  static const char *const names[] = {"mllp", "http", "channel", "dicom", "stow", "ai"};
+  return k <= RR_DEST_AI ? names[k] : "?";
 }
 
 static dest_t *find_dest(const rr_dispatch_t *d, const char *name) {
@@ -364,6 +381,7 @@ static void unlink_attempt(dest_t *x, attempt_t *a) {
 
 static void free_attempt(attempt_t *a) {
   rr_buf_close(&a->payload);
+  rr_buf_close(&a->request);
   for (size_t i = 0; i < a->npaths; i++)
     free(a->paths[i]);
   free(a->paths);
@@ -415,6 +433,10 @@ static void finish(attempt_t *a, rr_qsched_outcome_t outcome, const char *detail
   default:
     rec.outcome = RR_JOURNAL_DEAD;
     x->dead++;
+    if (x->cfg.kind == RR_DEST_AI && a->job_id[0] &&
+        rr_ai_job_state(d->journal, a->job_id, "expired", detail, now) == 0)
+      rr_log(RR_LOG_WARN, "ai", "event=job_expired destination=%s job=%s error=\"%s\"", x->cfg.name,
+             a->job_id, detail ? detail : "");
     rr_log(RR_LOG_ERROR, "queue",
            "event=dead_letter destination=%s queue_id=%lld attempts=%u error=\"%s\"", x->cfg.name,
            (long long)a->id, r.attempts, detail ? detail : "");
@@ -529,6 +551,139 @@ static void on_stow_done(void *ud, rr_dicomweb_op_t *op, const rr_dicomweb_outco
   finish(a, o, detail[0] ? detail : NULL, NULL, 0);
 }
 
+/* The channel of a destination ("<channel>.<name>"). */
+static const char *channel_of(const dest_t *x, char *out, size_t cap) {
+  const char *dot = strchr(x->cfg.name, '.');
+  snprintf(out, cap, "%.*s", dot ? (int)(dot - x->cfg.name) : (int)strlen(x->cfg.name),
+           x->cfg.name);
+  return out;
+}
+
+/* An AI endpoint's answer: 200 with the result, or 202 (the result comes
+ * by callback or from a status URL). */
+static void on_ai_done(void *ud, rr_http_transfer_t *t, const rr_http_response_t *r) {
+  (void)t;
+  attempt_t *a = ud;
+  dest_t *x = a->d;
+  rr_dispatch_t *d = x->owner;
+  a->xfer = NULL;
+  char detail[300];
+  detail[0] = '\0';
+  rr_qsched_outcome_t o = RR_QSCHED_OK;
+  long st = r->http_status;
+  if (r->status != 0) {
+    o = RR_QSCHED_RETRY;
+    snprintf(detail, sizeof detail, "%s", r->message);
+  } else if (st == 200) {
+    rr_buf_t err;
+    rr_buf_init(&err, 1024);
+    rr_ai_result_t *res = NULL;
+    if (rr_ai_parse_result(r->body, r->body_len, &res, &err) != 0) {
+      o = RR_QSCHED_PERMANENT;
+      snprintf(detail, sizeof detail, "result does not follow the contract: %s",
+               err.data ? err.data : "?");
+    } else if (strcmp(res->job_id, a->job_id) != 0) {
+      o = RR_QSCHED_PERMANENT;
+      snprintf(detail, sizeof detail, "result for another job");
+    } else if (d->ai_result) {
+      d->ai_result(d->ai_result_ud, &x->cfg, a->job_id, a->study_uid, res);
+      snprintf(detail, sizeof detail, "result %s, %zu finding(s)", res->status, res->nfindings);
+    }
+    rr_ai_result_free(res);
+    rr_buf_close(&err);
+  } else if (st == 202) {
+    char chan[64];
+    json_t *acc = json_loadb(r->body, r->body_len, 0, NULL);
+    const char *status_url = json_string_value(json_object_get(acc, "status_url"));
+    rr_ai_job_t job = {.job_id = a->job_id,
+                       .queue_id = a->id,
+                       .destination = x->cfg.name,
+                       .channel = channel_of(x, chan, sizeof chan),
+                       .study_uid = a->study_uid,
+                       .mode = (rr_ai_mode_t)x->cfg.ai_mode,
+                       .state = "running",
+                       .status_url = status_url,
+                       .sent_ms = wall_ms()};
+    /* only the fields the upsert changes matter here; the row exists */
+    rr_ai_job_sent(d->journal, &job);
+    snprintf(detail, sizeof detail, "accepted, result to come");
+    json_decref(acc);
+  } else {
+    o = st >= 500 || st == 408 || st == 425 || st == 429 ? RR_QSCHED_RETRY : RR_QSCHED_PERMANENT;
+    snprintf(detail, sizeof detail, "HTTP %ld", st);
+  }
+  finish(a, o, detail[0] ? detail : NULL, r->body, r->body_len);
+}
+
+/* Builds and sends the AI request of a queued study context. */
+static int start_ai(dest_t *x, attempt_t *a) {
+  rr_dispatch_t *d = x->owner;
+  json_t *ctx = json_loadb(a->payload.data ? a->payload.data : "", a->payload.len, 0, NULL);
+  const char *uid = json_string_value(json_object_get(ctx, "study_uid"));
+  if (!json_is_object(ctx) || !uid || strlen(uid) > 64) {
+    json_decref(ctx);
+    return RR_EPARSE;
+  }
+  snprintf(a->study_uid, sizeof a->study_uid, "%s", uid);
+  rr_ai_takes_t takes = {x->cfg.ai_modalities, x->cfg.ai_body_parts, x->cfg.ai_procedures};
+  const char *why;
+  if (!rr_ai_takes_match(&takes, ctx, &why)) {
+    json_decref(ctx);
+    char detail[80];
+    snprintf(detail, sizeof detail, "not taken by this endpoint (%s)", why);
+    finish(a, RR_QSCHED_OK, detail, NULL, 0);
+    return 0;
+  }
+  snprintf(a->job_id, sizeof a->job_id, "AJ-%lld", (long long)a->id);
+  int64_t now = wall_ms();
+  int64_t age = x->cfg.sched.max_age_ms ? (int64_t)x->cfg.sched.max_age_ms : 3600 * 1000;
+  char token[RR_AI_TOKEN_HEX + 1], hash[65], url[1200], chan[64];
+  bool cb = x->cfg.ai_callback && d->ai_callback_base;
+  int rc = cb ? rr_ai_token(token, hash) : 0;
+  if (cb)
+    snprintf(url, sizeof url, "%s/api/ai/jobs/%s/result", d->ai_callback_base, a->job_id);
+  rr_ai_request_opts_t o = {.job_id = a->job_id,
+                            .endpoint = x->cfg.short_name,
+                            .created_ms = now,
+                            .deadline_ms = now + age,
+                            .callback_url = cb ? url : NULL,
+                            .token = cb ? token : NULL,
+                            .images_root = x->cfg.ai_images_root[0] ? x->cfg.ai_images_root : NULL};
+  if (rc == 0)
+    rc = rr_ai_build_request(ctx, &o, &a->request);
+  json_decref(ctx);
+  if (rc)
+    return rc;
+  rr_ai_job_t job = {.job_id = a->job_id,
+                     .queue_id = a->id,
+                     .destination = x->cfg.name,
+                     .channel = channel_of(x, chan, sizeof chan),
+                     .study_uid = a->study_uid,
+                     .mode = (rr_ai_mode_t)x->cfg.ai_mode,
+                     .state = "sending",
+                     .token_hash = cb ? hash : NULL,
+                     .sent_ms = now,
+                     .deadline_ms = now + age,
+                     .request = a->request.data};
+  if ((rc = rr_ai_job_sent(d->journal, &job)) != 0)
+    return rc;
+  rr_http_request_t req;
+  rr_http_client_request_default(&req);
+  req.method = RR_HTTP_POST;
+  req.url = x->cfg.url;
+  req.body = a->request.data;
+  req.body_len = a->request.len;
+  req.body_borrowed = 1;
+  req.content_type = "application/json";
+  req.bearer_token = x->token;
+  req.ca_file = x->cfg.tls_ca[0] ? x->cfg.tls_ca : NULL;
+  req.cert_file = x->cfg.tls_cert[0] ? x->cfg.tls_cert : NULL;
+  req.key_file = x->cfg.tls_key[0] ? x->cfg.tls_key : NULL;
+  req.connect_timeout_ms = x->cfg.connect_timeout_ms;
+  req.timeout_ms = x->cfg.timeout_ms;
+  return rr_http_client_submit(x->http, &req, on_ai_done, a, &a->xfer);
+}
+
 static void add_path(void *ud, const char *path) {
   attempt_t *a = ud;
   if (a->npaths == a->paths_cap) {
@@ -595,6 +750,7 @@ static int start(dest_t *x, int64_t id) {
   a->d = x;
   a->id = id;
   rr_buf_init(&a->payload, (size_t)1 << 30);
+  rr_buf_init(&a->request, (size_t)64 << 20);
   int rc;
   cached_t *c = cache_take(x, id);
   if (c) {
@@ -670,6 +826,7 @@ static int start(dest_t *x, int64_t id) {
                            &a->scu);
     break;
   }
+  case RR_DEST_AI: rc = start_ai(x, a); break;
   case RR_DEST_STOW:
     if ((rc = delivery_files(x, a)) != 0)
       break;
@@ -746,6 +903,14 @@ void rr_dispatch_set_study_complete(rr_dispatch_t *d, int (*fn)(void *ud, const 
   d->complete_ud = ud;
 }
 
+void rr_dispatch_set_ai(rr_dispatch_t *d, const char *callback_base, rr_dispatch_ai_result_fn fn,
+                        void *ud) {
+  free(d->ai_callback_base);
+  d->ai_callback_base = callback_base ? strdup(callback_base) : NULL;
+  d->ai_result = fn;
+  d->ai_result_ud = ud;
+}
+
 void rr_dispatch_set_replay(rr_dispatch_t *d, rr_dispatch_replay_fn fn, void *ud) {
   d->replay = fn;
   d->replay_ud = ud;
@@ -802,8 +967,8 @@ static int open_transport(dest_t *x, rr_buf_t *err) {
       }
       x->open_senders++;
     }
-  } else if (c->kind == RR_DEST_HTTP || c->kind == RR_DEST_STOW) {
-    if (c->kind == RR_DEST_HTTP && c->token_file[0]) {
+  } else if (c->kind == RR_DEST_HTTP || c->kind == RR_DEST_STOW || c->kind == RR_DEST_AI) {
+    if (c->kind != RR_DEST_STOW && c->token_file[0]) {
       int rc = rr_http_client_read_token(c->token_file, &x->token, err);
       if (rc)
         return rc;
@@ -1074,6 +1239,7 @@ void rr_dispatch_free(rr_dispatch_t *d) {
     n = r->next;
     free(r);
   }
+  free(d->ai_callback_base);
   for (dest_t *x = d->dests, *n; x; x = n) {
     n = x->next;
     for (attempt_t *a = x->inflight, *an; a; a = an) {

@@ -43,7 +43,9 @@ typedef enum rr_dest_kind {
   RR_DEST_HTTP,
   RR_DEST_CHANNEL,
   RR_DEST_DICOM, /* C-STORE to a DICOM SCP (a PACS) */
-  RR_DEST_STOW   /* STOW-RS to a DICOMweb server */
+  RR_DEST_STOW,  /* STOW-RS to a DICOMweb server */
+  RR_DEST_AI     /* an AI endpoint: the payload is a study context, sent as an
+                    AI request (ai/ai.h) */
 } rr_dest_kind_t;
 
 typedef struct rr_destination_config {
@@ -75,6 +77,14 @@ typedef struct rr_destination_config {
   unsigned dimse_timeout_s; /* per C-STORE response; default 60 */
   /* STOW-RS (url = the DICOMweb root, token_file, tls_* above); same payloads */
   char user[128], password_file[1024]; /* basic authentication */
+  /* AI (url, token_file, tls_*, timeout_ms above) */
+  int ai_mode;                                            /* rr_ai_mode_t */
+  char **ai_modalities, **ai_body_parts, **ai_procedures; /* owned; NULL = any */
+  char ai_images_root[1024]; /* DICOMweb root for studies without a retrieve_url */
+  bool ai_callback;          /* ask for the result by callback (else: in the answer) */
+  /* what routes to it publish, for AI rollout modes: "result" (default: the
+   * PACS, the RIS), "worklist" or "notification" */
+  char role[16];
   /* routing (used by the channel, not the dispatcher) */
   char short_name[64]; /* the name scripts route to */
   bool key_none;       /* routes without a key of their own have none (default: the MRN) */
@@ -113,6 +123,21 @@ void rr_dispatch_set_inject(rr_dispatch_t *d, rr_dispatch_inject_fn fn, void *ud
 void rr_dispatch_set_replay(rr_dispatch_t *d, rr_dispatch_replay_fn fn, void *ud);
 /* The engine's handler of `radrelay study complete` requests (an op of
  * table queue_ops whose destination column holds the Study Instance UID). */
+/* rr_destination_config_free_lists: frees the lists a configuration owns
+ * (AI takes) and sets them to NULL. */
+void rr_destination_config_free_lists(rr_destination_config_t *c);
+
+/* An AI endpoint answered with a result (r, borrowed for the call) for job
+ * job_id of destination dest (its configuration, borrowed). */
+struct rr_ai_result;
+typedef void (*rr_dispatch_ai_result_fn)(void *ud, const rr_destination_config_t *dest,
+                                         const char *job_id, const char *study_uid,
+                                         const struct rr_ai_result *r);
+/* rr_dispatch_set_ai: where AI results go, and the URL callbacks are sent
+ * to ("<base>/api/ai/jobs/<job>/result"; NULL: endpoints that want a
+ * callback cannot be used). */
+void rr_dispatch_set_ai(rr_dispatch_t *d, const char *callback_base, rr_dispatch_ai_result_fn fn,
+                        void *ud);
 void rr_dispatch_set_study_complete(rr_dispatch_t *d, int (*fn)(void *ud, const char *study_uid),
                                     void *ud);
 /* rr_dispatch_add: a destination (cfg copied): opens its transport, loads

@@ -1040,6 +1040,11 @@ bool rr_script_defines(rr_script_t *s, const char *name) {
 }
 
 int rr_script_run_study(rr_script_t *s, const rr_script_input_t *in, rr_script_result_t *out) {
+  return rr_script_run_json(s, "on_study", in, out);
+}
+
+int rr_script_run_json(rr_script_t *s, const char *fn, const rr_script_input_t *in,
+                       rr_script_result_t *out) {
   uint64_t t0 = now_ns();
   memset(out, 0, sizeof *out);
   out->verdict = RR_SCRIPT_PASS;
@@ -1056,7 +1061,7 @@ int rr_script_run_study(rr_script_t *s, const rr_script_input_t *in, rr_script_r
   int st = lua_pcall(s->L, 1, 1, 0);
   if (st == LUA_OK) {
     int ref = luaL_ref(s->L, LUA_REGISTRYINDEX);
-    st = call_global(s, "on_study", false, ref, s->ctx_ref, &err);
+    st = call_global(s, fn, false, ref, s->ctx_ref, &err);
     luaL_unref(s->L, LUA_REGISTRYINDEX, ref);
   } else {
     error_text(s, st, &err);

@@ -118,6 +118,10 @@ void rr_script_result_close(rr_script_result_t *r);
  * table); the rest as rr_script_run. A script without on_study passes with
  * no routes (see rr_script_defines). */
 int rr_script_run_study(rr_script_t *s, const rr_script_input_t *in, rr_script_result_t *out);
+/* rr_script_run_json: the same for global function fn (e.g. "on_result")
+ * with in->data decoded as its first argument. */
+int rr_script_run_json(rr_script_t *s, const char *fn, const rr_script_input_t *in,
+                       rr_script_result_t *out);
 /* rr_script_defines: whether the script defines global function name. */
 bool rr_script_defines(rr_script_t *s, const char *name);
 /* Bytes the state uses now (Lua memory plus the C memory of its messages). */

@@ -82,13 +82,13 @@ static rr_http_server_t *server(void) {
     return s;
   rr_log_set_level(RR_LOG_ERROR);
   static const rr_http_route_t routes[] = {
-      {"GET", "/", RR_HTTP_PUBLIC, NULL, 0, h_echo, NULL},
-      {"GET", "/a/{id}", RR_HTTP_PUBLIC, NULL, 0, h_echo, NULL},
-      {"POST", "/a/{id}/ack", RR_HTTP_OPERATOR, "application/json", 64, h_echo, NULL},
-      {"PUT", "/p", RR_HTTP_PUBLIC, NULL, 0, h_park, NULL},
-      {"GET", "/p", RR_HTTP_VIEWER, NULL, 0, h_park, NULL},
-      {"DELETE", "/r", RR_HTTP_ADMIN, NULL, 0, h_raw, NULL},
-      {"GET", "/r", RR_HTTP_PUBLIC, NULL, 0, h_raw, NULL},
+      {"GET", "/", RR_HTTP_PUBLIC, NULL, 0, h_echo, NULL, 0},
+      {"GET", "/a/{id}", RR_HTTP_PUBLIC, NULL, 0, h_echo, NULL, 0},
+      {"POST", "/a/{id}/ack", RR_HTTP_OPERATOR, "application/json", 64, h_echo, NULL, 0},
+      {"PUT", "/p", RR_HTTP_PUBLIC, NULL, 0, h_park, NULL, 0},
+      {"GET", "/p", RR_HTTP_VIEWER, NULL, 0, h_park, NULL, 0},
+      {"DELETE", "/r", RR_HTTP_ADMIN, NULL, 0, h_raw, NULL, 0},
+      {"GET", "/r", RR_HTTP_PUBLIC, NULL, 0, h_raw, NULL, 0},
   };
   rr_http_server_config_t cfg;
   rr_http_server_config_default(&cfg);

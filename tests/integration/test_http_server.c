@@ -228,14 +228,14 @@ int main(int argc, char **argv) {
     setrlimit(RLIMIT_NOFILE, &rl);
   }
   static const rr_http_route_t routes[] = {
-      {"GET", "/health", RR_HTTP_PUBLIC, NULL, 0, h_health, NULL},
-      {"GET", "/stats", RR_HTTP_PUBLIC, NULL, 0, h_stats, NULL},
-      {"GET", "/api/studies/{uid}", RR_HTTP_VIEWER, NULL, 0, h_study, NULL},
+      {"GET", "/health", RR_HTTP_PUBLIC, NULL, 0, h_health, NULL, 0},
+      {"GET", "/stats", RR_HTTP_PUBLIC, NULL, 0, h_stats, NULL, 0},
+      {"GET", "/api/studies/{uid}", RR_HTTP_VIEWER, NULL, 0, h_study, NULL, 0},
       {"POST", "/api/studies/{uid}/complete", RR_HTTP_OPERATOR, "application/json", 1024,
-       h_complete, NULL},
-      {"POST", "/echo", RR_HTTP_PUBLIC, NULL, 0, h_echo, NULL},
-      {"GET", "/slow", RR_HTTP_PUBLIC, NULL, 0, h_slow, NULL},
-      {"POST", "/admin/reload", RR_HTTP_ADMIN, NULL, 0, h_reload, NULL},
+       h_complete, NULL, 0},
+      {"POST", "/echo", RR_HTTP_PUBLIC, NULL, 0, h_echo, NULL, 0},
+      {"GET", "/slow", RR_HTTP_PUBLIC, NULL, 0, h_slow, NULL, 0},
+      {"POST", "/admin/reload", RR_HTTP_ADMIN, NULL, 0, h_reload, NULL, 0},
   };
   cfg.routes = routes;
   cfg.nroutes = sizeof routes / sizeof routes[0];

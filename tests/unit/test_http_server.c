@@ -77,15 +77,15 @@ static void h_text(void *ud, rr_http_req_t *req) {
 
 static rr_http_server_t *make_server(rr_http_server_config_t *cfg) {
   static const rr_http_route_t routes[] = {
-      {"GET", "/health", RR_HTTP_PUBLIC, NULL, 0, h_text, "ok"},
-      {"GET", "/a", RR_HTTP_PUBLIC, NULL, 0, h_text, "A"},
-      {"GET", "/b", RR_HTTP_PUBLIC, NULL, 0, h_text, "B"},
-      {"GET", "/api/studies/{id}", RR_HTTP_VIEWER, NULL, 0, h_echo, NULL},
+      {"GET", "/health", RR_HTTP_PUBLIC, NULL, 0, h_text, "ok", 0},
+      {"GET", "/a", RR_HTTP_PUBLIC, NULL, 0, h_text, "A", 0},
+      {"GET", "/b", RR_HTTP_PUBLIC, NULL, 0, h_text, "B", 0},
+      {"GET", "/api/studies/{id}", RR_HTTP_VIEWER, NULL, 0, h_echo, NULL, 0},
       {"POST", "/api/notifications/{id}/ack", RR_HTTP_OPERATOR, "application/json", 64, h_echo,
-       NULL},
-      {"DELETE", "/api/studies/{id}", RR_HTTP_ADMIN, NULL, 0, h_echo, NULL},
-      {"POST", "/echo", RR_HTTP_PUBLIC, NULL, 0, h_echo, NULL},
-      {"GET", "/defer", RR_HTTP_PUBLIC, NULL, 0, h_defer, NULL},
+       NULL, 0},
+      {"DELETE", "/api/studies/{id}", RR_HTTP_ADMIN, NULL, 0, h_echo, NULL, 0},
+      {"POST", "/echo", RR_HTTP_PUBLIC, NULL, 0, h_echo, NULL, 0},
+      {"GET", "/defer", RR_HTTP_PUBLIC, NULL, 0, h_defer, NULL, 0},
   };
   rr_http_server_config_t def;
   if (!cfg) {
@@ -598,15 +598,19 @@ static void test_routes_and_paths(void) {
   rr_buf_t err;
   rr_buf_init(&err, 4096);
   rr_http_route_t bad[] = {
-      {"GET", "nope", 0, NULL, 0, h_echo, NULL},     {"GET", "/a/{}", 0, NULL, 0, h_echo, NULL},
-      {"GET", "/a/x{y}", 0, NULL, 0, h_echo, NULL},  {"G T", "/a", 0, NULL, 0, h_echo, NULL},
-      {"GET", "/{a}/{a}", 0, NULL, 0, h_echo, NULL}, {"GET", "/a", 0, NULL, 0, NULL, NULL},
-      {"GET", "/a/../b", 0, NULL, 0, h_echo, NULL},
+      {"GET", "nope", 0, NULL, 0, h_echo, NULL, 0},
+      {"GET", "/a/{}", 0, NULL, 0, h_echo, NULL, 0},
+      {"GET", "/a/x{y}", 0, NULL, 0, h_echo, NULL, 0},
+      {"G T", "/a", 0, NULL, 0, h_echo, NULL, 0},
+      {"GET", "/own", RR_HTTP_VIEWER, NULL, 0, h_echo, NULL, 1},
+      {"GET", "/{a}/{a}", 0, NULL, 0, h_echo, NULL, 0},
+      {"GET", "/a", 0, NULL, 0, NULL, NULL, 0},
+      {"GET", "/a/../b", 0, NULL, 0, h_echo, NULL, 0},
   };
   for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
     CHECK_EQ_INT(hs_route_compile(&bad[i], &r, &err), RR_EINVAL);
-  rr_http_route_t good = {"POST", "/api/studies/{uid}/complete", RR_HTTP_OPERATOR, NULL, 0, h_echo,
-                          NULL};
+  rr_http_route_t good = {
+      "POST", "/api/studies/{uid}/complete", RR_HTTP_OPERATOR, NULL, 0, h_echo, NULL, 0};
   CHECK_EQ_INT(hs_route_compile(&good, &r, &err), 0);
   CHECK_EQ_INT(r.nsegs, 4);
   rr_http_req_t req;

@@ -1,0 +1,212 @@
+/* AI results: recorded with their findings, handed to the routing channel
+ * script's on_result, and what it routes journaled, in one batch.
+ *
+ * A result comes in the answer to the request (dispatch, sync endpoints)
+ * or by callback (POST /api/ai/jobs/{id}/result with the job's token). The
+ * rollout mode of the endpoint decides what of the script's routes go out:
+ * silent none, assistant those to "result" destinations, active all. */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ai/ai.h"
+#include "channel/channel_int.h"
+#include "core/error.h"
+#include "core/log.h"
+
+static rr_channel_t *find_channel(rr_engine_t *e, const char *dest_name) {
+  const char *dot = strchr(dest_name, '.');
+  size_t n = dot ? (size_t)(dot - dest_name) : strlen(dest_name);
+  for (rr_channel_t *ch = e->channels; ch; ch = ch->next)
+    if (strlen(ch->cfg.name) == n && strncmp(ch->cfg.name, dest_name, n) == 0)
+      return ch;
+  return NULL;
+}
+
+static const rr_destination_config_t *find_dest(const rr_channel_t *ch, const char *name) {
+  for (size_t i = 0; i < ch->cfg.ndestinations; i++)
+    if (strcmp(ch->cfg.destinations[i].name, name) == 0 ||
+        strcmp(ch->cfg.destinations[i].short_name, name) == 0)
+      return &ch->cfg.destinations[i];
+  return NULL;
+}
+
+/* Whether a route to d may go out for a result of an endpoint in mode. */
+static bool mode_allows(rr_ai_mode_t mode, const rr_destination_config_t *d) {
+  if (mode == RR_AI_ACTIVE)
+    return true;
+  if (mode == RR_AI_SILENT)
+    return false;
+  return strcmp(d->role, "worklist") != 0 && strcmp(d->role, "notification") != 0;
+}
+
+int rr_engine_take_ai_result(rr_engine_t *e, const rr_destination_config_t *dest,
+                             const char *job_id, const char *study_uid, const rr_ai_result_t *r,
+                             const char *via, rr_journal_done_cb cb, void *ud) {
+  rr_channel_t *ch = find_channel(e, dest->name);
+  if (!ch)
+    return RR_ENOTFOUND;
+  int64_t now = rr_wall_ms();
+  rr_ai_mode_t mode = (rr_ai_mode_t)dest->ai_mode;
+  int rc = rr_ai_store_result(e->journal, r, now, NULL, NULL);
+  if (rc)
+    return rc;
+  /* What the script gets: the job, the result, and the study as routing saw it. */
+  rr_buf_t text;
+  rr_buf_init(&text, (size_t)64 << 20);
+  int64_t order_id;
+  const char *method;
+  json_t *study = NULL;
+  if (rr_journal_study_context(e->journal, study_uid, (int64_t)ch->cfg.dicom_match_window_ms, &text,
+                               &order_id, &method) == 0)
+    study = json_loadb(text.data, text.len, 0, NULL);
+  json_t *in = json_pack("{s:{s:s, s:s, s:s, s:s}, s:O, s:o}", "job", "id", job_id, "endpoint",
+                         dest->short_name, "mode", rr_ai_mode_name(mode), "via", via, "result",
+                         r->json, "study", study ? study : json_null());
+  char *intext = in ? json_dumps(in, JSON_COMPACT) : NULL;
+  json_decref(in);
+  rr_buf_close(&text);
+  if (!intext)
+    return RR_ENOMEM;
+
+  rr_script_result_t sr;
+  memset(&sr, 0, sizeof sr);
+  rr_journal_route_t *routes = NULL;
+  size_t nroutes = 0, held = 0;
+  const char *status = "accepted";
+  char etext[600] = "";
+  if (ch->script && rr_script_defines(ch->script, "on_result")) {
+    rr_script_input_t si = {intext, strlen(intext), via, job_id};
+    if (rr_script_run_json(ch->script, "on_result", &si, &sr) != 0) {
+      sr.verdict = RR_SCRIPT_ERROR;
+      snprintf(sr.reason, sizeof sr.reason, "out of memory building the script's result");
+    }
+    for (size_t i = 0; i < sr.nlogs; i++)
+      rr_log((rr_log_level_t)sr.logs[i].level, "script", "channel=%s event=ai_result msg=\"%s\"",
+             ch->cfg.name, sr.logs[i].text);
+    if (sr.verdict == RR_SCRIPT_PASS && sr.nroutes) {
+      int lane = r->critical ? 2 : 0;
+      if (rr_channel_build_routes(ch, NULL, lane, NULL, &sr, &routes, &nroutes) != 0) {
+        sr.verdict = RR_SCRIPT_ERROR;
+        free(routes);
+        routes = NULL;
+        nroutes = 0;
+      }
+      /* The rollout mode: routes it does not allow are held back (kept in
+       * the journal entry's raw document, not sent). */
+      size_t keep = 0;
+      for (size_t i = 0; i < nroutes; i++) {
+        const rr_destination_config_t *d = find_dest(ch, routes[i].destination);
+        if (d && mode_allows(mode, d))
+          routes[keep++] = routes[i];
+        else
+          held++;
+      }
+      nroutes = keep;
+    }
+    if (sr.verdict == RR_SCRIPT_FILTERED) {
+      status = "filtered";
+      snprintf(etext, sizeof etext, "%s", sr.reason);
+    } else if (sr.verdict == RR_SCRIPT_REJECTED) {
+      status = "rejected";
+      snprintf(etext, sizeof etext, "%s", sr.reason);
+    } else if (sr.verdict == RR_SCRIPT_ERROR) {
+      status = "error";
+      ch->script_errors++;
+      snprintf(etext, sizeof etext, "script: %s", sr.reason);
+      rr_log(RR_LOG_ERROR, "channel", "event=script_error channel=%s source=ai_result error=\"%s\"",
+             ch->cfg.name, sr.reason);
+    }
+  }
+  rr_journal_entry_t je = {.channel = ch->cfg.name,
+                           .peer = via,
+                           .received_ms = now,
+                           .message_type = "AI_RESULT",
+                           .control_id = NULL,
+                           .study_uid = study_uid,
+                           .status = status,
+                           .error = *etext ? etext : NULL,
+                           .raw = intext,
+                           .raw_len = strlen(intext),
+                           .routes = routes,
+                           .nroutes = nroutes};
+  rc = rr_journal_add(e->journal, &je, cb, ud);
+  if (rc == 0)
+    rr_journal_kick(e->journal);
+  rr_log(RR_LOG_INFO, "ai",
+         "event=result channel=%s endpoint=%s job=%s via=%s status=%s findings=%zu critical=%s "
+         "mode=%s routes=%zu held=%zu",
+         ch->cfg.name, dest->short_name, job_id, via, r->status, r->nfindings,
+         r->critical ? "yes" : "no", rr_ai_mode_name(mode), nroutes, held);
+  free(routes);
+  rr_script_result_close(&sr);
+  free(intext);
+  return rc;
+}
+
+void rr_engine_ai_result(void *ud, const rr_destination_config_t *dest, const char *job_id,
+                         const char *study_uid, const struct rr_ai_result *r) {
+  rr_engine_t *e = ud;
+  int rc = rr_engine_take_ai_result(e, dest, job_id, study_uid, r, "answer", NULL, NULL);
+  if (rc)
+    rr_log(RR_LOG_ERROR, "ai", "event=result_not_kept destination=%s job=%s error=%s", dest->name,
+           job_id, rr_strerror(rc));
+}
+
+int rr_engine_ai_callback(rr_engine_t *e, const char *job_id, const char *token, const char *body,
+                          size_t len, rr_journal_done_cb cb, void *ud, rr_buf_t *err) {
+  rr_ai_job_info_t info;
+  int rc = rr_ai_job_get(e->journal, job_id, &info);
+  if (rc) {
+    rr_buf_printf(err, "no such job");
+    return rc;
+  }
+  char hash[65];
+  rr_ai_token_hash(token ? token : "", hash);
+  unsigned char diff = info.token_hash[0] ? 0 : 1; /* a job without a token takes no callback */
+  for (size_t i = 0; i < 64; i++)
+    diff |= (unsigned char)(hash[i] ^ info.token_hash[i]);
+  if (diff) {
+    rr_buf_printf(err, "not this job's token");
+    return -EPERM;
+  }
+  if (strcmp(info.state, "running") != 0 && strcmp(info.state, "sending") != 0) {
+    rr_buf_printf(err, "the job is %s", info.state);
+    return -EEXIST;
+  }
+  rr_ai_result_t *r;
+  if ((rc = rr_ai_parse_result(body, len, &r, err)) != 0)
+    return rc;
+  if (strcmp(r->job_id, job_id) != 0) {
+    rr_ai_result_free(r);
+    rr_buf_printf(err, "$.job_id: not this job");
+    return RR_EPARSE;
+  }
+  rr_channel_t *ch = find_channel(e, info.destination);
+  const rr_destination_config_t *dest = ch ? find_dest(ch, info.destination) : NULL;
+  if (!dest) {
+    rr_ai_result_free(r);
+    rr_buf_printf(err, "the job's endpoint is no longer configured");
+    return RR_ENOTFOUND;
+  }
+  rc = rr_engine_take_ai_result(e, dest, job_id, info.study_uid, r, "callback", cb, ud);
+  rr_ai_result_free(r);
+  return rc;
+}
+
+/* Jobs past their deadline without a result: expired. */
+static void expire_one(void *ud, const char *job_id, const char *destination) {
+  rr_engine_t *e = ud;
+  if (rr_ai_job_state(e->journal, job_id, "expired", "no result before the deadline",
+                      rr_wall_ms()) == 0)
+    rr_log(RR_LOG_WARN, "ai", "event=job_expired destination=%s job=%s reason=deadline",
+           destination, job_id);
+}
+
+int rr_engine_ai_expire(rr_engine_t *e) {
+  int n = rr_ai_jobs_overdue(e->journal, rr_wall_ms(), expire_one, e);
+  if (n > 0)
+    rr_journal_kick(e->journal);
+  return n;
+}
