@@ -223,9 +223,14 @@ static int run_file(rr_script_t *s, const char *path, rr_script_result_t *r) {
   size_t lead = 0;
   while (lead < len && (data[lead] == ' ' || data[lead] == '\n' || data[lead] == '\t'))
     lead++;
-  if (lead < len && data[lead] == '{') { /* a study context: on_study */
+  if (lead < len && data[lead] == '{') {
+    /* JSON: an AI result (job, result, study) for on_result, else a study
+     * context for on_study */
+    json_t *doc = json_loadb(data, len, 0, NULL);
+    bool is_result = json_object_get(doc, "job") && json_object_get(doc, "result");
+    json_decref(doc);
     rr_script_input_t in = {data, len, "script-test", path};
-    rc = rr_script_run_study(s, &in, r);
+    rc = rr_script_run_json(s, is_result ? "on_result" : "on_study", &in, r);
     free(data);
     return rc;
   }
@@ -343,6 +348,7 @@ int rr_cmd_script(int argc, char **argv) {
   g_kept = json_array();
   cfg.kv = (rr_script_kv_t){NULL, mem_get, mem_set};
   cfg.orders = (rr_script_orders_t){NULL, mem_order_keep, mem_order_get};
+  cfg.fixed_now = 1767225600; /* 2026-01-01T00:00:00Z: cases give the same output every run */
   rr_buf_t err;
   rr_buf_init(&err, 1 << 16);
   int rc = rr_script_load(&cfg, &s, &err);

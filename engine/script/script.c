@@ -880,6 +880,7 @@ int rr_script_load(const rr_script_config_t *cfg, rr_script_t **out, rr_buf_t *e
   s->max_steps = (maxi + HOOK_EVERY - 1) / HOOK_EVERY;
   s->kv = cfg->kv;
   s->orders = cfg->orders;
+  s->fixed_now = cfg->fixed_now;
   s->in_msg_ref = s->ctx_ref = LUA_NOREF;
   s->channel = strdup(cfg->channel ? cfg->channel : "");
   s->path = strdup(cfg->path);

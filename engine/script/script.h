@@ -58,6 +58,8 @@ typedef struct rr_script_config {
   uint64_t max_instructions; /* per call; default 20,000,000 */
   rr_script_kv_t kv;         /* copied; get == NULL: scripts have no store */
   rr_script_orders_t orders; /* copied; keep == NULL: scripts have no order store */
+  int64_t fixed_now;         /* hl7.now() returns this Unix second (UTC) instead of the
+                                clock: `radrelay script test` cases; 0 = the clock */
 } rr_script_config_t;
 
 typedef enum rr_script_verdict {

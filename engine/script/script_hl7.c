@@ -488,10 +488,11 @@ static int h_format_time(lua_State *L) {
 
 /* hl7.now(): local time with its UTC offset, "YYYYMMDDHHMMSS+ZZZZ". */
 static int h_now(lua_State *L) {
-  time_t now = time(NULL);
+  rr_script_t *s = script_of(L);
+  time_t now = s->fixed_now ? (time_t)s->fixed_now : time(NULL);
   struct tm tm;
   int off = 0;
-  if (localtime_r(&now, &tm))
+  if (!s->fixed_now && localtime_r(&now, &tm))
     off = (int)(tm.tm_gmtoff / 60);
   char out[32];
   format_ts((int64_t)now, off, true, out);

@@ -47,6 +47,7 @@ struct rr_script {
   rr_buf_t tmp;              /* scratch for decoded values */
   rr_script_kv_t kv;         /* enrichment store; kv.get NULL = none */
   rr_script_orders_t orders; /* order store; orders.keep NULL = none */
+  int64_t fixed_now;         /* hl7.now() at this Unix second, UTC; 0 = the clock */
 };
 
 /* The script object of a state (stored in the state's extra space). */
