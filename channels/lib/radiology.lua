@@ -73,4 +73,89 @@ function M.order(msg, patient)
   }
 end
 
+-- ORU^R01 with an AI result, for the RIS/EHR: OBR-25 P (preliminary, not
+-- a radiologist's report), one OBX per finding (OBX-8 AA when critical),
+-- the model's name and version, the Study Instance UID as
+-- OBX|n|ST|113014^DICOM Study^DCM. result: what on_result gets
+-- (result.result, result.study, result.job).
+function M.ai_oru(r, control_id)
+  local study, res = r.study, r.result
+  local order = study ~= json.null and study.order ~= json.null and study.order or {}
+  local m = hl7.new("2.5.1")
+  m:set("MSH-3", "RADRELAY")
+  m:set("MSH-4", "RADRELAY")
+  m:set("MSH-5", "RIS")
+  m:set("MSH-7", hl7.now())
+  m:set("MSH-9", "ORU")
+  m:set("MSH-9.2", "R01")
+  m:set("MSH-9.3", "ORU_R01")
+  m:set("MSH-10", control_id)
+  m:set("MSH-11", "P")
+  m:add_segment("PID|1")
+  m:set("PID-3.1", order.mrn or study.patient_id or "")
+  m:set("PID-3.5", "MR")
+  m:add_segment("OBR|1")
+  m:set("OBR-2", order.placer_order or "")
+  m:set("OBR-3", order.filler_order or "")
+  local proc = order.procedure or {}
+  m:set("OBR-4.1", proc.code or "")
+  m:set("OBR-4.2", proc.text or "")
+  m:set("OBR-18", study.accession ~= json.null and study.accession or "")
+  m:set("OBR-22", hl7.now())
+  m:set("OBR-25", "P")
+  local n = 0
+  local function obx(vt, code, meaning, system, value, flag)
+    n = n + 1
+    m:add_segment("OBX|" .. n)
+    local p = "OBX[" .. n .. "]"
+    m:set(p .. "-2", vt)
+    m:set(p .. "-3.1", code)
+    m:set(p .. "-3.2", meaning)
+    m:set(p .. "-3.3", system)
+    m:set(p .. "-5", value)
+    if flag then m:set(p .. "-8", flag) end
+    m:set(p .. "-11", "P")
+  end
+  obx("ST", "113014", "DICOM Study", "DCM", study.study_uid)
+  obx("ST", "AI_MODEL", "AI model", "L", res.model.name .. " " .. res.model.version)
+  local findings = res.findings or {}
+  if #findings == 0 then
+    obx("ST", "AI_RESULT", "AI result", "L", res.status == "completed" and "no findings" or res.status)
+  end
+  for _, f in ipairs(findings) do
+    local text = (f.label or f.code.meaning)
+    if f.confidence then text = text .. string.format(" (confidence %.2f)", f.confidence) end
+    obx("ST", f.code.code, f.code.meaning, f.code.system, text, f.critical and "AA" or "N")
+  end
+  return m
+end
+
+-- ORM^O01 order update raising the priority of a study's order (ORC-1 XO,
+-- ORC-7.6 / TQ1-9 S) with a sub-queue flag for the reading worklist.
+function M.priority_update(order, control_id, flag)
+  local m = hl7.new("2.5.1")
+  m:set("MSH-3", "RADRELAY")
+  m:set("MSH-4", "RADRELAY")
+  m:set("MSH-5", "RIS")
+  m:set("MSH-7", hl7.now())
+  m:set("MSH-9", "ORM")
+  m:set("MSH-9.2", "O01")
+  m:set("MSH-10", control_id)
+  m:set("MSH-11", "P")
+  m:add_segment("PID|1")
+  m:set("PID-3.1", order.mrn or "")
+  m:set("PID-3.5", "MR")
+  m:add_segment("ORC|XO")
+  m:set("ORC-2", order.placer_order or "")
+  m:set("ORC-3", order.filler_order or "")
+  m:set("ORC-7.6", "S")
+  m:add_segment("OBR|1")
+  m:set("OBR-2", order.placer_order or "")
+  m:set("OBR-3", order.filler_order or "")
+  m:set("OBR-18", order.accession or "")
+  m:set("OBR-27.6", "S")
+  m:add_segment("ZRR|" .. flag)
+  return m
+end
+
 return M
