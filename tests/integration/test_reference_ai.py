@@ -720,8 +720,11 @@ class ServiceTest(unittest.TestCase):
                         self.assert_critical(result, "bleed")
                     else:
                         self.assertEqual(result["findings"], [])
+                # the service records an attempt once its answer is back
                 refused_job = got[0][0].rsplit("/", 1)[1]
-                attempts = [c for c in svc.stats()["callbacks"] if c["job_id"] == refused_job]
+                attempts = wait_for(lambda: (lambda a: a if len(a) >= 2 else None)(
+                    [c for c in svc.stats()["callbacks"] if c["job_id"] == refused_job]),
+                    "the second callback attempt in /stats")
                 self.assertEqual([(c["attempt"], c["status"]) for c in attempts],
                                  [(1, 500), (2, 204)])
                 # callback mode without a callback in the request: 400

@@ -734,7 +734,12 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *a):
         pass
 
-    def _send(self, status, doc, headers=None):
+    def _send(self, status, doc, headers=None, record=True):
+        """Answers; the request is recorded first, so whoever got the
+        answer finds it in /stats."""
+        self._status = status
+        if record:
+            self._record(getattr(self, "_doc", None))
         body = json.dumps(doc).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -743,7 +748,6 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.end_headers()
         self.wfile.write(body)
-        self._status = status
 
     def _record(self, body_doc):
         with self.service.lock:
@@ -753,15 +757,14 @@ class Handler(BaseHTTPRequestHandler):
                 "authorization": "Authorization" in self.headers, "body": body_doc})
 
     def do_GET(self):
-        self._status = None
+        self._doc = None
         svc = self.service
         if self.path == "/stats":
-            self._send(200, svc.stats())
-            return   # not recorded: tests poll it
+            self._send(200, svc.stats(), record=False)   # tests poll it
+            return
         m = re.fullmatch(r"/jobs/([A-Za-z0-9._-]{1,64})", self.path)
         if m:
             if not self._authorized():
-                self._record(None)
                 return
             with svc.lock:
                 job = svc.jobs.get(m.group(1))
@@ -773,7 +776,6 @@ class Handler(BaseHTTPRequestHandler):
                 self._send(202, svc.accepted(m.group(1), True))
         else:
             self._send(404, {"error": f"no such resource {self.path}"})
-        self._record(None)
 
     def _authorized(self):
         tok = self.service.token
@@ -788,54 +790,48 @@ class Handler(BaseHTTPRequestHandler):
         return False
 
     def do_POST(self):
-        self._status = None
-        doc = None
-        try:
-            doc = self._post()
-        finally:
-            self._record(doc)
-
-    def _post(self):
+        self._doc = None
         svc = self.service
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
             self._send(411, {"error": "Content-Length required"})
             self.close_connection = True
-            return None
+            return
         n = int(length)
         if n > MAX_BODY:
             self._send(413, {"error": f"request over {MAX_BODY} bytes"})
             self.close_connection = True
-            return None
+            return
         raw = self.rfile.read(n)
         if self.path != "/analyze":
             self._send(404, {"error": f"no such resource {self.path}"})
-            return None
+            return
         with svc.lock:
             failing = svc.fail_left > 0
             if failing:
                 svc.fail_left -= 1
         if failing:
             self._send(503, {"error": "unavailable (--fail-first)"}, {"Retry-After": "1"})
-            return None
+            return
         if not self._authorized():
-            return None
+            return
         ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if ctype != "application/json":
             self._send(415, {"error": "Content-Type must be application/json"})
-            return None
+            return
         try:
             doc = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
             self._send(400, {"error": f"not JSON: {e}"})
-            return None
+            return
+        self._doc = doc
         problems = svc.schemas["ai-request"].validate(doc)
         if not problems:
             problems = self._semantics(doc)
         if problems:
             self._send(400, {"error": "the request does not follow radrelay.ai-request/1",
                              "problems": problems})
-            return doc
+            return
         job, new = svc.start_job(doc)
         mode = svc.args.mode
         if mode == "sync":
@@ -845,7 +841,6 @@ class Handler(BaseHTTPRequestHandler):
             self._send(202, svc.accepted(doc["job_id"], mode == "async"))
         if not new:
             log("job_repeated", job_id=doc["job_id"])
-        return doc
 
     def _semantics(self, doc):
         """What the schema cannot say."""
