@@ -13,6 +13,7 @@ int rr_cmd_script(int argc, char **argv);
 int rr_cmd_queue(int argc, char **argv);
 int rr_cmd_replay(int argc, char **argv);
 int rr_cmd_study(int argc, char **argv);
+int rr_cmd_audit(int argc, char **argv);
 
 /* rr_read_file: reads a whole file into *data (malloc'd, NUL-terminated). */
 int rr_read_file(const char *path, char **data, size_t *len);

@@ -21,6 +21,9 @@ static void usage(FILE *f) {
              "  replay -c CONFIG --to DEST (--id N|--mrn M|--accession A|--since T [--until T])\n"
              "                            queue journaled messages again for a destination\n"
              "  study complete UID -c CONFIG   a DICOM study is complete now (stable)\n"
+             "  audit verify -c CONFIG [--anchor SEQ:HASH]   re-check the audit hash chain\n"
+             "  audit export -c CONFIG [--since T] [--until T] [--out FILE]\n"
+             "                            the audit trail as JSON lines\n"
              "  hl7 dump [--decoded] FILE...   print every value of every message\n"
              "  hl7 get FILE PATH...      print values by path (e.g. PID-3[2].1)\n"
              "  hl7 check [--strict] FILE...   parse and report errors with byte offsets\n"
@@ -54,6 +57,8 @@ int main(int argc, char **argv) {
     return rr_cmd_replay(argc - 2, argv + 2);
   if (strcmp(cmd, "study") == 0)
     return rr_cmd_study(argc - 2, argv + 2);
+  if (strcmp(cmd, "audit") == 0)
+    return rr_cmd_audit(argc - 2, argv + 2);
   if (strcmp(cmd, "help") == 0 || strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0) {
     usage(stdout);
     return 0;
