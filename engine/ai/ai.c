@@ -111,6 +111,12 @@ int rr_ai_build_request(json_t *ctx, const rr_ai_request_opts_t *o, rr_buf_t *ou
                                         "body_part"};
     for (size_t k = 0; k < sizeof skeys / sizeof skeys[0]; k++)
       copy_field(d, s, skeys[k]);
+    /* Series Number is an IS: a number in the request */
+    const char *sn = json_string_value(json_object_get(s, "series_number"));
+    char *end = NULL;
+    long n = sn ? strtol(sn, &end, 10) : 0;
+    json_object_set_new(d, "series_number",
+                        sn && *sn && end && *end == '\0' ? json_integer(n) : json_null());
     json_array_append_new(series, d);
   }
   json_object_set_new(study, "series", series);
@@ -121,6 +127,17 @@ int rr_ai_build_request(json_t *ctx, const rr_ai_request_opts_t *o, rr_buf_t *ou
     static const char *const okeys[] = {"priority", "reason", "procedure", "patient_class"};
     for (size_t i = 0; i < sizeof okeys / sizeof okeys[0]; i++)
       copy_field(ro, order, okeys[i]);
+    /* The procedure as a coded text with its three parts (null when unknown). */
+    json_t *proc = json_object_get(order, "procedure");
+    if (json_is_object(proc) && json_is_string(json_object_get(proc, "code"))) {
+      json_t *p = json_object();
+      copy_field(p, proc, "code");
+      copy_field(p, proc, "text");
+      copy_field(p, proc, "system");
+      json_object_set_new(ro, "procedure", p);
+    } else {
+      json_object_set_new(ro, "procedure", json_null());
+    }
     json_object_set_new(req, "order", ro);
   } else {
     json_object_set_new(req, "order", json_null());
@@ -386,8 +403,10 @@ static int job_write(sqlite3 *db, void *data) {
                          " mode, state, token_hash, status_url, sent_ms, deadline_ms, request)"
                          " VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)"
                          " ON CONFLICT(job_id) DO UPDATE SET state = excluded.state,"
-                         " token_hash = excluded.token_hash, status_url = excluded.status_url,"
-                         " sent_ms = excluded.sent_ms, request = excluded.request"
+                         " token_hash = coalesce(excluded.token_hash, token_hash),"
+                         " status_url = coalesce(excluded.status_url, status_url),"
+                         " sent_ms = excluded.sent_ms,"
+                         " request = coalesce(excluded.request, request)"
                          " WHERE ai_jobs.result_ms IS NULL",
                          -1, &st, NULL) != SQLITE_OK)
     return RR_EIO;

@@ -190,13 +190,24 @@ static void test_store(void) {
                      .channel = "imaging",
                      .study_uid = "2.25.1001",
                      .mode = RR_AI_ACTIVE,
-                     .state = "running",
+                     .state = "sending",
                      .token_hash = "00ff",
                      .sent_ms = 1000,
                      .deadline_ms = 5000,
                      .request = "{}"};
   CHECK_EQ_INT(rr_ai_job_sent(j, &job), 0);
+  /* accepted later (202): the state changes, the token and request stay */
+  rr_ai_job_t accepted = {.job_id = "AJ-5",
+                          .queue_id = 5,
+                          .destination = "imaging.hemorrhage",
+                          .channel = "imaging",
+                          .study_uid = "2.25.1001",
+                          .mode = RR_AI_ACTIVE,
+                          .state = "running",
+                          .sent_ms = 1100};
+  CHECK_EQ_INT(rr_ai_job_sent(j, &accepted), 0);
   job.job_id = "AJ-6";
+  job.state = "running";
   job.deadline_ms = 2000;
   CHECK_EQ_INT(rr_ai_job_sent(j, &job), 0);
   waiter_t w = {0};
