@@ -63,6 +63,8 @@ static void study_complete(void *ud, rr_http_req_t *req) {
   c->req = req;
   strcpy(c->uid, uid);
   rr_log(RR_LOG_INFO, "api", "event=study_complete_requested principal=%s", who(req));
+  rr_journal_audit_json(a->journal, who(req), "study_complete", uid,
+                        json_pack("{s:s}", "via", "api"));
   rr_log(RR_LOG_DEBUG, "api", "event=study_complete_requested study_uid=%s", uid);
   int rc = rr_engine_complete_study(a->engine, uid, on_completed, c);
   if (rc) {
@@ -87,8 +89,12 @@ static void source_notify(void *ud, rr_http_req_t *req) {
   }
   const char *channel = rr_http_req_param(req, "channel");
   int rc = rr_engine_dicomweb_notify(a->engine, channel, uid, json_is_true(complete));
-  if (rc == 0) /* before the reply, which frees req and what it holds */
+  if (rc == 0) { /* before the reply, which frees req and what it holds */
     rr_log(RR_LOG_INFO, "api", "event=source_notified principal=%s channel=%s", who(req), channel);
+    rr_journal_audit_json(
+        a->journal, who(req), "source_notify", uid,
+        json_pack("{s:s, s:b}", "channel", channel, "complete", json_is_true(complete)));
+  }
   if (rc == RR_ENOTFOUND)
     rr_http_reply_error(req, 404, "not_found", "no DICOMweb source channel of that name");
   else if (rc)

@@ -52,6 +52,16 @@ int rr_engine_take_ai_result(rr_engine_t *e, const rr_destination_config_t *dest
   int rc = rr_ai_store_result(e->journal, r, now, NULL, NULL);
   if (rc)
     return rc;
+  /* The audit trail: the result, each finding. */
+  rr_journal_audit_json(e->journal, dest->name, "result", job_id,
+                        json_pack("{s:s, s:s, s:s, s:s, s:s, s:i, s:b, s:s}", "study_uid",
+                                  study_uid, "status", r->status, "model", r->model_name, "version",
+                                  r->model_version, "via", via, "findings", (int)r->nfindings,
+                                  "critical", r->critical, "mode", rr_ai_mode_name(mode)));
+  for (size_t i = 0; i < r->nfindings; i++)
+    rr_journal_audit_json(
+        e->journal, dest->name, "finding", job_id,
+        json_pack("{s:s, s:O}", "study_uid", study_uid, "finding", r->findings[i].json));
   /* What the script gets: the job, the result, and the study as routing saw it. */
   rr_buf_t text;
   rr_buf_init(&text, (size_t)64 << 20);
@@ -98,7 +108,11 @@ int rr_engine_take_ai_result(rr_engine_t *e, const rr_destination_config_t *dest
       size_t keep = 0;
       for (size_t i = 0; i < nroutes; i++) {
         const rr_destination_config_t *d = find_dest(ch, routes[i].destination);
-        if (d && mode_allows(mode, d))
+        bool allowed = d && mode_allows(mode, d);
+        rr_journal_audit_json(e->journal, "engine", allowed ? "publish" : "held", job_id,
+                              json_pack("{s:s, s:s, s:s}", "destination", routes[i].destination,
+                                        "role", d ? d->role : "?", "mode", rr_ai_mode_name(mode)));
+        if (allowed)
           routes[keep++] = routes[i];
         else
           held++;
@@ -198,6 +212,9 @@ int rr_engine_ai_callback(rr_engine_t *e, const char *job_id, const char *token,
 /* Jobs past their deadline without a result: expired. */
 static void expire_one(void *ud, const char *job_id, const char *destination) {
   rr_engine_t *e = ud;
+  rr_journal_audit_json(
+      e->journal, "engine", "expired", job_id,
+      json_pack("{s:s, s:s}", "endpoint", destination, "reason", "no result before the deadline"));
   if (rr_ai_job_state(e->journal, job_id, "expired", "no result before the deadline",
                       rr_wall_ms()) == 0)
     rr_log(RR_LOG_WARN, "ai", "event=job_expired destination=%s job=%s reason=deadline",

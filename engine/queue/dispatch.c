@@ -434,9 +434,13 @@ static void finish(attempt_t *a, rr_qsched_outcome_t outcome, const char *detail
     rec.outcome = RR_JOURNAL_DEAD;
     x->dead++;
     if (x->cfg.kind == RR_DEST_AI && a->job_id[0] &&
-        rr_ai_job_state(d->journal, a->job_id, "expired", detail, now) == 0)
+        rr_ai_job_state(d->journal, a->job_id, "expired", detail, now) == 0) {
+      rr_journal_audit_json(d->journal, "engine", "expired", a->job_id,
+                            json_pack("{s:s, s:s, s:i}", "endpoint", x->cfg.name, "reason",
+                                      detail ? detail : "", "attempts", (int)r.attempts));
       rr_log(RR_LOG_WARN, "ai", "event=job_expired destination=%s job=%s error=\"%s\"", x->cfg.name,
              a->job_id, detail ? detail : "");
+    }
     rr_log(RR_LOG_ERROR, "queue",
            "event=dead_letter destination=%s queue_id=%lld attempts=%u error=\"%s\"", x->cfg.name,
            (long long)a->id, r.attempts, detail ? detail : "");
@@ -667,6 +671,13 @@ static int start_ai(dest_t *x, attempt_t *a) {
                      .request = a->request.data};
   if ((rc = rr_ai_job_sent(d->journal, &job)) != 0)
     return rc;
+  /* The audit trail: what is sent, to whom, for which study (the request
+   * carries no patient identifier). */
+  rr_journal_audit_json(d->journal, "engine", "dispatch", a->job_id,
+                        json_pack("{s:s, s:s, s:s, s:s, s:o*}", "endpoint", x->cfg.name, "url",
+                                  x->cfg.url, "mode", rr_ai_mode_name((rr_ai_mode_t)x->cfg.ai_mode),
+                                  "study_uid", a->study_uid, "request",
+                                  json_loadb(a->request.data, a->request.len, 0, NULL)));
   rr_http_request_t req;
   rr_http_client_request_default(&req);
   req.method = RR_HTTP_POST;

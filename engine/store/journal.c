@@ -8,6 +8,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "audit/audit.h"
 #include "core/array.h"
 #include "core/error.h"
 #include "core/log.h"
@@ -25,6 +26,7 @@ typedef struct pending {
   int64_t prune_before;            /* > 0: remove messages received before (prune_limit at most) */
   rr_journal_instance_t *instance; /* a DICOM instance (strings in blob) */
   rr_journal_order_t *order;       /* an order (strings in blob) */
+  rr_audit_record_t *audit;        /* an audit record (strings in blob) */
   rr_journal_write_fn custom;      /* another module's write (custom_data) */
   void *custom_data;
   void (*custom_free)(void *data);
@@ -63,6 +65,9 @@ struct rr_journal {
   sqlite3_stmt *study_routed, *order_find, *order_insert, *order_update, *order_cancel; /* wdb */
   rr_journal_enqueue_cb enqueue_cb;
   void *enqueue_ud;
+  rr_audit_chain_t audit;    /* the audit trail's chain (head as committed) */
+  rr_audit_head_t audit_tip; /* the batch in flight's working head (worker) */
+  bool audit_open;
   batch_t queue;  /* collecting (loop thread) */
   batch_t flight; /* being committed */
   bool busy;
@@ -370,6 +375,11 @@ int rr_journal_open(uv_loop_t *loop, const char *path, rr_journal_sync_t sync, r
     rc = fail(j->wdb, "schema upgrade", errmsg);
     goto out;
   }
+  if (rr_audit_schema(j->wdb) != 0 || rr_audit_chain_load(j->wdb, &j->audit) != 0) {
+    rc = fail(j->wdb, "audit trail", errmsg);
+    goto out;
+  }
+  j->audit_open = true;
   if (sqlite3_open_v2(path, &j->rdb, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, NULL) !=
           SQLITE_OK ||
       sqlite3_exec(j->rdb, "PRAGMA busy_timeout=5000", NULL, NULL, NULL) != SQLITE_OK) {
@@ -534,6 +544,8 @@ void rr_journal_close(rr_journal_t *j) {
                          j->order_find, j->order_insert, j->order_update, j->order_cancel};
   for (size_t i = 0; i < sizeof sts / sizeof sts[0]; i++)
     sqlite3_finalize(sts[i]);
+  if (j->audit_open)
+    rr_audit_chain_close(&j->audit);
   sqlite3_close(j->rdb);
   sqlite3_close(j->wdb);
   free(j->prev_sources);
@@ -1007,6 +1019,7 @@ static void commit_work(uv_work_t *w) {
   batch_t *b = &j->flight;
   uint64_t t0 = uv_hrtime();
   int rc = step_once(j->begin);
+  j->audit_tip = j->audit.head; /* appends advance this; kept only if the COMMIT is */
   for (size_t i = 0; rc == 0 && i < b->n; i++)
     if (b->v[i].kv)
       rc = kv_write(j, &b->v[i]);
@@ -1022,6 +1035,9 @@ static void commit_work(uv_work_t *w) {
       rc = order_write(j, &b->v[i]);
     else if (b->v[i].custom)
       rc = b->v[i].custom(j->wdb, b->v[i].custom_data);
+    else if (b->v[i].audit)
+      rc =
+          j->audit_open ? rr_audit_append(j->wdb, &j->audit, &j->audit_tip, b->v[i].audit) : RR_EIO;
     else if (b->v[i].stable_before)
       rc = stable_write(j, &b->v[i]);
     else if (b->v[i].delivery)
@@ -1030,6 +1046,8 @@ static void commit_work(uv_work_t *w) {
       rc = insert_one(j, &b->v[i]);
   if (rc == 0)
     rc = step_once(j->commit);
+  if (rc == 0 && j->audit_open)
+    rr_audit_chain_commit(&j->audit, &j->audit_tip);
   if (rc) {
     snprintf(j->flight_err, sizeof j->flight_err, "%s", sqlite3_errmsg(j->wdb));
     if (!sqlite3_get_autocommit(j->wdb))
@@ -1083,7 +1101,7 @@ static void finish_flight(rr_journal_t *j) {
   for (size_t i = 0; i < b.n; i++)
     entries += !b.v[i].barrier && !b.v[i].kv && !b.v[i].delivery && !b.v[i].replay &&
                !b.v[i].ops_upto && !b.v[i].prune_before && !b.v[i].instance &&
-               !b.v[i].stable_before && !b.v[i].order && !b.v[i].custom;
+               !b.v[i].stable_before && !b.v[i].order && !b.v[i].custom && !b.v[i].audit;
   j->last_batch = entries;
   if (entries)
     learn_sources(j, &b);
@@ -1190,7 +1208,7 @@ static bool find_in(const batch_t *b, const char *channel, const char *app, cons
     const rr_journal_entry_t *e = &b->v[i].e;
     if (b->v[i].barrier || b->v[i].kv || b->v[i].delivery || b->v[i].replay || b->v[i].ops_upto ||
         b->v[i].prune_before || b->v[i].instance || b->v[i].stable_before || b->v[i].order ||
-        b->v[i].custom || !e->control_id || strcmp(e->control_id, ctl) != 0 ||
+        b->v[i].custom || b->v[i].audit || !e->control_id || strcmp(e->control_id, ctl) != 0 ||
         !same_str(e->sending_app, app) || !same_str(e->sending_facility, fac) ||
         !same_str(e->channel, channel))
       continue;
@@ -1919,4 +1937,60 @@ int rr_journal_schema(rr_journal_t *j, const char *sql, char **errmsg) {
   if (sqlite3_exec(j->wdb, sql, NULL, NULL, NULL) != SQLITE_OK)
     return fail(j->wdb, "schema", errmsg);
   return 0;
+}
+
+int rr_journal_audit(rr_journal_t *j, const rr_audit_record_t *r) {
+  /* Checked here: a record the chain would refuse at the commit would fail
+   * the whole batch, messages included. */
+  if (r->data_len > RR_AUDIT_DATA_MAX || (r->actor && strlen(r->actor) > RR_AUDIT_FIELD_MAX) ||
+      (r->kind && strlen(r->kind) > RR_AUDIT_FIELD_MAX) ||
+      (r->subject && strlen(r->subject) > RR_AUDIT_FIELD_MAX))
+    return RR_ELIMIT;
+  json_t *doc = json_loadb(r->data ? r->data : "", r->data_len, JSON_DECODE_ANY, NULL);
+  if (!doc)
+    return RR_EINVAL;
+  json_decref(doc);
+  const char *strs[] = {r->actor, r->kind, r->subject};
+  size_t need = sizeof *r + r->data_len + 1;
+  for (size_t i = 0; i < 3; i++)
+    need += (strs[i] ? strlen(strs[i]) : 0) + 1;
+  pending_t *p = slot(&j->queue);
+  if (!p)
+    return RR_ENOMEM;
+  char *blob = malloc(need);
+  if (!blob)
+    return RR_ENOMEM;
+  rr_audit_record_t *c = (rr_audit_record_t *)(void *)blob;
+  *c = *r;
+  char *w = blob + sizeof *c;
+  c->actor = put_str(&w, r->actor ? r->actor : "engine");
+  c->kind = put_str(&w, r->kind ? r->kind : "event");
+  c->subject = put_str(&w, r->subject ? r->subject : "");
+  if (r->data_len)
+    memcpy(w, r->data, r->data_len);
+  w[r->data_len] = '\0';
+  c->data = w;
+  p->audit = c;
+  p->blob = blob;
+  j->queue.n++; /* not a message: group commit does not wait for it */
+  return 0;
+}
+
+int rr_journal_audit_json(rr_journal_t *j, const char *actor, const char *kind, const char *subject,
+                          json_t *data) {
+  char *text = data ? json_dumps(data, JSON_COMPACT | JSON_ENCODE_ANY) : NULL;
+  json_decref(data);
+  if (!text)
+    return RR_ENOMEM;
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  rr_audit_record_t r = {.at_ms = (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000,
+                         .actor = actor,
+                         .kind = kind,
+                         .subject = subject,
+                         .data = text,
+                         .data_len = strlen(text)};
+  int rc = rr_journal_audit(j, &r);
+  free(text);
+  return rc;
 }

@@ -336,6 +336,18 @@ int rr_journal_schema(rr_journal_t *j, const char *sql, char **errmsg);
 /* rr_journal_reader: the loop thread's read connection (committed rows). */
 struct sqlite3 *rr_journal_reader(rr_journal_t *j);
 
+/* rr_journal_audit: queues an audit record (copied; see audit/audit.h) for
+ * the next batch: it is chained and kept in the same transaction as what
+ * the batch holds with it. r->data must be JSON (RR_EIO at the commit
+ * otherwise: the batch fails). RR_ENOMEM. */
+struct rr_audit_record;
+int rr_journal_audit(rr_journal_t *j, const struct rr_audit_record *r);
+/* rr_journal_audit_json: the same with the time now and data a JSON value
+ * (the reference is stolen, also on error). */
+typedef struct json_t json_t;
+int rr_journal_audit_json(rr_journal_t *j, const char *actor, const char *kind, const char *subject,
+                          json_t *data);
+
 /* rr_journal_count: rows in the journal (for tools and tests). */
 int64_t rr_journal_count(rr_journal_t *j);
 

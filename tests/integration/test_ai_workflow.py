@@ -25,7 +25,10 @@ Checked:
    /api/ai/jobs/{id}/result with the job's token); a wrong token is 401;
 3. silent mode: the job runs and its result is recorded, nothing is sent;
 4. the endpoint down: the job is retried, then expired; the study stays
-   on the worklist unflagged; orders keep flowing.
+   on the worklist unflagged; orders keep flowing;
+5. the audit trail verifies (`radrelay audit verify`) and holds every
+   dispatch (what was sent: no patient identifier), result, finding,
+   publication, route held back by silent mode and expiry.
 
 Run: test_ai_workflow.py --radrelay build/radrelay (exits 77 without
 Orthanc, its DICOMweb plugin, pydicom, numpy, python3-hl7 or storescu)."""
@@ -353,6 +356,22 @@ def main():
                 e.proc.kill()
             ai.stop()
             ris.stop()
+        # the audit trail: chained, and it has every step
+        v = subprocess.run([e.radrelay, "audit", "verify", "-c", e.config], capture_output=True,
+                           text=True)
+        assert v.returncode == 0 and "chain intact" in v.stdout, (v.stdout, v.stderr)
+        x = subprocess.run([e.radrelay, "audit", "export", "-c", e.config], capture_output=True,
+                           text=True, check=True)
+        recs = [json.loads(l) for l in x.stdout.splitlines() if l.strip()]
+        kinds = {r["kind"] for r in recs}
+        for k in ("dispatch", "result", "finding", "publish", "held", "expired"):
+            assert k in kinds, (k, kinds)
+        sent = [r for r in recs if r["kind"] == "dispatch"]
+        assert all("RRPAT-" not in json.dumps(r["data"]) for r in sent)
+        crit = [r for r in recs if r["kind"] == "result" and r["data"]["study_uid"] == uid_b]
+        assert crit and crit[0]["data"]["critical"] is True, crit
+        held = [r for r in recs if r["kind"] == "held"]
+        assert {r["data"]["mode"] for r in held} == {"silent"}, held
         leaks = [l for l in e.all_lines if "level=debug" not in l and
                  any(s in l for s in ("RRPAT-", "RRACC-", uid_b, uid_c))]
         assert not leaks, leaks[:5]
@@ -360,7 +379,7 @@ def main():
         assert not bad, bad
     print("ai workflow: bleed -> critical ORU, priority update, page, first on the worklist; "
           "clean -> ORU without findings; callback results; silent mode recorded only; "
-          "endpoint down -> retried, expired, unflagged")
+          "endpoint down -> retried, expired, unflagged; audit chain verified")
     return 0
 
 
