@@ -11,7 +11,9 @@
 #include <strings.h>
 #include <time.h>
 
+#include "cli/schemas.h"
 #include "core/error.h"
+#include "core/json_schema.h"
 
 /* ---- pure --------------------------------------------------------------------- */
 
@@ -627,4 +629,24 @@ int rr_ai_jobs_overdue(rr_journal_t *j, int64_t now_ms,
   }
   sqlite3_finalize(st);
   return rc == SQLITE_DONE ? n : RR_EIO;
+}
+
+int rr_ai_validate(const char *kind, json_t *doc, rr_buf_t *err) {
+  static rr_json_schema_t *compiled[3];
+  static const char *const names[] = {"result", "request", "accepted"};
+  const char *texts[] = {rr_schema_ai_result, rr_schema_ai_request, rr_schema_ai_accepted};
+  size_t k = 0;
+  while (k < 3 && strcmp(names[k], kind) != 0)
+    k++;
+  if (k == 3)
+    return RR_EINVAL;
+  if (!compiled[k]) {
+    json_t *sj = json_loads(texts[k], 0, NULL);
+    int rc = sj ? rr_json_schema_new(sj, &compiled[k], err) : RR_ENOMEM;
+    json_decref(sj);
+    if (rc)
+      return rc;
+  }
+  int n = rr_json_schema_validate(compiled[k], doc, NULL, err);
+  return n < 0 ? n : n > 0 ? RR_EPARSE : 0;
 }

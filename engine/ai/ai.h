@@ -102,6 +102,13 @@ typedef struct rr_ai_result {
 int rr_ai_parse_result(const char *text, size_t len, rr_ai_result_t **out, rr_buf_t *err);
 void rr_ai_result_free(rr_ai_result_t *r);
 
+/* rr_ai_validate: checks a document against the published schema of its
+ * kind ("result", "request" or "accepted": schemas/ai-*.schema.json, as
+ * compiled into the binary). 0, or RR_EPARSE with one line per problem in
+ * err (may be NULL; appended), RR_ENOMEM. Loop thread (the compiled
+ * schemas are kept). */
+int rr_ai_validate(const char *kind, json_t *doc, rr_buf_t *err);
+
 /* ---- the store -------------------------------------------------------------- */
 
 /* rr_ai_schema: tables ai_jobs and ai_findings (at start). */

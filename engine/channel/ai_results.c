@@ -192,6 +192,10 @@ int rr_engine_ai_callback(rr_engine_t *e, const char *job_id, const char *token,
   rr_ai_result_t *r;
   if ((rc = rr_ai_parse_result(body, len, &r, err)) != 0)
     return rc;
+  if ((rc = rr_ai_validate("result", r->json, err)) != 0) {
+    rr_ai_result_free(r);
+    return rc;
+  }
   if (strcmp(r->job_id, job_id) != 0) {
     rr_ai_result_free(r);
     rr_buf_printf(err, "$.job_id: not this job");

@@ -5,5 +5,8 @@
 
 extern const char rr_schema_engine[];
 extern const char rr_schema_channel[];
+extern const char rr_schema_ai_request[];
+extern const char rr_schema_ai_result[];
+extern const char rr_schema_ai_accepted[];
 
 #endif

@@ -582,7 +582,8 @@ static void on_ai_done(void *ud, rr_http_transfer_t *t, const rr_http_response_t
     rr_buf_t err;
     rr_buf_init(&err, 1024);
     rr_ai_result_t *res = NULL;
-    if (rr_ai_parse_result(r->body, r->body_len, &res, &err) != 0) {
+    if (rr_ai_parse_result(r->body, r->body_len, &res, &err) != 0 ||
+        rr_ai_validate("result", res->json, &err) != 0) {
       o = RR_QSCHED_PERMANENT;
       snprintf(detail, sizeof detail, "result does not follow the contract: %s",
                err.data ? err.data : "?");

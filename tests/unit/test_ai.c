@@ -90,6 +90,8 @@ static void test_takes(void) {
   json_decref(ctx);
 }
 
+static const char *g_data = "tests/data/ai";
+
 #define RESULT_HEAD "{\"schema\":\"radrelay.ai-result/1\",\"job_id\":\"AJ-1\","
 
 static void test_parse(void) {
@@ -148,6 +150,32 @@ static void test_parse(void) {
     CHECK(r == NULL && err.len > 0);
   }
   rr_buf_close(&err);
+}
+
+/* The published schemas, compiled into the binary, on the examples. */
+static void test_validate(void) {
+  static const char *const valid[] = {"result_critical.json", "result_negative.json",
+                                      "request.json", "accepted.json"};
+  static const char *const kinds[] = {"result", "result", "request", "accepted"};
+  for (size_t i = 0; i < 4; i++) {
+    char path[1024];
+    snprintf(path, sizeof path, "%s/valid/%s", g_data, valid[i]);
+    json_t *doc = json_load_file(path, 0, NULL);
+    CHECK(doc != NULL);
+    rr_buf_t err;
+    rr_buf_init(&err, 4096);
+    CHECK_EQ_INT(rr_ai_validate(kinds[i], doc, &err), 0);
+    if (err.len)
+      fprintf(stderr, "%s: %s\n", valid[i], err.data);
+    if (i == 0) { /* without the model's device UID it breaks the contract */
+      json_object_del(json_object_get(doc, "model"), "device_uid");
+      CHECK_EQ_INT(rr_ai_validate("result", doc, &err), RR_EPARSE);
+      CHECK(err.len > 0);
+    }
+    rr_buf_close(&err);
+    json_decref(doc);
+  }
+  CHECK_EQ_INT(rr_ai_validate("nonsense", NULL, NULL), RR_EINVAL);
 }
 
 static void test_tokens(void) {
@@ -282,13 +310,16 @@ static void test_overdue(void) {
   uv_loop_close(&loop);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
+  if (argc > 1)
+    g_data = argv[1];
   if (!mkdtemp(g_dir))
     return 2;
   RUN(test_request);
   RUN(test_takes);
   RUN(test_parse);
   RUN(test_tokens);
+  RUN(test_validate);
   RUN(test_store);
   RUN(test_overdue);
   char cmd[128];
