@@ -9,8 +9,9 @@
 -- A study without an order is recorded (filtered) for review. Routing
 -- rules: which AI endpoints see which studies.
 --
--- on_result runs once per AI result (r.job, r.result, r.study): the ORU to
--- the RIS, and for critical findings a priority update for the reading
+-- on_result runs once per AI result (r.job, r.result, r.study, and r.sr: the
+-- result's DICOM SR when there are findings): the ORU to the RIS, the SR to
+-- the PACS, and for critical findings a priority update for the reading
 -- worklist and a page. The endpoint's rollout mode decides what of this
 -- is sent: silent nothing, assistant the ORU only, active everything.
 local rad = require("radiology")
@@ -40,6 +41,9 @@ function on_result(r, ctx)
     return
   end
   ctx:route("ris", rad.ai_oru(r, r.job.id .. "-ORU"))
+  if r.sr then -- the engine wrote the result's DICOM SR (TID 1500)
+    ctx:route("pacs", {files = {r.sr}})
+  end
   local critical = nil
   for _, f in ipairs(res.findings or {}) do
     if f.critical then critical = critical or f end

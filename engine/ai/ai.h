@@ -160,6 +160,17 @@ int rr_ai_job_state(rr_journal_t *j, const char *job_id, const char *state, cons
 int rr_ai_jobs_overdue(rr_journal_t *j, int64_t now_ms,
                        void (*cb)(void *ud, const char *job_id, const char *destination), void *ud);
 
+/* rr_ai_write_sr: the TID 1500 SR (dicom/sr.h) of a completed result with
+ * findings, for a study whose instances came as files (a DICOM source):
+ * the model is the device, each finding with its point (2D on a received
+ * instance, or 3D), confidence and measurements, every instance as
+ * evidence, the order's procedure as the procedure reported. Written
+ * durably to out_path; its SOP Instance UID in sop_uid. RR_EINVAL (no
+ * findings), RR_ENOTFOUND (no instance file), the writer's errors (a
+ * sentence in err, may be NULL). Blocking (fsync). Loop thread. */
+int rr_ai_write_sr(rr_journal_t *j, const rr_ai_result_t *r, json_t *study, const char *out_path,
+                   char sop_uid[65], rr_buf_t *err);
+
 /* rr_ai_mode_name / rr_ai_mode_parse: "silent", "assistant", "active". */
 const char *rr_ai_mode_name(rr_ai_mode_t m);
 int rr_ai_mode_parse(const char *s);

@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "ai/ai.h"
 #include "channel/channel_int.h"
@@ -71,9 +72,30 @@ int rr_engine_take_ai_result(rr_engine_t *e, const rr_destination_config_t *dest
   if (rr_journal_study_context(e->journal, study_uid, (int64_t)ch->cfg.dicom_match_window_ms, &text,
                                &order_id, &method) == 0)
     study = json_loadb(text.data, text.len, 0, NULL);
-  json_t *in = json_pack("{s:{s:s, s:s, s:s, s:s}, s:O, s:o}", "job", "id", job_id, "endpoint",
-                         dest->short_name, "mode", rr_ai_mode_name(mode), "via", via, "result",
-                         r->json, "study", study ? study : json_null());
+  /* The SR of the result, for the script to route to the PACS (r.sr). */
+  char sr_path[1200] = "", sr_uid[65] = "";
+  if (study && ch->cfg.dicom && !ch->cfg.dicomweb && r->nfindings &&
+      strcmp(r->status, "completed") == 0) {
+    char dir[1100];
+    snprintf(dir, sizeof dir, "%s/results", ch->cfg.dicom_spool);
+    snprintf(sr_path, sizeof sr_path, "%s/%s.dcm", dir, job_id);
+    rr_buf_t err;
+    rr_buf_init(&err, 1024);
+    int src = (mkdir(dir, 0750) == 0 || errno == EEXIST)
+                  ? rr_ai_write_sr(e->journal, r, study, sr_path, sr_uid, &err)
+                  : -errno;
+    if (src) {
+      rr_log(RR_LOG_WARN, "ai", "event=sr_not_written channel=%s job=%s error=\"%s\"", ch->cfg.name,
+             job_id, err.len ? err.data : rr_strerror(src));
+      sr_path[0] = '\0';
+    }
+    rr_buf_close(&err);
+  }
+  json_t *in = json_pack("{s:{s:s, s:s, s:s, s:s}, s:O, s:o, s:s?, s:s?}", "job", "id", job_id,
+                         "endpoint", dest->short_name, "mode", rr_ai_mode_name(mode), "via", via,
+                         "result", r->json, "study", study ? json_incref(study) : json_null(), "sr",
+                         sr_path[0] ? sr_path : NULL, "sr_uid", sr_uid[0] ? sr_uid : NULL);
+  json_decref(study);
   char *intext = in ? json_dumps(in, JSON_COMPACT) : NULL;
   json_decref(in);
   rr_buf_close(&text);

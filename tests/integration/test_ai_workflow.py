@@ -18,7 +18,8 @@ Checked:
    gets an ORU^R01 (OBR-25 P, OBX-8 AA, the Study Instance UID as OBX
    113014, the model's name and version) and an order update raising the
    priority (ORC-1 XO, STAT, STAT_AI_POSITIVE), the pager a notification;
-   the clean study gets an ORU without findings and nothing else;
+   the PACS (Orthanc) gets the result's DICOM SR, which DCMTK's dsrdump
+   reads; the clean study gets an ORU without findings and nothing else;
    GET /api/worklist lists the bleed first; GET /api/ai/jobs/{id} shows
    the job completed with its result;
 2. results by callback (the endpoint answers 202 and POSTs the result to
@@ -187,6 +188,8 @@ def configure(tmp, ai_url, ai_mode, result, ris_port, pager_port, api_port, max_
                             "backoff_base_ms": 200, "backoff_max_ms": 500})
     d["ris"]["port"] = d["worklist"]["port"] = ris_port
     d["pager"]["url"] = f"http://{HOST}:{pager_port}/notify"
+    d["pacs"].update({"port": PACS[0].dicom_port, "called_ae": PACS[0].aet,
+                      "calling_ae": orthanc.ENGINE_AET})
     with open(os.path.join(chdir, "imaging.json"), "w") as f:
         json.dump(imaging, f)
     with open(os.path.join(tmp, "tokens"), "w") as f:
@@ -198,6 +201,7 @@ def configure(tmp, ai_url, ai_mode, result, ris_port, pager_port, api_port, max_
 
 
 IMAGES_ROOT = [""]
+PACS = [None]
 
 
 def main():
@@ -222,6 +226,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix="rr-aiwf-") as tmp, \
             orthanc.Orthanc(os.path.join(tmp, "pacs"), auth=False) as pacs:
         IMAGES_ROOT[0] = pacs.dicomweb_url
+        PACS[0] = pacs
         ris = Peer(["/usr/bin/python3", os.path.join(peers, "ris_peer.py")])
         ai = Peer(["/usr/bin/python3", os.path.join(peers, "reference_ai.py"), "--mode", "sync"])
         e = Engine(os.path.abspath(args.radrelay), tmp)
@@ -263,6 +268,21 @@ def main():
             (upd,) = [m["text"] for m in ris.messages("ORM") if "STAT_AI_POSITIVE" in m["text"]]
             orc = [s for s in upd.split("\r") if s.startswith("ORC|")][0].split("|")
             assert orc[1] == "XO" and orc[7].split("^")[5] == "S", orc
+            # the result's SR is in the PACS, in the bleed study, and DCMTK reads it
+            def srs(uid):
+                r = pacs.request("POST", "/tools/find", body=json.dumps(
+                    {"Level": "Instance", "Query": {"StudyInstanceUID": uid, "Modality": "SR"}})
+                    .encode(), headers={"Content-Type": "application/json"})
+                return r.json()
+            wait_for(lambda: len(srs(uid_b)) == 1, 60, "the SR in the PACS")
+            assert srs(uid_c) == [], "an SR for a study without findings"
+            r = pacs.request("GET", f"/instances/{srs(uid_b)[0]}/file")
+            sr_file = os.path.join(tmp, "sr.dcm")
+            with open(sr_file, "wb") as f:
+                f.write(r.body)
+            dump = subprocess.run(["dsrdump", sr_file], capture_output=True, text=True)
+            assert dump.returncode == 0 and "radrelay-reference-hemorrhage" in dump.stdout, dump
+            assert "1386000" in dump.stdout, dump.stdout[:2000]
             wait_for(lambda: pager.bodies, 30, "the page")
             assert len(pager.bodies) == 1 and pager.bodies[0]["study_uid"] == uid_b
             assert pager.bodies[0]["acr_category"] == 1
@@ -321,7 +341,7 @@ def main():
             store(e.dicom_port, sil)
             wait_for(lambda: e.sql("SELECT state, critical FROM ai_jobs WHERE study_uid = ?",
                                    uid_s) == [("completed", 1)], 120, "the silent job's result")
-            wait_for(lambda: e.grep("event=result", "mode=silent", "held=3"), 10,
+            wait_for(lambda: e.grep("event=result", "mode=silent", "held=4"), 10,
                      "the silent result's routes held")
             assert len(ris.messages("ORU")) == 3 and len(pager.bodies) == 2
             st, wl = api(api_port, "/api/worklist")
@@ -377,7 +397,8 @@ def main():
         assert not leaks, leaks[:5]
         bad = [l for l in e.all_lines if "Sanitizer" in l or "runtime error" in l]
         assert not bad, bad
-    print("ai workflow: bleed -> critical ORU, priority update, page, first on the worklist; "
+    print("ai workflow: bleed -> critical ORU, SR in Orthanc, priority update, page, first on the "
+          "worklist; "
           "clean -> ORU without findings; callback results; silent mode recorded only; "
           "endpoint down -> retried, expired, unflagged; audit chain verified")
     return 0
