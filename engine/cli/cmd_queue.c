@@ -164,8 +164,7 @@ static int queue_ls(qcli_t *q) {
         age(sqlite3_column_int64(st, 2), a, sizeof a);
       }
       sqlite3_reset(st);
-      printf("%-32s %-5s %9lld %7lld %7s\n", d->name, d->kind == RR_DEST_HTTP ? "http" : "mllp",
-             pending, dead, a);
+      printf("%-32s %-5s %9lld %7lld %7s\n", d->name, rr_dest_kind_name(d->kind), pending, dead, a);
     }
   sqlite3_finalize(st);
   if (sqlite3_prepare_v2(q->db,

@@ -147,7 +147,7 @@ void rr_destination_config_free_lists(rr_destination_config_t *c) {
   }
 }
 
-static const char *kind_name(rr_dest_kind_t k) {
+const char *rr_dest_kind_name(rr_dest_kind_t k) {
   static const char *const names[] = {"mllp", "http", "channel", "dicom", "stow", "ai"};
   return k <= RR_DEST_AI ? names[k] : "?";
 }
@@ -1063,7 +1063,7 @@ int rr_dispatch_add(rr_dispatch_t *d, const rr_destination_config_t *cfg, rr_buf
   rr_qsched_stats(x->s, &st);
   rr_log(RR_LOG_INFO, "queue",
          "event=destination_ready destination=%s kind=%s pending=%zu dead=%zu backlog=%s",
-         x->cfg.name, kind_name(x->cfg.kind), st.total.pending, st.total.dead,
+         x->cfg.name, rr_dest_kind_name(x->cfg.kind), st.total.pending, st.total.dead,
          x->backlog ? "yes" : "no");
   pump(x);
   return 0;

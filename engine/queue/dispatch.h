@@ -123,6 +123,9 @@ void rr_dispatch_set_inject(rr_dispatch_t *d, rr_dispatch_inject_fn fn, void *ud
 void rr_dispatch_set_replay(rr_dispatch_t *d, rr_dispatch_replay_fn fn, void *ud);
 /* The engine's handler of `radrelay study complete` requests (an op of
  * table queue_ops whose destination column holds the Study Instance UID). */
+/* rr_dest_kind_name: "mllp", "http", "channel", "dicom", "stow", "ai". */
+const char *rr_dest_kind_name(rr_dest_kind_t k);
+
 /* rr_destination_config_free_lists: frees the lists a configuration owns
  * (AI takes) and sets them to NULL. */
 void rr_destination_config_free_lists(rr_destination_config_t *c);
