@@ -302,10 +302,15 @@ static int hdr_error(hs_conn_t *c, int rc) {
   return set_cb_error(c, 500, "internal_error", "The server is out of memory.");
 }
 
+/* Trailer fields of a chunked body (after the last chunk) are dropped: the
+ * handler sees the header block as it came before the body, and the header
+ * buffer it reads from must not move under it. */
 static int on_header_field(http_parser *p, const char *at, size_t len) {
   hs_conn_t *c = p->data;
   rr_http_req_t *req = c->req;
   int rc = 0;
+  if (req->headers_done)
+    return 0;
   if (req->hdr_state == 2) {
     if ((rc = rr_buf_putc(&req->hdrs, '\0')) != 0)
       return hdr_error(c, rc);
@@ -324,6 +329,8 @@ static int on_header_value(http_parser *p, const char *at, size_t len) {
   hs_conn_t *c = p->data;
   rr_http_req_t *req = c->req;
   int rc = 0;
+  if (req->headers_done)
+    return 0;
   if (req->hdr_state == 1 && (rc = rr_buf_putc(&req->hdrs, '\0')) != 0)
     return hdr_error(c, rc);
   req->hdr_state = 2;
