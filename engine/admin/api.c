@@ -61,7 +61,7 @@ static void study_complete(void *ud, rr_http_req_t *req) {
     return;
   }
   c->req = req;
-  strcpy(c->uid, uid);
+  snprintf(c->uid, sizeof c->uid, "%s", uid);
   rr_log(RR_LOG_INFO, "api", "event=study_complete_requested principal=%s", who(req));
   rr_journal_audit_json(a->journal, who(req), "study_complete", uid,
                         json_pack("{s:s}", "via", "api"));

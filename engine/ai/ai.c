@@ -152,7 +152,7 @@ int rr_ai_build_request(json_t *ctx, const rr_ai_request_opts_t *o, rr_buf_t *ou
       n--;
     built = malloc(n + strlen(uid) + 16);
     if (built) {
-      sprintf(built, "%.*s/studies/%s", (int)n, o->images_root, uid);
+      snprintf(built, n + strlen(uid) + 16, "%.*s/studies/%s", (int)n, o->images_root, uid);
       url = built;
     }
   }

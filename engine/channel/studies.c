@@ -201,7 +201,7 @@ static int add_retrieve_url(rr_channel_t *ch, const char *uid, json_t *ctx, rr_b
   char *url = malloc(bl + strlen(uid) + 16);
   if (!url)
     return RR_ENOMEM;
-  sprintf(url, "%.*s/studies/%s", (int)bl, base, uid);
+  snprintf(url, bl + strlen(uid) + 16, "%.*s/studies/%s", (int)bl, base, uid);
   json_object_set_new(ctx, "retrieve_url", json_string(url));
   free(url);
   char *t = json_dumps(ctx, JSON_COMPACT);
@@ -250,7 +250,7 @@ static void route_study(void *ud, const char *uid) {
     goto out;
   }
   k->ch = ch;
-  strcpy(k->uid, uid);
+  memcpy(k->uid, uid, strlen(uid) + 1); /* k was sized for it */
   rr_journal_entry_t je = {.channel = ch->cfg.name,
                            .peer = json_str(ctx, "calling_ae"),
                            .received_ms = rr_wall_ms(),

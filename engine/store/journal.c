@@ -1699,15 +1699,14 @@ int rr_journal_order_get(rr_journal_t *j, const char *accession, rr_buf_t *out) 
   return result;
 }
 
-int rr_journal_unrouted(rr_journal_t *j, const char *channel,
-                        void (*cb)(void *ud, const char *study_uid), void *ud) {
+/* cb per row with the first column of sql (one text parameter, arg) on the
+ * reader; the number of rows, or RR_EIO. */
+static int each_text(rr_journal_t *j, const char *sql, const char *arg,
+                     void (*cb)(void *ud, const char *text), void *ud) {
   sqlite3_stmt *st;
-  if (sqlite3_prepare_v2(j->rdb,
-                         "SELECT study_uid FROM studies WHERE channel = ? AND state = 'stable'"
-                         " AND routed_ms IS NULL ORDER BY stable_ms",
-                         -1, &st, NULL) != SQLITE_OK)
+  if (sqlite3_prepare_v2(j->rdb, sql, -1, &st, NULL) != SQLITE_OK)
     return RR_EIO;
-  bind_text(st, 1, channel);
+  bind_text(st, 1, arg);
   int n = 0, rc;
   while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
     cb(ud, (const char *)sqlite3_column_text(st, 0));
@@ -1715,6 +1714,14 @@ int rr_journal_unrouted(rr_journal_t *j, const char *channel,
   }
   sqlite3_finalize(st);
   return rc == SQLITE_DONE ? n : RR_EIO;
+}
+
+int rr_journal_unrouted(rr_journal_t *j, const char *channel,
+                        void (*cb)(void *ud, const char *study_uid), void *ud) {
+  return each_text(j,
+                   "SELECT study_uid FROM studies WHERE channel = ? AND state = 'stable'"
+                   " AND routed_ms IS NULL ORDER BY stable_ms",
+                   channel, cb, ud);
 }
 
 static void set_text(json_t *o, const char *key, sqlite3_stmt *st, int col) {
@@ -1894,20 +1901,10 @@ int64_t rr_journal_study_instances(rr_journal_t *j, const char *study_uid) {
 
 int rr_journal_study_paths(rr_journal_t *j, const char *study_uid,
                            void (*cb)(void *ud, const char *path), void *ud) {
-  sqlite3_stmt *st;
-  if (sqlite3_prepare_v2(j->rdb,
-                         "SELECT path FROM instances WHERE study_uid = ? ORDER BY series_uid,"
-                         " CAST(instance_number AS INTEGER), sop_instance_uid",
-                         -1, &st, NULL) != SQLITE_OK)
-    return RR_EIO;
-  bind_text(st, 1, study_uid);
-  int n = 0, rc;
-  while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-    cb(ud, (const char *)sqlite3_column_text(st, 0));
-    n++;
-  }
-  sqlite3_finalize(st);
-  return rc == SQLITE_DONE ? n : RR_EIO;
+  return each_text(j,
+                   "SELECT path FROM instances WHERE study_uid = ? ORDER BY series_uid,"
+                   " CAST(instance_number AS INTEGER), sop_instance_uid",
+                   study_uid, cb, ud);
 }
 
 int rr_journal_custom(rr_journal_t *j, rr_journal_write_fn write, void *data,
