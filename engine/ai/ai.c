@@ -301,9 +301,12 @@ int rr_ai_parse_result(const char *text, size_t len, rr_ai_result_t **out, rr_bu
   else if (!status || (strcmp(status, "completed") != 0 && strcmp(status, "failed") != 0 &&
                        strcmp(status, "rejected") != 0))
     rc = bad(err, "$.status", "must be completed, failed or rejected");
-  else if (!json_is_object(model) || !json_is_string(json_object_get(model, "name")) ||
-           !json_is_string(json_object_get(model, "version")))
+  else if ((model || strcmp(status, "completed") == 0) &&
+           (!json_is_object(model) || !json_is_string(json_object_get(model, "name")) ||
+            !json_is_string(json_object_get(model, "version"))))
     rc = bad(err, "$.model", "must have name and version strings");
+  else if (strcmp(status, "completed") != 0 && !json_is_string(json_object_get(doc, "error")))
+    rc = bad(err, "$.error", "a failed or rejected result says why");
   else if (findings && !json_is_array(findings))
     rc = bad(err, "$.findings", "must be an array");
   else if (json_array_size(findings) > 1000)

@@ -117,7 +117,15 @@ static void test_parse(void) {
   CHECK(r->findings[1].confidence < 0 && !r->findings[1].critical);
   CHECK(strcmp(r->model_version, "1.0") == 0);
   rr_ai_result_free(r);
+  /* a failed or rejected result needs no model, only its reason */
+  const char *failed =
+      RESULT_HEAD "\"status\":\"failed\",\"error\":\"could not fetch the images\"}";
+  CHECK_EQ_INT(rr_ai_parse_result(failed, strlen(failed), &r, &err), 0);
+  CHECK(r->model_name == NULL && strcmp(r->status, "failed") == 0 && r->nfindings == 0);
+  rr_ai_result_free(r);
   const char *bad[] = {
+      RESULT_HEAD "\"status\":\"failed\"}",
+      RESULT_HEAD "\"status\":\"rejected\",\"error\":\"x\",\"model\":{\"name\":1}}",
       "not json",
       "[]",
       "{\"schema\":\"other/1\",\"job_id\":\"AJ-1\",\"status\":\"completed\","
@@ -155,9 +163,9 @@ static void test_parse(void) {
 /* The published schemas, compiled into the binary, on the examples. */
 static void test_validate(void) {
   static const char *const valid[] = {"result_critical.json", "result_negative.json",
-                                      "request.json", "accepted.json"};
-  static const char *const kinds[] = {"result", "result", "request", "accepted"};
-  for (size_t i = 0; i < 4; i++) {
+                                      "request.json", "accepted.json", "result_failed.json"};
+  static const char *const kinds[] = {"result", "result", "request", "accepted", "result"};
+  for (size_t i = 0; i < 5; i++) {
     char path[1024];
     snprintf(path, sizeof path, "%s/valid/%s", g_data, valid[i]);
     json_t *doc = json_load_file(path, 0, NULL);
