@@ -11,6 +11,7 @@
 
 #include "ai/ai.h"
 #include "core/log.h"
+#include "notify/notify.h"
 
 struct rr_admin {
   rr_http_server_t *server;
@@ -306,6 +307,104 @@ static void worklist(void *ud, rr_http_req_t *req) {
   rr_http_reply_json(req, 200, json_pack("{s:o}", "studies", rows));
 }
 
+/* GET /api/notifications[?state=open|acked|unacknowledged][&limit=N] */
+static void notifications_list(void *ud, rr_http_req_t *req) {
+  rr_admin_t *a = ud;
+  const char *state = rr_http_req_query(req, "state");
+  if (state && strcmp(state, "open") != 0 && strcmp(state, "acked") != 0 &&
+      strcmp(state, "unacknowledged") != 0) {
+    rr_http_reply_error(req, 400, "bad_state", "state is one of open, acked, unacknowledged");
+    return;
+  }
+  const char *l = rr_http_req_query(req, "limit");
+  long limit = l ? strtol(l, NULL, 10) : 200;
+  if (limit < 1 || limit > 10000)
+    limit = 200;
+  json_t *rows = NULL;
+  if (rr_notify_list_json(a->journal, state, (size_t)limit, &rows) != 0) {
+    rr_http_reply_error(req, 500, "internal_error", "the store could not be read");
+    return;
+  }
+  rr_http_reply_json(req, 200, json_pack("{s:o}", "notifications", rows));
+}
+
+/* GET /api/notifications/{id}: the notification and its history. */
+static void notification_get(void *ud, rr_http_req_t *req) {
+  rr_admin_t *a = ud;
+  json_t *o = NULL;
+  int rc = rr_notify_json(a->journal, rr_http_req_param(req, "id"), &o);
+  if (rc == RR_ENOTFOUND)
+    rr_http_reply_error(req, 404, "not_found", "no such notification");
+  else if (rc)
+    rr_http_reply_error(req, 500, "internal_error", "the store could not be read");
+  else
+    rr_http_reply_json(req, 200, o);
+}
+
+typedef struct acking {
+  rr_admin_t *admin;
+  rr_http_req_t *req;
+  char id[24];
+} acking_t;
+
+static void on_acked(void *ud, int status, int64_t rowid) {
+  (void)rowid;
+  acking_t *k = ud;
+  json_t *o = NULL;
+  if (status)
+    rr_http_reply_error(k->req, 503, "store_unavailable", "the store could not record it");
+  else if (rr_notify_json(k->admin->journal, k->id, &o) != 0)
+    rr_http_reply_error(k->req, 500, "internal_error", "the store could not be read");
+  else
+    rr_http_reply_json(k->req, 200, o);
+  free(k);
+}
+
+/* POST /api/notifications/{id}/ack, body (optional) {"by": who, "note": text}:
+ * answered after the commit that records it. */
+static void notification_ack(void *ud, rr_http_req_t *req) {
+  rr_admin_t *a = ud;
+  size_t len;
+  const char *body = rr_http_req_body(req, &len);
+  json_t *o = len ? json_loadb(body, len, 0, NULL) : json_object();
+  json_t *by = json_object_get(o, "by"), *note = json_object_get(o, "note");
+  if (!json_is_object(o) || (by && (!json_is_string(by) || json_string_length(by) > 127)) ||
+      (note && (!json_is_string(note) || json_string_length(note) > 511))) {
+    json_decref(o);
+    rr_http_reply_error(req, 400, "bad_request",
+                        "the body is empty or {\"by\": \"<who>\", \"note\": \"<text>\"}");
+    return;
+  }
+  const char *id = rr_http_req_param(req, "id");
+  acking_t *k = calloc(1, sizeof *k);
+  if (!k || strlen(id) >= sizeof k->id) {
+    free(k);
+    json_decref(o);
+    rr_http_reply_error(req, k ? 404 : 500, k ? "not_found" : "internal_error",
+                        k ? "no such notification" : "out of memory");
+    return;
+  }
+  k->admin = a;
+  k->req = req;
+  snprintf(k->id, sizeof k->id, "%s", id);
+  rr_buf_t err;
+  rr_buf_init(&err, 1024);
+  int rc = rr_engine_notification_ack(a->engine, k->id, json_string_value(by), who(req),
+                                      json_string_value(note), on_acked, k, &err);
+  json_decref(o);
+  if (rc) {
+    const char *msg = err.data ? err.data : rr_strerror(rc);
+    if (rc == RR_ENOTFOUND)
+      rr_http_reply_error(req, 404, "not_found", msg);
+    else if (rc == -EEXIST)
+      rr_http_reply_error(req, 409, "conflict", msg);
+    else
+      rr_http_reply_error(req, 503, "unavailable", msg);
+    free(k);
+  }
+  rr_buf_close(&err);
+}
+
 int rr_admin_start(uv_loop_t *loop, rr_engine_t *e, rr_journal_t *j, const rr_admin_config_t *cfg,
                    rr_admin_t **out, rr_buf_t *err) {
   rr_admin_t *a = calloc(1, sizeof *a);
@@ -324,6 +423,9 @@ int rr_admin_start(uv_loop_t *loop, rr_engine_t *e, rr_journal_t *j, const rr_ad
        ai_result, a, 1},
       {"GET", "/api/ai/jobs/{id}", RR_HTTP_VIEWER, NULL, 0, ai_job_get, a, 0},
       {"GET", "/api/worklist", RR_HTTP_VIEWER, NULL, 0, worklist, a, 0},
+      {"GET", "/api/notifications", RR_HTTP_VIEWER, NULL, 0, notifications_list, a, 0},
+      {"GET", "/api/notifications/{id}", RR_HTTP_VIEWER, NULL, 0, notification_get, a, 0},
+      {"POST", "/api/notifications/{id}/ack", RR_HTTP_OPERATOR, NULL, 4096, notification_ack, a, 0},
   };
   rr_http_server_config_t sc;
   rr_http_server_config_default(&sc);

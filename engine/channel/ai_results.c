@@ -55,7 +55,7 @@ int rr_engine_take_ai_result(rr_engine_t *e, const rr_destination_config_t *dest
     return rc;
   /* The audit trail: the result, each finding. */
   rr_journal_audit_json(e->journal, dest->name, "result", job_id,
-                        json_pack("{s:s, s:s, s:s, s:s, s:s, s:i, s:b, s:s}", "study_uid",
+                        json_pack("{s:s, s:s, s:s?, s:s?, s:s, s:i, s:b, s:s}", "study_uid",
                                   study_uid, "status", r->status, "model", r->model_name, "version",
                                   r->model_version, "via", via, "findings", (int)r->nfindings,
                                   "critical", r->critical, "mode", rr_ai_mode_name(mode)));
@@ -105,7 +105,8 @@ int rr_engine_take_ai_result(rr_engine_t *e, const rr_destination_config_t *dest
   rr_script_result_t sr;
   memset(&sr, 0, sizeof sr);
   rr_journal_route_t *routes = NULL;
-  size_t nroutes = 0, held = 0;
+  char **owned = NULL; /* pages of new notifications, replacing routes' payloads */
+  size_t nroutes = 0, held = 0, nowned = 0;
   const char *status = "accepted";
   char etext[600] = "";
   if (ch->script && rr_script_defines(ch->script, "on_result")) {
@@ -134,10 +135,27 @@ int rr_engine_take_ai_result(rr_engine_t *e, const rr_destination_config_t *dest
         rr_journal_audit_json(e->journal, "engine", allowed ? "publish" : "held", job_id,
                               json_pack("{s:s, s:s, s:s}", "destination", routes[i].destination,
                                         "role", d ? d->role : "?", "mode", rr_ai_mode_name(mode)));
-        if (allowed)
-          routes[keep++] = routes[i];
-        else
+        if (!allowed) {
           held++;
+          continue;
+        }
+        /* A critical-result notification: tracked until acknowledged;
+         * the same finding is paged once. */
+        if (strcmp(d->role, "notification") == 0) {
+          char **v = owned ? owned : calloc(nroutes, sizeof *v);
+          char *page = NULL;
+          int nrc = v ? rr_channel_notify_route(ch, d, job_id, &routes[i], &page) : RR_ENOMEM;
+          owned = v;
+          if (page)
+            owned[nowned++] = page;
+          if (nrc == 1)
+            continue;
+          if (nrc < 0)
+            rr_log(RR_LOG_ERROR, "notify",
+                   "event=notification_not_tracked channel=%s job=%s error=%s", ch->cfg.name,
+                   job_id, rr_strerror(nrc));
+        }
+        routes[keep++] = routes[i];
       }
       nroutes = keep;
     }
@@ -176,6 +194,9 @@ int rr_engine_take_ai_result(rr_engine_t *e, const rr_destination_config_t *dest
          ch->cfg.name, dest->short_name, job_id, via, r->status, r->nfindings,
          r->critical ? "yes" : "no", rr_ai_mode_name(mode), nroutes, held);
   free(routes);
+  for (size_t i = 0; i < nowned; i++)
+    free(owned[i]);
+  free(owned);
   rr_script_result_close(&sr);
   free(intext);
   return rc;

@@ -132,6 +132,17 @@ int rr_engine_ai_callback(rr_engine_t *e, const char *job_id, const char *token,
                           size_t len, rr_journal_done_cb cb, void *ud, rr_buf_t *err);
 int rr_engine_ai_expire(rr_engine_t *e);
 
+/* ---- critical-result notifications (channel/notifications.c) ----
+ * rr_engine_notify_start: loads the open notifications (and the last
+ * days', for de-duplication) and starts their escalation timer;
+ * public_url (may be NULL) makes each page carry its ack_url.
+ * rr_engine_notification_ack: someone (by; via: the API principal)
+ * acknowledged notification id: no more pages; cb after the commit.
+ * RR_ENOTFOUND, -EEXIST (acknowledged before: err says by whom). */
+int rr_engine_notify_start(rr_engine_t *e, const char *public_url);
+int rr_engine_notification_ack(rr_engine_t *e, const char *id, const char *by, const char *via,
+                               const char *note, rr_journal_done_cb cb, void *ud, rr_buf_t *err);
+
 /* rr_channel_accepts: whether type ("ADT^A01") matches the accept list;
  * an entry "ADT^*" or "ADT" matches every ADT event. Pure. */
 bool rr_channel_accepts(char *const *accept, const char *type, const char *event);

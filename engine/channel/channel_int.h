@@ -50,6 +50,12 @@ struct rr_engine {
   uint64_t ack_seq;
   int64_t start_ms;
   int stopping;
+  /* critical-result notifications (notifications.c) */
+  struct rr_notification **notes; /* open ones and the last days' */
+  size_t nnotes, notes_cap;
+  uv_timer_t notify_timer;
+  bool notify_open;
+  char public_url[1024]; /* for ack_url; "" = none */
 };
 
 /* rr_wall_ms: the wall clock, milliseconds since the epoch. */
@@ -86,6 +92,17 @@ int rr_engine_take_ai_result(rr_engine_t *e, const rr_destination_config_t *dest
                              const char *job_id, const char *study_uid,
                              const struct rr_ai_result *r, const char *via, rr_journal_done_cb cb,
                              void *ud);
+
+/* rr_channel_notify_route: a route an AI result's script made to a
+ * notification destination d: a new notification (its row and audit
+ * record queued; route->payload replaced by the page, *owned to free
+ * after the journal has copied it) and 0, or 1 when the same finding was
+ * notified before (the route is to be dropped), or a negative code. A
+ * route whose document names no study is left as it is (0). */
+int rr_channel_notify_route(rr_channel_t *ch, const rr_destination_config_t *d, const char *job_id,
+                            rr_journal_route_t *route, char **owned);
+void rr_engine_notify_stop(rr_engine_t *e);
+void rr_engine_notify_free(rr_engine_t *e);
 
 /* rr_channel_start_dicomweb: the QIDO-RS poller of a DICOMweb source. */
 int rr_channel_start_dicomweb(rr_engine_t *e, rr_channel_t *ch);

@@ -858,6 +858,7 @@ void rr_engine_stop(rr_engine_t *e) {
     rr_http_client_close(e->http, NULL, NULL);
     e->http = NULL;
   }
+  rr_engine_notify_stop(e);
   rr_journal_set_idle_cb(e->journal, on_journal_idle, e);
   rr_journal_kick(e->journal);
 }
@@ -895,5 +896,6 @@ void rr_engine_free(rr_engine_t *e) {
     free(ch->routing);
     free(ch);
   }
+  rr_engine_notify_free(e);
   free(e);
 }

@@ -15,6 +15,7 @@
 #include "cli/config.h"
 #include "core/error.h"
 #include "core/log.h"
+#include "notify/notify.h"
 
 typedef struct run_state {
   rr_engine_t *engine;
@@ -279,7 +280,7 @@ int rr_cmd_run(int argc, char **argv) {
     goto out;
   }
   rr_journal_set_gather(journal, cfg.group_commit_wait_us);
-  if ((rc = rr_ai_schema(journal, &emsg)) != 0) {
+  if ((rc = rr_ai_schema(journal, &emsg)) != 0 || (rc = rr_notify_schema(journal, &emsg)) != 0) {
     rr_log(RR_LOG_ERROR, "engine", "event=store_open_failed path=%s error=\"%s\"", cfg.store_path,
            emsg ? emsg : rr_strerror(rc));
     free(emsg);
@@ -335,6 +336,14 @@ int rr_cmd_run(int argc, char **argv) {
     cfg.channels[i].dw_modalities = NULL;
     rr_log(RR_LOG_INFO, "engine", "event=ready channel=%s port=%d", cfg.channels[i].name,
            rr_channel_port(ch));
+  }
+  if ((rc = rr_engine_notify_start(s.engine, cfg.http_public_url)) != 0) {
+    rr_log(RR_LOG_ERROR, "engine", "event=store_open_failed path=%s error=\"notifications: %s\"",
+           cfg.store_path, rr_strerror(rc));
+    rr_engine_stop(s.engine);
+    rr_dispatch_stop(s.dispatch, NULL, NULL);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    goto out;
   }
   if (cfg.http) {
     rr_tls_config_t tc = {.role = RR_TLS_SERVER,

@@ -2,6 +2,7 @@
 #include "cli/config.h"
 
 #include "ai/ai.h"
+#include "notify/notify.h"
 
 #include <dirent.h>
 #include <jansson.h>
@@ -273,6 +274,26 @@ static void load_destinations(ctx_t *c, json_t *obj, const char *base, rr_channe
     if (strcmp(x->role, "result") != 0 && strcmp(x->role, "worklist") != 0 &&
         strcmp(x->role, "notification") != 0)
       problem(c, path, "role: \"%s\" is not one of result, worklist, notification", x->role);
+    if (strcmp(x->role, "notification") == 0) {
+      rr_notify_policy_t np;
+      rr_notify_policy_default(&np);
+      json_t *esc = json_object_get(d, "escalation");
+      char epath[300];
+      snprintf(epath, sizeof epath, "%s.escalation", path);
+      x->notify_chain = string_list(json_object_get(esc, "chain"));
+      json_t *cats = json_object_get(esc, "categories");
+      for (int k = 1; k <= RR_NOTIFY_CATEGORIES; k++) {
+        char cname[4], cpath[340];
+        snprintf(cname, sizeof cname, "%d", k);
+        snprintf(cpath, sizeof cpath, "%s.categories.%d", epath, k);
+        json_t *cat = json_object_get(cats, cname);
+        uint64_t rep = (uint64_t)(np.repeat_ms[k] / 1000), nxt = (uint64_t)(np.next_ms[k] / 1000);
+        get_uint(c, cat, "repeat_s", cpath, 0, 7 * 86400, &rep);
+        get_uint(c, cat, "next_s", cpath, 0, 30 * 86400, &nxt);
+        x->notify_repeat_ms[k] = (int64_t)rep * 1000;
+        x->notify_next_ms[k] = (int64_t)nxt * 1000;
+      }
+    }
     uint64_t v;
     if (x->kind == RR_DEST_MLLP) {
       get_string(c, d, "host", path, x->host, sizeof x->host, NULL);

@@ -138,8 +138,8 @@ void rr_destination_config_default(rr_destination_config_t *c) {
 }
 
 void rr_destination_config_free_lists(rr_destination_config_t *c) {
-  char ***lists[] = {&c->ai_modalities, &c->ai_body_parts, &c->ai_procedures};
-  for (size_t i = 0; i < 3; i++) {
+  char ***lists[] = {&c->ai_modalities, &c->ai_body_parts, &c->ai_procedures, &c->notify_chain};
+  for (size_t i = 0; i < 4; i++) {
     for (char **a = *lists[i]; a && *a; a++)
       free(*a);
     free(*lists[i]);

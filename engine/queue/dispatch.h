@@ -85,6 +85,10 @@ typedef struct rr_destination_config {
   /* what routes to it publish, for AI rollout modes: "result" (default: the
    * PACS, the RIS), "worklist" or "notification" */
   char role[16];
+  /* notification destinations: the escalation policy (notify/notify.h), by
+   * ACR category 1..3 ([0] unused); chain: NULL-terminated, owned */
+  char **notify_chain;
+  int64_t notify_repeat_ms[4], notify_next_ms[4];
   /* routing (used by the channel, not the dispatcher) */
   char short_name[64]; /* the name scripts route to */
   bool key_none;       /* routes without a key of their own have none (default: the MRN) */
