@@ -634,6 +634,27 @@ int rr_ai_jobs_overdue(rr_journal_t *j, int64_t now_ms,
   return rc == SQLITE_DONE ? n : RR_EIO;
 }
 
+int rr_ai_jobs_polled(rr_journal_t *j,
+                      void (*cb)(void *ud, const char *job_id, const char *destination,
+                                 const char *study_uid, const char *status_url, int64_t sent_ms),
+                      void *ud) {
+  sqlite3_stmt *st;
+  if (sqlite3_prepare_v2(rr_journal_reader(j),
+                         "SELECT job_id, destination, study_uid, status_url, sent_ms FROM ai_jobs"
+                         " WHERE state = 'running' AND status_url IS NOT NULL",
+                         -1, &st, NULL) != SQLITE_OK)
+    return RR_EIO;
+  int n = 0, rc;
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+    cb(ud, (const char *)sqlite3_column_text(st, 0), (const char *)sqlite3_column_text(st, 1),
+       (const char *)sqlite3_column_text(st, 2), (const char *)sqlite3_column_text(st, 3),
+       sqlite3_column_int64(st, 4));
+    n++;
+  }
+  sqlite3_finalize(st);
+  return rc == SQLITE_DONE ? n : RR_EIO;
+}
+
 int rr_ai_validate(const char *kind, json_t *doc, rr_buf_t *err) {
   static rr_json_schema_t *compiled[3];
   static const char *const names[] = {"result", "request", "accepted"};

@@ -155,6 +155,13 @@ int rr_ai_store_result(rr_journal_t *j, const rr_ai_result_t *r, int64_t at_ms,
 int rr_ai_job_state(rr_journal_t *j, const char *job_id, const char *state, const char *reason,
                     int64_t at_ms);
 
+/* rr_ai_jobs_polled: running jobs whose endpoint gave a status_url; cb
+ * per job (strings borrowed). Returns how many, or RR_EIO. */
+int rr_ai_jobs_polled(rr_journal_t *j,
+                      void (*cb)(void *ud, const char *job_id, const char *destination,
+                                 const char *study_uid, const char *status_url, int64_t sent_ms),
+                      void *ud);
+
 /* rr_ai_jobs_overdue: jobs still sent/running whose deadline is before
  * now_ms; cb per job id (borrowed). Returns how many, or RR_EIO. */
 int rr_ai_jobs_overdue(rr_journal_t *j, int64_t now_ms,

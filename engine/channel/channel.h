@@ -131,6 +131,11 @@ void rr_engine_ai_result(void *ud, const rr_destination_config_t *dest, const ch
 int rr_engine_ai_callback(rr_engine_t *e, const char *job_id, const char *token, const char *body,
                           size_t len, rr_journal_done_cb cb, void *ud, rr_buf_t *err);
 int rr_engine_ai_expire(rr_engine_t *e);
+/* rr_engine_ai_poll (channel/ai_poll.c): GETs the status_url of running
+ * jobs whose endpoint gave one, each at most every poll_s; a result found
+ * there is taken like a callback's (via "poll"). Returns how many GETs
+ * started, or RR_EIO. */
+int rr_engine_ai_poll(rr_engine_t *e);
 
 /* ---- critical-result notifications (channel/notifications.c) ----
  * rr_engine_notify_start: loads the open notifications (and the last

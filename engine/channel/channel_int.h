@@ -56,7 +56,17 @@ struct rr_engine {
   uv_timer_t notify_timer;
   bool notify_open;
   char public_url[1024]; /* for ack_url; "" = none */
+  /* AI jobs whose results are polled (ai_poll.c) */
+  struct poll *polls;
+  struct poll_token *poll_tokens;
 };
+
+/* An AI endpoint's bearer token, read once for polling. */
+typedef struct poll_token {
+  struct poll_token *next;
+  char destination[160];
+  char *token;
+} poll_token_t;
 
 /* rr_wall_ms: the wall clock, milliseconds since the epoch. */
 int64_t rr_wall_ms(void);
@@ -102,6 +112,7 @@ int rr_engine_take_ai_result(rr_engine_t *e, const rr_destination_config_t *dest
 int rr_channel_notify_route(rr_channel_t *ch, const rr_destination_config_t *d, const char *job_id,
                             rr_journal_route_t *route, char **owned);
 void rr_engine_notify_stop(rr_engine_t *e);
+void rr_engine_ai_poll_free(rr_engine_t *e);
 void rr_engine_notify_free(rr_engine_t *e);
 
 /* rr_channel_start_dicomweb: the QIDO-RS poller of a DICOMweb source. */

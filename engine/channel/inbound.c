@@ -897,5 +897,6 @@ void rr_engine_free(rr_engine_t *e) {
     free(ch);
   }
   rr_engine_notify_free(e);
+  rr_engine_ai_poll_free(e);
   free(e);
 }

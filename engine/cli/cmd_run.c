@@ -114,8 +114,10 @@ static void on_signal(uv_signal_t *h, int signum) {
 
 static void on_ai_expiry(uv_timer_t *t) {
   run_state_t *s = t->data;
-  if (!s->stopping)
+  if (!s->stopping) {
     rr_engine_ai_expire(s->engine);
+    rr_engine_ai_poll(s->engine);
+  }
 }
 
 /* mkdir -p of the folder holding path. */
@@ -376,7 +378,7 @@ int rr_cmd_run(int argc, char **argv) {
   }
   uv_timer_init(&loop, &s.ai_expiry);
   s.ai_expiry.data = &s;
-  uv_timer_start(&s.ai_expiry, on_ai_expiry, 5000, 5000);
+  uv_timer_start(&s.ai_expiry, on_ai_expiry, 1000, 1000);
   uv_unref((uv_handle_t *)&s.ai_expiry);
   uv_signal_init(&loop, &s.sigint);
   uv_signal_init(&loop, &s.sigterm);

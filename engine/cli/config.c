@@ -355,6 +355,9 @@ static void load_destinations(ctx_t *c, json_t *obj, const char *base, rr_channe
       if (strcmp(result, "sync") != 0 && strcmp(result, "callback") != 0)
         problem(c, path, "result: \"%s\" is not one of sync, callback", result);
       x->ai_callback = strcmp(result, "callback") == 0;
+      uint64_t poll_s = 5;
+      get_uint(c, d, "poll_s", path, 1, 3600, &poll_s);
+      x->ai_poll_ms = poll_s * 1000;
     } else if (x->kind == RR_DEST_STOW) {
       get_string(c, d, "url", path, x->url, sizeof x->url, NULL);
       get_string(c, d, "user", path, x->user, sizeof x->user, "");

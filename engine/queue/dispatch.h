@@ -82,6 +82,7 @@ typedef struct rr_destination_config {
   char **ai_modalities, **ai_body_parts, **ai_procedures; /* owned; NULL = any */
   char ai_images_root[1024]; /* DICOMweb root for studies without a retrieve_url */
   bool ai_callback;          /* ask for the result by callback (else: in the answer) */
+  uint64_t ai_poll_ms;       /* GET an accepted job's status_url this often; default 5000 */
   /* what routes to it publish, for AI rollout modes: "result" (default: the
    * PACS, the RIS), "worklist" or "notification" */
   char role[16];
