@@ -1,6 +1,7 @@
 /* Inbound MLLP channel: parse, classify, journal, then acknowledge. */
 #include <errno.h>
 #include <jansson.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -8,6 +9,7 @@
 #include <sys/stat.h>
 #include <sys/time.h>
 
+#include "audit/config_audit.h"
 #include "channel/channel_int.h"
 #include "core/array.h"
 #include "core/error.h"
@@ -671,9 +673,14 @@ static int load_script(rr_channel_t *ch) {
     rr_log(RR_LOG_ERROR, "script", "event=script_load_failed channel=%s path=%s error=\"%s\"",
            ch->cfg.name, ch->cfg.script, err.data ? err.data : rr_strerror(rc));
   } else {
-    if (ch->script)
+    if (ch->script) {
       rr_log(RR_LOG_INFO, "script", "event=script_reloaded channel=%s path=%s", ch->cfg.name,
              ch->cfg.script);
+      char real[PATH_MAX];
+      if (realpath(ch->cfg.script, real) &&
+          rr_config_audit_file(ch->engine->journal, real, "script reloaded") == 1)
+        rr_journal_kick(ch->engine->journal);
+    }
     rr_script_free(ch->script);
     ch->script = s;
   }

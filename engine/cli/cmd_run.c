@@ -11,6 +11,7 @@
 
 #include "admin/api.h"
 #include "ai/ai.h"
+#include "audit/config_audit.h"
 #include "cli/cli.h"
 #include "cli/config.h"
 #include "core/error.h"
@@ -28,13 +29,47 @@ typedef struct run_state {
   unsigned retention_days;
   uint64_t pruned;
   int stopping;
+  const rr_config_t *cfg;
 } run_state_t;
+
+/* The files the configuration is made of, against the hashes the store
+ * saw last: changes go to the audit trail (audit/config_audit.h). */
+static void audit_config(rr_journal_t *j, const rr_config_t *cfg, const char *why) {
+  char real[PATH_MAX];
+  int changed = 0, rc;
+#define AUDIT_ONE(p)                                                                               \
+  if ((p)[0] && realpath((p), real) && (rc = rr_config_audit_file(j, real, why)) > 0)              \
+  changed += rc
+  AUDIT_ONE(cfg->config_path);
+  AUDIT_ONE(cfg->http_token_file);
+#undef AUDIT_ONE
+  if (realpath(cfg->channels_dir, real) && (rc = rr_config_audit_dir(j, real, why)) > 0)
+    changed += rc;
+  for (size_t i = 0; i < cfg->nchannels; i++) {
+    const rr_channel_config_t *ch = &cfg->channels[i];
+    /* scripts live in the channels folder (seen above) or elsewhere */
+    if (ch->script[0] && realpath(ch->script, real) &&
+        (rc = rr_config_audit_file(j, real, why)) > 0)
+      changed += rc;
+    bool seen = false;
+    for (size_t k = 0; k < i; k++)
+      seen |= strcmp(cfg->channels[k].script_lib, ch->script_lib) == 0;
+    if (!seen && ch->script_lib[0] && realpath(ch->script_lib, real) &&
+        (rc = rr_config_audit_dir(j, real, why)) > 0)
+      changed += rc;
+  }
+  if (changed) {
+    rr_log(RR_LOG_INFO, "config", "event=config_audited changed=%d why=%s", changed, why);
+    rr_journal_kick(j);
+  }
+}
 
 /* SIGHUP: certificates and keys are read again, for new connections. */
 static void on_sighup(uv_signal_t *h, int signum) {
   run_state_t *s = h->data;
   (void)signum;
   rr_log(RR_LOG_INFO, "engine", "event=reload signal=HUP");
+  audit_config(s->journal, s->cfg, "reload");
   rr_engine_reload_tls(s->engine);
   rr_engine_reload_scripts(s->engine);
   if (s->api) {
@@ -292,6 +327,9 @@ int rr_cmd_run(int argc, char **argv) {
          cfg.sync == RR_JOURNAL_SYNC_FULL     ? "full"
          : cfg.sync == RR_JOURNAL_SYNC_NORMAL ? "normal"
                                               : "off");
+  audit_config(journal, &cfg, "start");
+  s.cfg = &cfg;
+  s.journal = journal;
   if ((rc = rr_engine_new(&loop, journal, &s.engine)) ||
       (rc = rr_dispatch_new(&loop, journal, &s.dispatch)))
     goto out;

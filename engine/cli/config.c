@@ -796,6 +796,8 @@ int rr_config_load(const char *path, rr_config_t *cfg, rr_buf_t *err) {
     problem(&c, "$.channels", "path too long");
     goto out;
   }
+  snprintf(cfg->config_path, sizeof cfg->config_path, "%s", path);
+  snprintf(cfg->channels_dir, sizeof cfg->channels_dir, "%s", chpath);
   DIR *d = opendir(chpath);
   if (!d) {
     problem(&c, "$.channels", "cannot open folder %s", chpath);
