@@ -15,6 +15,14 @@
  *                                                  (header fields, series, the
  *                                                  matched order) and its state
  *   GET  /api/orders/{accession}          viewer   the order record kept
+ *   POST /api/ai/jobs/{id}/result         job      an AI result (callback)
+ *   GET  /api/ai/jobs/{id}                viewer   the job and its result
+ *   GET  /api/worklist                    viewer   studies, AI-critical first
+ *   GET  /api/notifications               viewer   critical-result notifications
+ *   GET  /api/notifications/{id}          viewer   one, with its history
+ *   POST /api/notifications/{id}/ack      operator acknowledged (by, note);
+ *                                                  200 after the commit, 409
+ *                                                  when acknowledged before
  *
  * Errors are the server's JSON errors ({"error", "message"}): 400 for a
  * malformed UID or body, 404 for an unknown study, order or channel, 503
