@@ -13,11 +13,7 @@
 #include "core/log.h"
 #include "notify/notify.h"
 
-struct rr_admin {
-  rr_http_server_t *server;
-  rr_engine_t *engine;
-  rr_journal_t *journal;
-};
+#include "admin/api_int.h"
 
 /* A DICOM UID: 1..64 digits and dots. */
 static bool is_uid(const char *s) {
@@ -412,8 +408,12 @@ int rr_admin_start(uv_loop_t *loop, rr_engine_t *e, rr_journal_t *j, const rr_ad
     return RR_ENOMEM;
   a->engine = e;
   a->journal = j;
+  a->dispatch = cfg->dispatch;
+  a->start_ms = rr_admin_now_ms();
   const rr_http_route_t routes[] = {
       {"GET", "/health", RR_HTTP_PUBLIC, NULL, 0, health, a, 0},
+      {"GET", "/ready", RR_HTTP_PUBLIC, NULL, 0, rr_admin_ready, a, 0},
+      {"GET", "/metrics", RR_HTTP_VIEWER, NULL, 0, rr_admin_metrics, a, 0},
       {"POST", "/api/studies/{uid}/complete", RR_HTTP_OPERATOR, NULL, 4096, study_complete, a, 0},
       {"POST", "/api/sources/{channel}/notify", RR_HTTP_OPERATOR, "application/json", 4096,
        source_notify, a, 0},

@@ -47,6 +47,7 @@ typedef struct rr_admin_config {
   int port;                   /* 0 = any free port */
   const char *token_file;     /* "role name sha256hex" lines (http/server.h) */
   const rr_tls_config_t *tls; /* NULL = plain HTTP */
+  rr_dispatch_t *dispatch;    /* for queue figures (/metrics); may be NULL */
 } rr_admin_config_t;
 
 /* rr_admin_start: the HTTP server with the routes above, for engine e and

@@ -12,6 +12,7 @@
 #include <stdbool.h>
 #include <uv.h>
 
+#include "core/histogram.h"
 #include "hl7/hl7.h"
 #include "mllp/listener.h"
 #include "queue/dispatch.h"
@@ -147,6 +148,22 @@ int rr_engine_ai_poll(rr_engine_t *e);
 int rr_engine_notify_start(rr_engine_t *e, const char *public_url);
 int rr_engine_notification_ack(rr_engine_t *e, const char *id, const char *by, const char *via,
                                const char *note, rr_journal_done_cb cb, void *ud, rr_buf_t *err);
+
+/* ---- counters, for /metrics and the admin API ---- */
+typedef struct rr_channel_stats {
+  const char *name; /* borrowed for the call */
+  const char *kind; /* "mllp", "dicom", "dicomweb" */
+  int port;         /* the listener's (0: none) */
+  uint64_t received, accepted, errored, rejected, duplicates, filtered, script_errors;
+  uint64_t studies_routed, studies_matched;
+  const rr_histo_t *ack_latency; /* MLLP: message taken -> ACK written */
+} rr_channel_stats_t;
+/* rr_engine_channel_stats: cb once per channel, in the order added. */
+void rr_engine_channel_stats(const rr_engine_t *e,
+                             void (*cb)(void *ud, const rr_channel_stats_t *s), void *ud);
+/* rr_engine_ready: whether the engine takes messages now (not stopping,
+ * the store's last commit did not fail); why says what is wrong. */
+bool rr_engine_ready(const rr_engine_t *e, char *why, size_t cap);
 
 /* rr_channel_accepts: whether type ("ADT^A01") matches the accept list;
  * an entry "ADT^*" or "ADT" matches every ADT event. Pure. */

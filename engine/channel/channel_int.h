@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include "channel/channel.h"
+#include "core/histogram.h"
 #include "dicom/scp.h"
 #include "dicomweb/client.h"
 
@@ -24,8 +25,9 @@ struct rr_channel {
   uint64_t filtered, script_errors;
   rr_hl7_msg_t *msg; /* reused for every message */
   uint64_t received, accepted, errored, rejected, duplicates;
-  rr_dicom_scp_t *scp; /* a DICOM source; NULL for MLLP */
-  uv_timer_t stable;   /* DICOM: looks for studies that went quiet */
+  rr_histo_t ack_latency; /* message taken -> its ACK written, after the commit */
+  rr_dicom_scp_t *scp;    /* a DICOM source; NULL for MLLP */
+  uv_timer_t stable;      /* DICOM: looks for studies that went quiet */
   bool stable_open, stable_busy;
   char **routing; /* DICOM: studies whose study event is being journaled */
   size_t nrouting, routing_cap;

@@ -30,6 +30,7 @@ typedef struct pending_ack {
   bool send_nak;
   size_t app_len; /* enhanced-mode application ACK after the commit ACK:
                      data[len+nak_len..+app_len), 0 when none */
+  uint64_t t0;    /* uv_hrtime when the message was taken: ACK latency */
   char data[];
 } pending_ack_t;
 
@@ -115,6 +116,7 @@ static void send_ack(void *ud, int status, int64_t id) {
     return;
   }
   if (status == 0) {
+    rr_histo_observe(&ch->ack_latency, (double)(uv_hrtime() - p->t0) / 1e9);
     if (p->send_ack)
       rr_mllp_conn_reply(p->conn, p->data, p->len);
     else
@@ -429,6 +431,7 @@ static int process(rr_channel_t *ch, rr_mllp_conn_t *c, const char *data, size_t
   p->len = ack_len;
   p->nak_len = nak_end - ack_len;
   p->app_len = ack.len - nak_end;
+  p->t0 = uv_hrtime();
   memcpy(p->data, ack.data, ack.len);
   rr_buf_close(&ack);
 
@@ -782,6 +785,40 @@ int rr_channel_port(const rr_channel_t *ch) {
   if (ch->cfg.dicom)
     return ch->scp ? rr_dicom_scp_port(ch->scp) : 0;
   return rr_mllp_listener_port(ch->listener);
+}
+
+void rr_engine_channel_stats(const rr_engine_t *e,
+                             void (*cb)(void *ud, const rr_channel_stats_t *s), void *ud) {
+  for (const rr_channel_t *ch = e->channels; ch; ch = ch->next) {
+    rr_channel_stats_t s = {.name = ch->cfg.name,
+                            .kind = ch->cfg.dicomweb ? "dicomweb"
+                                    : ch->cfg.dicom  ? "dicom"
+                                                     : "mllp",
+                            .port = ch->cfg.dicomweb ? 0 : rr_channel_port(ch),
+                            .received = ch->received,
+                            .accepted = ch->accepted,
+                            .errored = ch->errored,
+                            .rejected = ch->rejected,
+                            .duplicates = ch->duplicates,
+                            .filtered = ch->filtered,
+                            .script_errors = ch->script_errors,
+                            .studies_routed = ch->studies_routed,
+                            .studies_matched = ch->studies_matched,
+                            .ack_latency = &ch->ack_latency};
+    cb(ud, &s);
+  }
+}
+
+bool rr_engine_ready(const rr_engine_t *e, char *why, size_t cap) {
+  rr_journal_stats_t js;
+  rr_journal_stats(e->journal, &js);
+  if (e->stopping)
+    snprintf(why, cap, "stopping");
+  else if (js.last_failed)
+    snprintf(why, cap, "the store's last commit failed");
+  else
+    return true;
+  return false;
 }
 
 /* The copied configuration's string pointers must point into the copy. */

@@ -397,7 +397,8 @@ int rr_cmd_run(int argc, char **argv) {
     rr_admin_config_t ac = {.host = cfg.http_host,
                             .port = cfg.http_port,
                             .token_file = cfg.http_token_file,
-                            .tls = cfg.http_tls ? &tc : NULL};
+                            .tls = cfg.http_tls ? &tc : NULL,
+                            .dispatch = s.dispatch};
     rr_buf_t err;
     rr_buf_init(&err, 4096);
     rc = rr_admin_start(&loop, s.engine, journal, &ac, &s.api, &err);

@@ -1113,7 +1113,9 @@ static void finish_flight(rr_journal_t *j) {
       j->stats.max_batch = entries;
     if (j->flight_rc)
       j->stats.failed_commits++;
+    rr_histo_observe(&j->stats.commit_latency, (double)j->flight_us / 1e6);
   }
+  j->stats.last_failed = j->flight_rc != 0;
   memset(&j->flight, 0, sizeof j->flight);
   j->busy = false;
   report(j, &b, j->flight_rc);

@@ -1,0 +1,21 @@
+/* The REST API, inside: what its route files share. Loop thread. */
+#ifndef RR_ADMIN_API_INT_H
+#define RR_ADMIN_API_INT_H
+
+#include "admin/api.h"
+
+struct rr_admin {
+  rr_http_server_t *server;
+  rr_engine_t *engine;
+  rr_journal_t *journal;
+  rr_dispatch_t *dispatch; /* NULL: no queue figures */
+  int64_t start_ms;
+};
+
+int64_t rr_admin_now_ms(void);
+/* GET /metrics (admin/metrics.c): Prometheus text format 0.0.4. */
+void rr_admin_metrics(void *ud, rr_http_req_t *req);
+/* GET /ready: 200 {"status": "ready"} or 503 with why. */
+void rr_admin_ready(void *ud, rr_http_req_t *req);
+
+#endif
