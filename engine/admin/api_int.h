@@ -13,6 +13,11 @@ struct rr_admin {
 };
 
 int64_t rr_admin_now_ms(void);
+/* admin/messages.c: GET /api/messages (search), /api/messages/{id},
+ * /api/timeline. */
+void rr_admin_messages(void *ud, rr_http_req_t *req);
+void rr_admin_message(void *ud, rr_http_req_t *req);
+void rr_admin_timeline(void *ud, rr_http_req_t *req);
 /* GET /metrics (admin/metrics.c): Prometheus text format 0.0.4. */
 void rr_admin_metrics(void *ud, rr_http_req_t *req);
 /* GET /ready: 200 {"status": "ready"} or 503 with why. */

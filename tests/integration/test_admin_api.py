@@ -49,6 +49,9 @@ ROUTES = [
     ("GET", "/api/orders/RRACC-ADM1", "viewer"),
     ("GET", "/api/ai/jobs/AJ-1", "viewer"),
     ("GET", "/api/worklist", "viewer"),
+    ("GET", "/api/messages?channel=orders", "viewer"),
+    ("GET", "/api/messages/1", "viewer"),
+    ("GET", "/api/timeline?accession=RRACC-ADM1", "viewer"),
     ("GET", "/api/notifications", "viewer"),
     ("GET", "/api/notifications/N-0000000000000000", "viewer"),
     ("POST", "/api/notifications/N-0000000000000000/ack", "operator"),
@@ -175,6 +178,41 @@ def main():
                             return s.value
                 return 0
             wait_for(lambda: depth() == 1, 20, "the ADT in the patient index's queue")
+
+            # ---- 4. message search, detail, timeline
+            def get(path):
+                st, _, d = call(port, "GET", path, TOKENS["viewer"])
+                assert st == 200, (path, st, d)
+                return json.loads(d)
+            found = get("/api/messages?mrn=RRPAT-ADM3")["messages"]
+            assert [m["control_id"] for m in found] == ["RRADM-3"], found
+            assert get("/api/messages?accession=RRACC-ADM2")["messages"][0]["control_id"] == \
+                "RRADM-2"
+            assert len(get("/api/messages?control_id=RRADM-ADT1")["messages"]) == 1
+            assert len(get("/api/messages?channel=orders")["messages"]) == 6
+            assert get("/api/messages?channel=reports")["messages"] == []
+            assert len(get("/api/messages?status=accepted&type=ORM^O01")["messages"]) == 5
+            # paging: 6 messages, 4 then 2, newest first, no overlap
+            p1 = get("/api/messages?channel=orders&limit=4")
+            assert len(p1["messages"]) == 4 and p1["next_before"] is not None
+            p2 = get(f"/api/messages?channel=orders&limit=4&before={p1['next_before']}")
+            assert len(p2["messages"]) == 2 and p2["next_before"] is None, p2
+            ids = [m["id"] for m in p1["messages"] + p2["messages"]]
+            assert len(set(ids)) == 6 and ids == sorted(ids, reverse=True), ids
+            st, _, d = call(port, "GET", "/api/messages?since=abc", TOKENS["viewer"])
+            assert st == 400 and json.loads(d)["error"] == "bad_query"
+            (adt,) = get("/api/messages?control_id=RRADM-ADT1")["messages"]
+            detail = get(f"/api/messages/{adt['id']}")
+            assert detail["raw"].startswith("MSH|") and "MSA|AA|RRADM-ADT1" in detail["ack"]
+            assert [q["destination"] for q in detail["queued"]] == ["orders.patient_index"]
+            assert detail["queued"][0]["payload"].startswith("MSH|"), detail["queued"]
+            assert isinstance(detail["deliveries"], list)
+            st, _, _ = call(port, "GET", "/api/messages/999999", TOKENS["viewer"])
+            assert st == 404
+            tl = get("/api/timeline?accession=RRACC-ADM1")
+            kinds = [ev["event"] for ev in tl["events"]]
+            assert "order" in kinds and "message" in kinds, tl
+            assert [ev["at_ms"] for ev in tl["events"]] == sorted(ev["at_ms"] for ev in tl["events"])
             assert value("radrelay_destination_circuit_open", "radrelay_destination_circuit_open",
                          destination="orders.patient_index") in (0, 0.5, 1)
             text = data.decode()
