@@ -9,6 +9,7 @@
 #include <strings.h>
 #include <time.h>
 
+#include "admin/api_dicomweb.h"
 #include "ai/ai.h"
 #include "core/log.h"
 
@@ -16,6 +17,7 @@ struct rr_admin {
   rr_http_server_t *server;
   rr_engine_t *engine;
   rr_journal_t *journal;
+  rr_api_dicomweb_t dicomweb; /* de-identified AI jobs' images */
 };
 
 /* A DICOM UID: 1..64 digits and dots. */
@@ -313,6 +315,7 @@ int rr_admin_start(uv_loop_t *loop, rr_engine_t *e, rr_journal_t *j, const rr_ad
     return RR_ENOMEM;
   a->engine = e;
   a->journal = j;
+  a->dicomweb = (rr_api_dicomweb_t){.loop = loop, .journal = j};
   const rr_http_route_t routes[] = {
       {"GET", "/health", RR_HTTP_PUBLIC, NULL, 0, health, a, 0},
       {"POST", "/api/studies/{uid}/complete", RR_HTTP_OPERATOR, NULL, 4096, study_complete, a, 0},
@@ -324,6 +327,7 @@ int rr_admin_start(uv_loop_t *loop, rr_engine_t *e, rr_journal_t *j, const rr_ad
        ai_result, a, 1},
       {"GET", "/api/ai/jobs/{id}", RR_HTTP_VIEWER, NULL, 0, ai_job_get, a, 0},
       {"GET", "/api/worklist", RR_HTTP_VIEWER, NULL, 0, worklist, a, 0},
+      RR_API_DICOMWEB_ROUTES(&a->dicomweb),
   };
   rr_http_server_config_t sc;
   rr_http_server_config_default(&sc);
