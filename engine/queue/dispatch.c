@@ -56,7 +56,8 @@ typedef struct attempt {
   rr_dicomweb_op_t *stow;   /* STOW-RS: while running */
   char **paths;             /* DICOM, STOW-RS: the files */
   size_t npaths, paths_cap;
-  char job_id[RR_AI_JOB_ID_MAX]; /* AI: the job */
+  char job_id[RR_AI_JOB_ID_MAX];                   /* AI: the job */
+  char token[RR_AI_TOKEN_HEX + 1], token_hash[65]; /* AI, de-identifying: made first */
   char study_uid[65];
   rr_buf_t request; /* AI: the request document */
   struct attempt *next;
@@ -693,12 +694,31 @@ static int start_ai(dest_t *x, attempt_t *a) {
     return 0;
   }
   snprintf(a->job_id, sizeof a->job_id, "AJ-%lld", (long long)a->id);
-  if (x->deid) { /* the copies and the map first: on_deid_ready goes on */
-    d->closing++;
-    int rc = rr_ai_deid_start(x->deid, a->job_id, ctx, on_deid_ready, a);
+  if (x->deid) {
+    /* The job and its token first, then the copies and the map: both are
+     * committed before the request leaves (on_deid_ready goes on), so the
+     * endpoint's first fetch finds them. */
+    int64_t now = wall_ms();
+    char chan[64];
+    rr_ai_job_t job = {
+        .job_id = a->job_id,
+        .queue_id = a->id,
+        .destination = x->cfg.name,
+        .channel = channel_of(x, chan, sizeof chan),
+        .study_uid = a->study_uid,
+        .mode = (rr_ai_mode_t)x->cfg.ai_mode,
+        .state = "sending",
+        .token_hash = a->token_hash,
+        .sent_ms = now,
+        .deadline_ms =
+            now + (x->cfg.sched.max_age_ms ? (int64_t)x->cfg.sched.max_age_ms : 3600 * 1000)};
+    int rc = rr_ai_token(a->token, a->token_hash);
+    if (rc == 0 && (rc = rr_ai_job_sent(d->journal, &job)) == 0) {
+      d->closing++;
+      if ((rc = rr_ai_deid_start(x->deid, a->job_id, ctx, on_deid_ready, a)) != 0)
+        d->closing--;
+    }
     json_decref(ctx);
-    if (rc)
-      d->closing--;
     return rc;
   }
   int rc = send_ai(x, a, ctx);
@@ -714,7 +734,11 @@ static int send_ai(dest_t *x, attempt_t *a, json_t *ctx) {
   char token[RR_AI_TOKEN_HEX + 1], hash[65], url[1200], chan[64], images[1200];
   bool cb = x->cfg.ai_callback && d->ai_callback_base;
   bool tok = cb || x->deid; /* a de-identifying endpoint fetches from us with it */
-  int rc = tok ? rr_ai_token(token, hash) : 0;
+  int rc = x->deid ? 0 : tok ? rr_ai_token(token, hash) : 0;
+  if (x->deid) { /* the token the job was recorded with */
+    memcpy(token, a->token, sizeof token);
+    memcpy(hash, a->token_hash, sizeof hash);
+  }
   if (cb)
     snprintf(url, sizeof url, "%s/api/ai/jobs/%s/result", d->ai_callback_base, a->job_id);
   if (x->deid)
