@@ -22,6 +22,9 @@ uses): the imaging channel's hemorrhage endpoint has "deidentify": true.
   names the real series and instance;
 - the dispatch's audit record shows the pseudonymous request; the copies
   are removed once the job has ended and the images are then 404;
+- with results by callback from an AI that fetches at once: the same
+  token serves images and callback, the result comes back under the real
+  UIDs;
 - no identifier in the log above debug.
 
 Run: test_ai_deid.py --radrelay build/radrelay (exits 77 without Orthanc,
@@ -82,8 +85,8 @@ def parts(body, ctype):
     return reference_ai.multipart_parts(body, ctype)
 
 
-def configure(tmp, ai_url, ris_port, pager_port, api_port):
-    wf.configure(tmp, ai_url, "active", "sync", ris_port, pager_port, api_port)
+def configure(tmp, ai_url, ris_port, pager_port, api_port, result="sync"):
+    wf.configure(tmp, ai_url, "active", result, ris_port, pager_port, api_port)
     path = os.path.join(tmp, "channels", "imaging.json")
     with open(path) as f:
         imaging = json.load(f)
@@ -242,6 +245,32 @@ def main():
             wait_for(lambda: not os.path.exists(spool), 30, "the de-identified copies removed")
             assert get(wado, auth["token"])[0] == 404
             e.stop()
+
+            # ---- results by callback, from an AI that fetches at once
+            ai.stop()
+            ai = wf.Peer(["/usr/bin/python3", os.path.join(peers, "reference_ai.py"), "--mode",
+                          "callback"])
+            configure(tmp, ai.ready["url"].rstrip("/") + "/analyze", ris.ready["port"],
+                      pager.port, api_port, result="callback")
+            e.start()
+            send_hl7(e.orders_port, [orm("RRDEID-2", "NW", "RRACC-DEID2", "RRPAT-DEID2", "CT",
+                                         "R", "FALL", today + "0800")])
+            cbdir = os.path.join(tmp, "cb")
+            uid2 = wf.make_study_bleed(cbdir, 62, "RRACC-DEID2", "RRPAT-DEID2", True)
+            store(e.dicom_port, cbdir)
+            wait_for(lambda: len(ris.messages("ORU")) == 2, 120, "the ORU of a callback result")
+            assert e.grep("event=result", "via=callback", "critical=yes")
+            assert wf.oru_study(ris.messages("ORU")[1]["text"]) == uid2
+            ((job2, req2),) = e.sql("SELECT job_id, request FROM ai_jobs WHERE study_uid = ?", uid2)
+            req2 = json.loads(req2)
+            assert req2["study"]["study_uid"] == pseudo_uid(secret, uid2)
+            assert req2["callback"]["token"] == req2["images"]["auth"]["token"]
+            st_, jb = wf.api(api_port, f"/api/ai/jobs/{job2}")
+            assert jb["state"] == "completed", jb
+            sops2 = {pydicom.dcmread(os.path.join(cbdir, n)).SOPInstanceUID
+                     for n in os.listdir(cbdir)}
+            assert jb["result"]["findings"][0]["location"]["instance_uid"] in sops2, jb
+            e.stop()
         except BaseException:
             sys.stderr.write("\n".join(l for l in e.all_lines[-60:]) + "\n")
             raise
@@ -253,7 +282,7 @@ def main():
         x = subprocess.run([e.radrelay, "audit", "export", "-c", e.config], capture_output=True,
                            text=True, check=True)
         recs = [json.loads(l) for l in x.stdout.splitlines() if l.strip()]
-        (disp,) = [r for r in recs if r["kind"] == "dispatch"]
+        disp = [r for r in recs if r["kind"] == "dispatch"][0]
         assert disp["data"]["deidentified"] is True
         assert disp["data"]["request"]["study"]["study_uid"] == pseudo_uid(secret, uid)
         assert "RRPAT-" not in json.dumps(disp["data"]) and "RRACC-" not in json.dumps(disp["data"])
