@@ -438,6 +438,7 @@ static json_t *pseudo_context(const prep_t *p) {
     json_object_set_new(order, "reason", json_null());
   json_t *series = json_array();
   json_t *src = json_object_get(p->ctx, "series");
+  size_t total = 0;
   for (size_t i = 0; i < json_array_size(src); i++) {
     json_t *s = json_array_get(src, i);
     const char *uid = json_string_value(json_object_get(s, "series_uid"));
@@ -451,9 +452,10 @@ static json_t *pseudo_context(const prep_t *p) {
     json_object_set_new(d, "series_uid", json_string(pseudo));
     json_object_set_new(d, "instances", json_integer((json_int_t)n));
     json_array_append_new(series, d);
+    total += n;
   }
   json_object_set_new(c, "series", series);
-  json_object_set_new(c, "instances", json_integer((json_int_t)p->ninsts));
+  json_object_set_new(c, "instances", json_integer((json_int_t)total));
   return c;
 }
 
@@ -613,17 +615,6 @@ int rr_ai_deid_reidentify(rr_journal_t *j, const char *job_id, struct rr_ai_resu
       rc = map_back(j, job_id, loc, "frame_of_reference_uid", any, path, err);
   }
   return rc;
-}
-
-bool rr_ai_deid_is_job(rr_journal_t *j, const char *job_id) {
-  sqlite3_stmt *st;
-  if (sqlite3_prepare_v2(rr_journal_reader(j), "SELECT 1 FROM ai_deid_jobs WHERE job_id = ?", -1,
-                         &st, NULL) != SQLITE_OK)
-    return false;
-  bind_text(st, 1, job_id);
-  bool yes = sqlite3_step(st) == SQLITE_ROW;
-  sqlite3_finalize(st);
-  return yes;
 }
 
 /* ---- serving ----------------------------------------------------------------------- */

@@ -90,9 +90,6 @@ int rr_ai_deid_start(rr_ai_deid_t *d, const char *job_id, json_t *ctx, rr_ai_dei
 int rr_ai_deid_reidentify(rr_journal_t *j, const char *job_id, struct rr_ai_result *r,
                           rr_buf_t *err);
 
-/* rr_ai_deid_is_job: whether job_id was de-identified (has a map). */
-bool rr_ai_deid_is_job(rr_journal_t *j, const char *job_id);
-
 /* What the DICOMweb routes serve of a job: its folder and pseudonymous
  * study UID. RR_ENOTFOUND (no such job, or its folder was removed),
  * RR_EIO. */
