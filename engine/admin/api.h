@@ -15,6 +15,9 @@
  *                                                  (header fields, series, the
  *                                                  matched order) and its state
  *   GET  /api/orders/{accession}          viewer   the order record kept
+ *   GET  /api/ai/jobs/{id}/dicomweb/...   job      WADO-RS of a de-identified
+ *                                                  job's instances
+ *                                                  (admin/api_dicomweb.h)
  *
  * Errors are the server's JSON errors ({"error", "message"}): 400 for a
  * malformed UID or body, 404 for an unknown study, order or channel, 503

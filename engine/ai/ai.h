@@ -13,7 +13,8 @@
  *
  * Privacy
  *   The request carries no patient name, birth date, MRN or patient ID; the
- *   study's UIDs, accession number, modality and order context only.
+ *   study's UIDs, accession number, modality and order context only (for
+ *   a de-identifying endpoint, pseudonyms of them: ai/deid.h).
  *   Nothing here logs.
  *
  * Threading
