@@ -363,6 +363,65 @@ static void test_deid_request_and_secret(void) {
   rr_buf_close(&err);
 }
 
+typedef struct deid_outcome {
+  int calls, status;
+  bool permanent;
+  char detail[300];
+} deid_outcome_t;
+
+static void on_deid(void *ud, int status, bool permanent, const char *detail, json_t *ctx) {
+  deid_outcome_t *o = ud;
+  o->calls++;
+  o->status = status;
+  o->permanent = permanent;
+  snprintf(o->detail, sizeof o->detail, "%s", detail ? detail : "");
+  json_decref(ctx);
+}
+
+/* A study that a DICOMweb source found (its instances are URLs) is
+ * refused for a de-identifying endpoint, from the loop, for good. */
+static void test_deid_refuses_remote_study(void) {
+  char dir[300], path[400], secret[400];
+  snprintf(dir, sizeof dir, "%s/deid-remote", g_dir);
+  mkdir(dir, 0700);
+  snprintf(path, sizeof path, "%s/ai.db", dir);
+  snprintf(secret, sizeof secret, "%s/deid.secret", dir);
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  rr_journal_t *j;
+  CHECK_EQ_INT(rr_journal_open(&loop, path, RR_JOURNAL_SYNC_FULL, &j, NULL), 0);
+  CHECK_EQ_INT(rr_ai_deid_schema(j, NULL), 0);
+  sqlite3 *db;
+  CHECK(sqlite3_open(path, &db) == SQLITE_OK);
+  CHECK(sqlite3_exec(db,
+                     "INSERT INTO instances(sop_instance_uid, study_uid, series_uid,"
+                     " sop_class_uid, channel, path, size, received_ms) VALUES('2.25.3',"
+                     " '2.25.1001', '2.25.1002', '1.2.840.10008.5.1.4.1.1.2', 'web',"
+                     " 'http://pacs/dicom-web/studies/2.25.1001/series/2.25.1002/instances/2.25.3',"
+                     " 0, 1)",
+                     NULL, NULL, NULL) == SQLITE_OK);
+  sqlite3_close(db);
+  rr_buf_t err;
+  rr_buf_init(&err, 4096);
+  rr_ai_deid_t *d = NULL;
+  char root[400];
+  snprintf(root, sizeof root, "%s/spool/deid", dir);
+  CHECK_EQ_INT(rr_ai_deid_new(&loop, j, "web.ai", root, secret, true, &d, &err), 0);
+  json_t *ctx = json_loads(ctx_text, 0, NULL);
+  deid_outcome_t o = {0};
+  CHECK_EQ_INT(rr_ai_deid_start(d, "AJ-77", ctx, on_deid, &o), 0);
+  CHECK_EQ_INT(o.calls, 0); /* never inside the call */
+  uv_run(&loop, UV_RUN_DEFAULT);
+  CHECK_EQ_INT(o.calls, 1);
+  CHECK(o.status == RR_EINVAL && o.permanent);
+  CHECK(strstr(o.detail, "DICOMweb source") != NULL);
+  json_decref(ctx);
+  rr_ai_deid_free(d);
+  rr_buf_close(&err);
+  rr_journal_close(j);
+  uv_loop_close(&loop);
+}
+
 int main(int argc, char **argv) {
   if (argc > 1)
     g_data = argv[1];
@@ -376,6 +435,7 @@ int main(int argc, char **argv) {
   RUN(test_store);
   RUN(test_overdue);
   RUN(test_deid_request_and_secret);
+  RUN(test_deid_refuses_remote_study);
   char cmd[128];
   snprintf(cmd, sizeof cmd, "rm -rf %s", g_dir);
   if (system(cmd) != 0)
