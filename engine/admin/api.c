@@ -9,6 +9,7 @@
 #include <strings.h>
 #include <time.h>
 
+#include "admin/api_dicomweb.h"
 #include "ai/ai.h"
 #include "core/log.h"
 #include "notify/notify.h"
@@ -410,6 +411,7 @@ int rr_admin_start(uv_loop_t *loop, rr_engine_t *e, rr_journal_t *j, const rr_ad
   a->journal = j;
   a->dispatch = cfg->dispatch;
   a->start_ms = rr_admin_now_ms();
+  a->dicomweb = (rr_api_dicomweb_t){.loop = loop, .journal = j};
   const rr_http_route_t routes[] = {
       {"GET", "/health", RR_HTTP_PUBLIC, NULL, 0, health, a, 0},
       {"GET", "/ready", RR_HTTP_PUBLIC, NULL, 0, rr_admin_ready, a, 0},
@@ -429,6 +431,7 @@ int rr_admin_start(uv_loop_t *loop, rr_engine_t *e, rr_journal_t *j, const rr_ad
       {"GET", "/api/notifications", RR_HTTP_VIEWER, NULL, 0, notifications_list, a, 0},
       {"GET", "/api/notifications/{id}", RR_HTTP_VIEWER, NULL, 0, notification_get, a, 0},
       {"POST", "/api/notifications/{id}/ack", RR_HTTP_OPERATOR, NULL, 4096, notification_ack, a, 0},
+      RR_API_DICOMWEB_ROUTES(&a->dicomweb),
   };
   rr_http_server_config_t sc;
   rr_http_server_config_default(&sc);

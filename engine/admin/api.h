@@ -23,6 +23,9 @@
  *   POST /api/notifications/{id}/ack      operator acknowledged (by, note);
  *                                                  200 after the commit, 409
  *                                                  when acknowledged before
+ *   GET  /api/ai/jobs/{id}/dicomweb/...   job      WADO-RS of a de-identified
+ *                                                  job's instances
+ *                                                  (admin/api_dicomweb.h)
  *
  * Errors are the server's JSON errors ({"error", "message"}): 400 for a
  * malformed UID or body, 404 for an unknown study, order or channel, 503

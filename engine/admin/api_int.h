@@ -3,6 +3,7 @@
 #define RR_ADMIN_API_INT_H
 
 #include "admin/api.h"
+#include "admin/api_dicomweb.h"
 
 struct rr_admin {
   rr_http_server_t *server;
@@ -10,6 +11,7 @@ struct rr_admin {
   rr_journal_t *journal;
   rr_dispatch_t *dispatch; /* NULL: no queue figures */
   int64_t start_ms;
+  rr_api_dicomweb_t dicomweb; /* de-identified AI jobs' images */
 };
 
 int64_t rr_admin_now_ms(void);

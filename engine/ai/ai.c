@@ -156,7 +156,10 @@ int rr_ai_build_request(json_t *ctx, const rr_ai_request_opts_t *o, rr_buf_t *ou
       url = built;
     }
   }
-  json_object_set_new(req, "images", json_pack("{s:s?, s:n}", "wado_rs", url, "auth"));
+  json_t *auth = o->images_token
+                     ? json_pack("{s:s, s:s}", "type", "bearer", "token", o->images_token)
+                     : json_null();
+  json_object_set_new(req, "images", json_pack("{s:s?, s:o}", "wado_rs", url, "auth", auth));
   free(built);
   char *text = json_dumps(req, JSON_COMPACT);
   json_decref(req);

@@ -13,7 +13,8 @@
  *
  * Privacy
  *   The request carries no patient name, birth date, MRN or patient ID; the
- *   study's UIDs, accession number, modality and order context only.
+ *   study's UIDs, accession number, modality and order context only (for
+ *   a de-identifying endpoint, pseudonyms of them: ai/deid.h).
  *   Nothing here logs.
  *
  * Threading
@@ -55,6 +56,7 @@ typedef struct rr_ai_request_opts {
   const char *token;        /* the callback token (with callback_url) */
   const char *images_root;  /* DICOMweb root the images are fetched from, for studies
                                without a retrieve_url (DICOM sources); NULL = none */
+  const char *images_token; /* bearer token for images_root (images.auth); NULL = none */
 } rr_ai_request_opts_t;
 
 /* rr_ai_takes_match: whether the study context (a JSON object) is one the

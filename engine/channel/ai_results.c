@@ -12,6 +12,7 @@
 #include <sys/stat.h>
 
 #include "ai/ai.h"
+#include "ai/deid.h"
 #include "channel/channel_int.h"
 #include "core/error.h"
 #include "core/log.h"
@@ -250,6 +251,10 @@ int rr_engine_ai_callback(rr_engine_t *e, const char *job_id, const char *token,
     rr_ai_result_free(r);
     rr_buf_printf(err, "the job's endpoint is no longer configured");
     return RR_ENOTFOUND;
+  }
+  if (dest->ai_deidentify && (rc = rr_ai_deid_reidentify(e->journal, job_id, r, err)) != 0) {
+    rr_ai_result_free(r);
+    return rc;
   }
   rc = rr_engine_take_ai_result(e, dest, job_id, info.study_uid, r, "callback", cb, ud);
   rr_ai_result_free(r);

@@ -11,6 +11,7 @@
 
 #include "admin/api.h"
 #include "ai/ai.h"
+#include "ai/deid.h"
 #include "audit/config_audit.h"
 #include "cli/cli.h"
 #include "cli/config.h"
@@ -152,6 +153,7 @@ static void on_ai_expiry(uv_timer_t *t) {
   if (!s->stopping) {
     rr_engine_ai_expire(s->engine);
     rr_engine_ai_poll(s->engine);
+    rr_ai_deid_sweep(s->journal, 16);
   }
 }
 
@@ -317,7 +319,8 @@ int rr_cmd_run(int argc, char **argv) {
     goto out;
   }
   rr_journal_set_gather(journal, cfg.group_commit_wait_us);
-  if ((rc = rr_ai_schema(journal, &emsg)) != 0 || (rc = rr_notify_schema(journal, &emsg)) != 0) {
+  if ((rc = rr_ai_schema(journal, &emsg)) != 0 || (rc = rr_notify_schema(journal, &emsg)) != 0 ||
+      (rc = rr_ai_deid_schema(journal, &emsg)) != 0) {
     rr_log(RR_LOG_ERROR, "engine", "event=store_open_failed path=%s error=\"%s\"", cfg.store_path,
            emsg ? emsg : rr_strerror(rc));
     free(emsg);

@@ -358,6 +358,11 @@ static void load_destinations(ctx_t *c, json_t *obj, const char *base, rr_channe
       uint64_t poll_s = 5;
       get_uint(c, d, "poll_s", path, 1, 3600, &poll_s);
       x->ai_poll_ms = poll_s * 1000;
+      x->ai_deidentify = json_is_true(json_object_get(d, "deidentify"));
+      rel[0] = '\0';
+      get_string(c, d, "deid_secret_file", path, rel, sizeof rel, "");
+      if (rel[0] && join_path(base, rel, x->ai_deid_secret, sizeof x->ai_deid_secret))
+        problem(c, path, "deid_secret_file: path too long");
     } else if (x->kind == RR_DEST_STOW) {
       get_string(c, d, "url", path, x->url, sizeof x->url, NULL);
       get_string(c, d, "user", path, x->user, sizeof x->user, "");
@@ -840,6 +845,33 @@ int rr_config_load(const char *path, rr_config_t *cfg, rr_buf_t *err) {
     for (size_t k = 0; k < i; k++)
       if (strcmp(cfg->channels[i].name, cfg->channels[k].name) == 0)
         problem(&c, "$.channels", "two channels are named \"%s\"", cfg->channels[i].name);
+  /* De-identifying AI endpoints: copies in the channel's spool, the secret
+   * beside the store unless named, images served by the engine's API. */
+  for (size_t i = 0; i < cfg->nchannels; i++)
+    for (size_t k = 0; k < cfg->channels[i].ndestinations; k++) {
+      rr_destination_config_t *x = &cfg->channels[i].destinations[k];
+      if (x->kind != RR_DEST_AI || !x->ai_deidentify)
+        continue;
+      const char *spool = cfg->channels[i].dicom_spool;
+      if (spool[0])
+        snprintf(x->ai_deid_dir, sizeof x->ai_deid_dir, "%.1000s/deid", spool);
+      if (!x->ai_deid_secret[0]) {
+        const char *slash = strrchr(cfg->store_path, '/');
+        int len = slash ? (int)(slash - cfg->store_path) : 1;
+        snprintf(x->ai_deid_secret, sizeof x->ai_deid_secret, "%.*s/deid.secret", len,
+                 slash ? cfg->store_path : ".");
+        x->ai_deid_secret_create = true;
+      }
+      if (!cfg->http_public_url[0]) {
+        char p[200];
+        snprintf(p, sizeof p, "$.destinations.%s.deidentify", x->short_name);
+        ctx_t cc = {cfg->channels[i].name, err, 0};
+        problem(&cc, p,
+                "needs http.public_url in the engine file: the endpoint fetches the "
+                "de-identified images from radrelay");
+        c.bad++;
+      }
+    }
   /* A channel destination names a channel of this configuration. */
   for (size_t i = 0; i < cfg->nchannels; i++)
     for (size_t k = 0; k < cfg->channels[i].ndestinations; k++) {

@@ -10,6 +10,7 @@
 #include <jansson.h>
 
 #include "ai/ai.h"
+#include "ai/deid.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "dicom/scu.h"
@@ -55,7 +56,8 @@ typedef struct attempt {
   rr_dicomweb_op_t *stow;   /* STOW-RS: while running */
   char **paths;             /* DICOM, STOW-RS: the files */
   size_t npaths, paths_cap;
-  char job_id[RR_AI_JOB_ID_MAX]; /* AI: the job */
+  char job_id[RR_AI_JOB_ID_MAX];                   /* AI: the job */
+  char token[RR_AI_TOKEN_HEX + 1], token_hash[65]; /* AI, de-identifying: made first */
   char study_uid[65];
   rr_buf_t request; /* AI: the request document */
   struct attempt *next;
@@ -77,6 +79,7 @@ struct dest {
   bool http_open;
   char *token;
   rr_dicomweb_client_t *dw; /* STOW-RS */
+  rr_ai_deid_t *deid;       /* AI endpoints with deidentify */
   attempt_t *inflight;
   cached_t **cache; /* CACHE_BUCKETS chains by id */
   size_t cache_bytes;
@@ -590,6 +593,10 @@ static void on_ai_done(void *ud, rr_http_transfer_t *t, const rr_http_response_t
     } else if (strcmp(res->job_id, a->job_id) != 0) {
       o = RR_QSCHED_PERMANENT;
       snprintf(detail, sizeof detail, "result for another job");
+    } else if (x->deid && rr_ai_deid_reidentify(d->journal, a->job_id, res, &err) != 0) {
+      o = RR_QSCHED_PERMANENT;
+      snprintf(detail, sizeof detail, "result does not follow the contract: %s",
+               err.data ? err.data : "?");
     } else if (d->ai_result) {
       d->ai_result(d->ai_result_ud, &x->cfg, a->job_id, a->study_uid, res);
       snprintf(detail, sizeof detail, "result %s, %zu finding(s)", res->status, res->nfindings);
@@ -620,6 +627,53 @@ static void on_ai_done(void *ud, rr_http_transfer_t *t, const rr_http_response_t
   finish(a, o, detail[0] ? detail : NULL, r->body, r->body_len);
 }
 
+static int send_ai(dest_t *x, attempt_t *a, json_t *ctx);
+static void one_closed(rr_dispatch_t *d);
+
+/* A de-identifying endpoint's job is ready (or refused): the request goes
+ * out with the pseudonymous context, or the attempt ends. A refusal no
+ * retry can change fails the job. */
+static void on_deid_ready(void *ud, int status, bool permanent, const char *detail, json_t *ctx) {
+  attempt_t *a = ud;
+  dest_t *x = a->d;
+  rr_dispatch_t *d = x->owner;
+  char why[400];
+  int rc = status;
+  if (rc == 0 && !d->stopping && (rc = send_ai(x, a, ctx)) != 0) {
+    permanent = rc == RR_EINVAL || rc == RR_EPARSE || rc == RR_ENOTFOUND;
+    detail = rr_strerror(rc);
+  }
+  json_decref(ctx);
+  if (d->stopping) {
+    finish(a, RR_QSCHED_RETRY, "stopping", NULL, 0); /* the row stays queued */
+  } else if (rc && permanent) {
+    int64_t now = wall_ms();
+    char chan[64];
+    rr_ai_job_t job = {.job_id = a->job_id,
+                       .queue_id = a->id,
+                       .destination = x->cfg.name,
+                       .channel = channel_of(x, chan, sizeof chan),
+                       .study_uid = a->study_uid,
+                       .mode = (rr_ai_mode_t)x->cfg.ai_mode,
+                       .state = "sending",
+                       .sent_ms = now,
+                       .deadline_ms = now};
+    snprintf(why, sizeof why, "not sent: %s", detail);
+    if (rr_ai_job_sent(d->journal, &job) == 0 &&
+        rr_ai_job_state(d->journal, a->job_id, "failed", why, now) == 0)
+      rr_journal_audit_json(d->journal, "engine", "failed", a->job_id,
+                            json_pack("{s:s, s:s}", "endpoint", x->cfg.name, "reason", why));
+    rr_log(RR_LOG_ERROR, "ai", "event=job_failed destination=%s job=%s error=\"%s\"", x->cfg.name,
+           a->job_id, why);
+    a->job_id[0] = '\0'; /* failed, not expired */
+    finish(a, RR_QSCHED_PERMANENT, why, NULL, 0);
+  } else if (rc) {
+    snprintf(why, sizeof why, "not sent: %s", detail ? detail : rr_strerror(rc));
+    finish(a, RR_QSCHED_RETRY, why, NULL, 0);
+  }
+  one_closed(d);
+}
+
 /* Builds and sends the AI request of a queued study context. */
 static int start_ai(dest_t *x, attempt_t *a) {
   rr_dispatch_t *d = x->owner;
@@ -640,23 +694,67 @@ static int start_ai(dest_t *x, attempt_t *a) {
     return 0;
   }
   snprintf(a->job_id, sizeof a->job_id, "AJ-%lld", (long long)a->id);
+  if (x->deid) {
+    /* The job and its token first, then the copies and the map: both are
+     * committed before the request leaves (on_deid_ready goes on), so the
+     * endpoint's first fetch finds them. */
+    int64_t now = wall_ms();
+    char chan[64];
+    rr_ai_job_t job = {
+        .job_id = a->job_id,
+        .queue_id = a->id,
+        .destination = x->cfg.name,
+        .channel = channel_of(x, chan, sizeof chan),
+        .study_uid = a->study_uid,
+        .mode = (rr_ai_mode_t)x->cfg.ai_mode,
+        .state = "sending",
+        .token_hash = a->token_hash,
+        .sent_ms = now,
+        .deadline_ms =
+            now + (x->cfg.sched.max_age_ms ? (int64_t)x->cfg.sched.max_age_ms : 3600 * 1000)};
+    int rc = rr_ai_token(a->token, a->token_hash);
+    if (rc == 0 && (rc = rr_ai_job_sent(d->journal, &job)) == 0) {
+      d->closing++;
+      if ((rc = rr_ai_deid_start(x->deid, a->job_id, ctx, on_deid_ready, a)) != 0)
+        d->closing--;
+    }
+    json_decref(ctx);
+    return rc;
+  }
+  int rc = send_ai(x, a, ctx);
+  json_decref(ctx);
+  return rc;
+}
+
+/* Builds the request from ctx (borrowed) and sends it. */
+static int send_ai(dest_t *x, attempt_t *a, json_t *ctx) {
+  rr_dispatch_t *d = x->owner;
   int64_t now = wall_ms();
   int64_t age = x->cfg.sched.max_age_ms ? (int64_t)x->cfg.sched.max_age_ms : 3600 * 1000;
-  char token[RR_AI_TOKEN_HEX + 1], hash[65], url[1200], chan[64];
+  char token[RR_AI_TOKEN_HEX + 1], hash[65], url[1200], chan[64], images[1200];
   bool cb = x->cfg.ai_callback && d->ai_callback_base;
-  int rc = cb ? rr_ai_token(token, hash) : 0;
+  bool tok = cb || x->deid; /* a de-identifying endpoint fetches from us with it */
+  int rc = x->deid ? 0 : tok ? rr_ai_token(token, hash) : 0;
+  if (x->deid) { /* the token the job was recorded with */
+    memcpy(token, a->token, sizeof token);
+    memcpy(hash, a->token_hash, sizeof hash);
+  }
   if (cb)
     snprintf(url, sizeof url, "%s/api/ai/jobs/%s/result", d->ai_callback_base, a->job_id);
+  if (x->deid)
+    snprintf(images, sizeof images, "%s/api/ai/jobs/%s/dicomweb", d->ai_callback_base, a->job_id);
   rr_ai_request_opts_t o = {.job_id = a->job_id,
                             .endpoint = x->cfg.short_name,
                             .created_ms = now,
                             .deadline_ms = now + age,
                             .callback_url = cb ? url : NULL,
                             .token = cb ? token : NULL,
-                            .images_root = x->cfg.ai_images_root[0] ? x->cfg.ai_images_root : NULL};
+                            .images_root = x->deid                    ? images
+                                           : x->cfg.ai_images_root[0] ? x->cfg.ai_images_root
+                                                                      : NULL,
+                            .images_token = x->deid ? token : NULL};
   if (rc == 0)
     rc = rr_ai_build_request(ctx, &o, &a->request);
-  json_decref(ctx);
   if (rc)
     return rc;
   rr_ai_job_t job = {.job_id = a->job_id,
@@ -666,7 +764,7 @@ static int start_ai(dest_t *x, attempt_t *a) {
                      .study_uid = a->study_uid,
                      .mode = (rr_ai_mode_t)x->cfg.ai_mode,
                      .state = "sending",
-                     .token_hash = cb ? hash : NULL,
+                     .token_hash = tok ? hash : NULL,
                      .sent_ms = now,
                      .deadline_ms = now + age,
                      .request = a->request.data};
@@ -675,10 +773,10 @@ static int start_ai(dest_t *x, attempt_t *a) {
   /* The audit trail: what is sent, to whom, for which study (the request
    * carries no patient identifier). */
   rr_journal_audit_json(d->journal, "engine", "dispatch", a->job_id,
-                        json_pack("{s:s, s:s, s:s, s:s, s:o*}", "endpoint", x->cfg.name, "url",
+                        json_pack("{s:s, s:s, s:s, s:s, s:b, s:o*}", "endpoint", x->cfg.name, "url",
                                   x->cfg.url, "mode", rr_ai_mode_name((rr_ai_mode_t)x->cfg.ai_mode),
-                                  "study_uid", a->study_uid, "request",
-                                  json_loadb(a->request.data, a->request.len, 0, NULL)));
+                                  "study_uid", a->study_uid, "deidentified", x->deid != NULL,
+                                  "request", json_loadb(a->request.data, a->request.len, 0, NULL)));
   rr_http_request_t req;
   rr_http_client_request_default(&req);
   req.method = RR_HTTP_POST;
@@ -980,6 +1078,16 @@ static int open_transport(dest_t *x, rr_buf_t *err) {
       x->open_senders++;
     }
   } else if (c->kind == RR_DEST_HTTP || c->kind == RR_DEST_STOW || c->kind == RR_DEST_AI) {
+    if (c->kind == RR_DEST_AI && c->ai_deidentify) {
+      if (!d->ai_callback_base) {
+        rr_buf_printf(err, "destination %s: deidentify needs http.public_url", c->name);
+        return RR_EINVAL;
+      }
+      int rc = rr_ai_deid_new(d->loop, d->journal, c->name, c->ai_deid_dir, c->ai_deid_secret,
+                              c->ai_deid_secret_create, &x->deid, err);
+      if (rc)
+        return rc;
+    }
     if (c->kind != RR_DEST_STOW && c->token_file[0]) {
       int rc = rr_http_client_read_token(c->token_file, &x->token, err);
       if (rc)
@@ -1266,6 +1374,7 @@ void rr_dispatch_free(rr_dispatch_t *d) {
     if (x->token)
       rr_http_client_token_free(x->token);
     rr_dicomweb_client_free(x->dw);
+    rr_ai_deid_free(x->deid);
     free(x);
   }
   free(d);

@@ -80,9 +80,13 @@ typedef struct rr_destination_config {
   /* AI (url, token_file, tls_*, timeout_ms above) */
   int ai_mode;                                            /* rr_ai_mode_t */
   char **ai_modalities, **ai_body_parts, **ai_procedures; /* owned; NULL = any */
-  char ai_images_root[1024]; /* DICOMweb root for studies without a retrieve_url */
-  bool ai_callback;          /* ask for the result by callback (else: in the answer) */
-  uint64_t ai_poll_ms;       /* GET an accepted job's status_url this often; default 5000 */
+  char ai_images_root[1024];  /* DICOMweb root for studies without a retrieve_url */
+  bool ai_callback;           /* ask for the result by callback (else: in the answer) */
+  bool ai_deidentify;         /* send de-identified copies through the engine (ai/deid.h) */
+  char ai_deid_secret[1024];  /* the pseudonyms' secret file */
+  bool ai_deid_secret_create; /* made when missing (the default one beside the store) */
+  char ai_deid_dir[1024];     /* where the copies go: "<spool>/deid"; "" = no spool */
+  uint64_t ai_poll_ms;        /* GET an accepted job's status_url this often; default 5000 */
   /* what routes to it publish, for AI rollout modes: "result" (default: the
    * PACS, the RIS), "worklist" or "notification" */
   char role[16];

@@ -2,12 +2,14 @@
  * takes-filters, tokens; and the job and result rows in a real store. */
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <sqlite3.h>
 #include <uv.h>
 
 #include "ai/ai.h"
+#include "ai/deid.h"
 #include "core/error.h"
 #include "rr_test.h"
 
@@ -320,6 +322,114 @@ static void test_overdue(void) {
   uv_loop_close(&loop);
 }
 
+/* A de-identifying endpoint's request: images from radrelay with the job's
+ * token; the secret made once (0600), read again, refused when short. */
+static void test_deid_request_and_secret(void) {
+  json_t *ctx = json_loads(ctx_text, 0, NULL);
+  rr_buf_t out;
+  rr_buf_init(&out, 1 << 20);
+  rr_ai_request_opts_t o = {.job_id = "AJ-9",
+                            .endpoint = "hemorrhage",
+                            .created_ms = 1795856102123,
+                            .deadline_ms = 1795857902123,
+                            .images_root = "http://rr:8480/api/ai/jobs/AJ-9/dicomweb",
+                            .images_token = "tok-0123456789abcdef"};
+  CHECK_EQ_INT(rr_ai_build_request(ctx, &o, &out), 0);
+  json_t *req = json_loadb(out.data, out.len, 0, NULL);
+  json_t *auth = json_object_get(json_object_get(req, "images"), "auth");
+  CHECK(strcmp(json_string_value(json_object_get(auth, "type")), "bearer") == 0);
+  CHECK(strcmp(json_string_value(json_object_get(auth, "token")), "tok-0123456789abcdef") == 0);
+  CHECK(strcmp(json_string_value(json_object_get(json_object_get(req, "images"), "wado_rs")),
+               "http://rr:8480/api/ai/jobs/AJ-9/dicomweb/studies/2.25.1001") == 0);
+  CHECK_EQ_INT(rr_ai_validate("request", req, NULL), 0);
+  json_decref(req);
+  json_decref(ctx);
+  rr_buf_close(&out);
+
+  char path[300];
+  snprintf(path, sizeof path, "%s/deid.secret", g_dir);
+  char *a = NULL, *b = NULL;
+  size_t na = 0, nb = 0;
+  rr_buf_t err;
+  rr_buf_init(&err, 4096);
+  CHECK(rr_ai_deid_secret_load(path, false, &a, &na, &err) == -ENOENT && a == NULL);
+  CHECK_EQ_INT(rr_ai_deid_secret_load(path, true, &a, &na, &err), 0);
+  CHECK(na == 64 && a && strspn(a, "0123456789abcdef") == 64);
+  struct stat st;
+  CHECK(stat(path, &st) == 0 && (st.st_mode & 0777) == 0600);
+  CHECK_EQ_INT(rr_ai_deid_secret_load(path, true, &b, &nb, &err), 0);
+  CHECK(nb == na && a && b && memcmp(a, b, na) == 0); /* not made again */
+  free(a);
+  free(b);
+  FILE *f = fopen(path, "w");
+  if (f) {
+    fputs("  short \n", f);
+    fclose(f);
+  }
+  CHECK_EQ_INT(rr_ai_deid_secret_load(path, true, &a, &na, &err), RR_EINVAL);
+  CHECK(a == NULL && strstr(err.data ? err.data : "", "at least 16 bytes"));
+  rr_buf_close(&err);
+}
+
+typedef struct deid_outcome {
+  int calls, status;
+  bool permanent;
+  char detail[300];
+} deid_outcome_t;
+
+static void on_deid(void *ud, int status, bool permanent, const char *detail, json_t *ctx) {
+  deid_outcome_t *o = ud;
+  o->calls++;
+  o->status = status;
+  o->permanent = permanent;
+  snprintf(o->detail, sizeof o->detail, "%s", detail ? detail : "");
+  json_decref(ctx);
+}
+
+/* A study that a DICOMweb source found (its instances are URLs) is
+ * refused for a de-identifying endpoint, from the loop, for good. */
+static void test_deid_refuses_remote_study(void) {
+  char dir[300], path[400], secret[400];
+  snprintf(dir, sizeof dir, "%s/deid-remote", g_dir);
+  mkdir(dir, 0700);
+  snprintf(path, sizeof path, "%s/ai.db", dir);
+  snprintf(secret, sizeof secret, "%s/deid.secret", dir);
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  rr_journal_t *j;
+  CHECK_EQ_INT(rr_journal_open(&loop, path, RR_JOURNAL_SYNC_FULL, &j, NULL), 0);
+  CHECK_EQ_INT(rr_ai_deid_schema(j, NULL), 0);
+  sqlite3 *db;
+  CHECK(sqlite3_open(path, &db) == SQLITE_OK);
+  CHECK(sqlite3_exec(db,
+                     "INSERT INTO instances(sop_instance_uid, study_uid, series_uid,"
+                     " sop_class_uid, channel, path, size, received_ms) VALUES('2.25.3',"
+                     " '2.25.1001', '2.25.1002', '1.2.840.10008.5.1.4.1.1.2', 'web',"
+                     " 'http://pacs/dicom-web/studies/2.25.1001/series/2.25.1002/instances/2.25.3',"
+                     " 0, 1)",
+                     NULL, NULL, NULL) == SQLITE_OK);
+  sqlite3_close(db);
+  rr_buf_t err;
+  rr_buf_init(&err, 4096);
+  rr_ai_deid_t *d = NULL;
+  char root[400];
+  snprintf(root, sizeof root, "%s/spool/deid", dir);
+  CHECK_EQ_INT(rr_ai_deid_new(&loop, j, "web.ai", root, secret, true, &d, &err), 0);
+  json_t *ctx = json_loads(ctx_text, 0, NULL);
+  deid_outcome_t o = {0};
+  CHECK_EQ_INT(rr_ai_deid_start(d, "AJ-77", ctx, on_deid, &o), 0);
+  CHECK_EQ_INT(o.calls, 0); /* never inside the call */
+  uv_run(&loop, UV_RUN_DEFAULT);
+  CHECK_EQ_INT(o.calls, 1);
+  CHECK(o.status == RR_EINVAL && o.permanent);
+  CHECK(strstr(o.detail, "DICOMweb source") != NULL);
+  json_decref(ctx);
+  rr_ai_deid_free(d);
+  rr_buf_close(&err);
+  rr_journal_close(j);
+  uv_loop_close(&loop);
+}
+
 int main(int argc, char **argv) {
   if (argc > 1)
     g_data = argv[1];
@@ -332,6 +442,8 @@ int main(int argc, char **argv) {
   RUN(test_validate);
   RUN(test_store);
   RUN(test_overdue);
+  RUN(test_deid_request_and_secret);
+  RUN(test_deid_refuses_remote_study);
   char cmd[128];
   snprintf(cmd, sizeof cmd, "rm -rf %s", g_dir);
   if (system(cmd) != 0)
