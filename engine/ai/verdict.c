@@ -183,8 +183,9 @@ static void overlay(void *ud, const void *data) {
   size_t i;
   json_t *o;
   json_array_foreach(list, i, o) {
-    if (strcmp(json_string_value(json_object_get(o, "job_id")), w->job_id) == 0 &&
-        strcmp(json_string_value(json_object_get(o, "finding_id")), w->finding_id) == 0)
+    const char *job = json_string_value(json_object_get(o, "job_id"));
+    const char *fid = json_string_value(json_object_get(o, "finding_id"));
+    if (job && fid && strcmp(job, w->job_id) == 0 && strcmp(fid, w->finding_id) == 0)
       set_verdict(o, w->verdict, w->by, w->report, w->note, w->at_ms);
   }
 }
