@@ -37,21 +37,28 @@ local function findings_of(report)
   return out
 end
 
+local function signed(report)
+  return report.status == "F" or report.status == "C"
+end
+
 function on_message(msg, ctx)
-  local status = msg:get("OBR-25")
-  if status ~= "F" and status ~= "C" then
-    ctx:filter("not a final report (OBR-25 " .. status .. ")")
+  local reports = rules.reports(msg)
+  local any = false
+  for _, report in ipairs(reports) do any = any or signed(report) end
+  if not any then
+    ctx:filter("not a final report (OBR-25 " .. (msg:get("OBR-25") or "") .. ")")
     return
   end
   if msg:get("MSH-3.1") == "RADRELAY" then
     ctx:filter("radrelay's own message")
     return
   end
+  local status = reports[1].status
   local control_id = msg:get("MSH-10")
   -- Decide everything first, then record: a script error records nothing.
   local decided = {}
-  for _, report in ipairs(rules.reports(msg)) do
-    if report.status == "F" or report.status == "C" then
+  for _, report in ipairs(reports) do
+    if signed(report) then
       local findings = findings_of(report)
       if #findings > 0 then
         for _, d in ipairs(rules.decide(msg, report, findings, terms)) do
@@ -92,7 +99,7 @@ function on_message(msg, ctx)
     accession = rad.accession(msg),
     mrn = rad.mrn(msg),
     study_uid = study_uid,
-    status = status == "C" and "corrected" or "final",
+    status = status == "C" and "corrected" or status == "F" and "final" or status,
     observed = msg:get("OBR-7"),
     radiologist = msg:get("OBR-32.1.1"),
     ai_findings = #verdicts > 0 and json.array(verdicts) or nil,
