@@ -55,7 +55,8 @@ function on_message(msg, ctx)
   end
   local status = reports[1].status
   local control_id = msg:get("MSH-10")
-  -- Decide everything first, then record: a script error records nothing.
+  -- Decide everything first, then record: an error while deciding records
+  -- nothing.
   local decided = {}
   for _, report in ipairs(reports) do
     if signed(report) then

@@ -179,8 +179,10 @@ end
 
 -- ---- the report --------------------------------------------------------------
 
--- The report of OBR occurrence k of msg: its OBX occurrences, status,
--- accession numbers, Study Instance UID, signing radiologist.
+-- The reports of msg, one per OBR: its OBX occurrences (those after it,
+-- up to the next OBR), status (OBR-25), accession numbers (OBR-18, OBR-3),
+-- Study Instance UID (OBX 113014), signing radiologist (OBR-32: ID, else
+-- family name).
 function M.reports(msg)
   local out, cur = {}, nil
   local nobr, nobx = 0, 0
