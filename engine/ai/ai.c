@@ -1,5 +1,6 @@
 /* AI jobs: request documents, result checks, and their rows in the store. */
 #include "ai/ai.h"
+#include "ai/verdict.h"
 
 #include <math.h>
 #include <openssl/evp.h>
@@ -377,7 +378,8 @@ static const char ai_schema[] =
     "CREATE INDEX IF NOT EXISTS ai_findings_study ON ai_findings(study_uid);";
 
 int rr_ai_schema(rr_journal_t *j, char **errmsg) {
-  return rr_journal_schema(j, ai_schema, errmsg);
+  int rc = rr_journal_schema(j, ai_schema, errmsg);
+  return rc ? rc : rr_ai_verdict_schema(j, errmsg);
 }
 
 static int bind_text(sqlite3_stmt *st, int i, const char *s) {

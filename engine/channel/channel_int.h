@@ -91,6 +91,12 @@ const char *rr_channel_study_script(rr_channel_t *ch, const char *ctxtext, size_
                                     rr_journal_route_t **routes, size_t *nroutes, char *etext,
                                     size_t ecap);
 
+/* rr_channel_script_ai: the AI store of ch's script (ai.findings,
+ * ai.verdict): findings from the store; a verdict commits with the batch
+ * of the message being handled, with its audit record
+ * (channel/ai_verdicts.c). */
+rr_script_ai_t rr_channel_script_ai(rr_channel_t *ch);
+
 /* rr_channel_start_dicom: the DICOM listener and stable-study timer of a
  * DICOM source channel. */
 int rr_channel_start_dicom(rr_engine_t *e, rr_channel_t *ch);

@@ -665,6 +665,7 @@ static int load_script(rr_channel_t *ch) {
   rr_script_config_default(&sc);
   sc.kv = (rr_script_kv_t){ch->engine, kv_get, kv_set};
   sc.orders = (rr_script_orders_t){ch, order_keep, order_get};
+  sc.ai = rr_channel_script_ai(ch);
   sc.channel = ch->cfg.name;
   sc.path = ch->cfg.script;
   sc.lib_dir = ch->cfg.script_lib[0] ? ch->cfg.script_lib : NULL;

@@ -1,7 +1,9 @@
 /* radrelay script test: run a channel's script against sample messages with
  * no network and no store, and show what it decided. With --cases DIR every
  * NAME.hl7 there is checked against NAME.json (the --json output without
- * timings), so channel scripts can be tested in CI; --update writes them. */
+ * timings), so channel scripts can be tested in CI; --update writes them.
+ * The store, the order store and the AI findings are in memory: the AI
+ * findings of a sample come from NAME.ai.json beside it. */
 #include <dirent.h>
 #include <jansson.h>
 #include <libgen.h>
@@ -30,7 +32,7 @@ static const char *level_name(int l) {
   return l >= 0 && l < 4 ? n[l] : "info";
 }
 
-static json_t *g_orders, *g_kept;
+static json_t *g_orders, *g_kept, *g_verdicts;
 
 /* The decision as JSON (owned); timings only when with_time. */
 static json_t *result_json(const rr_script_result_t *r, bool with_time) {
@@ -80,6 +82,8 @@ static json_t *result_json(const rr_script_result_t *r, bool with_time) {
   json_object_set_new(o, "logs", logs);
   if (g_kept && json_array_size(g_kept))
     json_object_set_new(o, "orders", json_deep_copy(g_kept));
+  if (g_verdicts && json_array_size(g_verdicts))
+    json_object_set_new(o, "verdicts", json_deep_copy(g_verdicts));
   if (with_time) {
     json_object_set_new(o, "elapsed_us", json_real((double)r->elapsed_ns / 1000.0));
     json_object_set_new(o, "instructions", json_integer((json_int_t)r->instructions));
@@ -108,6 +112,15 @@ static void print_text(const char *name, const rr_script_result_t *r) {
   }
   for (size_t i = 0; i < r->nlogs; i++)
     printf("  log %s: %s\n", level_name(r->logs[i].level), r->logs[i].text);
+  size_t k;
+  json_t *v;
+  json_array_foreach(g_verdicts, k, v) {
+    printf("  ai verdict %s/%s: %s (%s)%s%s\n", json_string_value(json_object_get(v, "job_id")),
+           json_string_value(json_object_get(v, "finding_id")),
+           json_string_value(json_object_get(v, "verdict")),
+           json_string_value(json_object_get(v, "outcome")), json_object_get(v, "note") ? ": " : "",
+           json_object_get(v, "note") ? json_string_value(json_object_get(v, "note")) : "");
+  }
   printf("  time %.1f us\n", (double)r->elapsed_ns / 1000.0);
 }
 
@@ -207,6 +220,117 @@ static int mem_order_get(void *ud, const char *accession, rr_buf_t *out) {
   return rc;
 }
 
+/* ... and ai.findings/ai.verdict on the findings of NAME.ai.json beside
+ * the sample NAME.hl7 (a JSON array of findings as ai.findings returns
+ * them; none without the file). The verdicts a sample records are applied
+ * to them and shown with its result under "verdicts". */
+static json_t *g_ai;
+
+static bool field_is(json_t *o, const char *key, const char *want) {
+  const char *v = json_string_value(json_object_get(o, key));
+  return want && v && strcmp(v, want) == 0;
+}
+
+static int mem_findings(void *ud, const char *accession, const char *study_uid, rr_buf_t *out) {
+  (void)ud;
+  json_t *list = json_array(), *f;
+  size_t i;
+  json_array_foreach(g_ai, i, f) {
+    if (field_is(f, "study_uid", study_uid) || field_is(f, "accession", accession))
+      json_array_append(list, f);
+  }
+  char *t = json_dumps(list, JSON_COMPACT);
+  json_decref(list);
+  int rc = t ? rr_buf_puts(out, t) : RR_ENOMEM;
+  free(t);
+  return rc;
+}
+
+static bool same_text(json_t *o, const char *key, const char *v) {
+  const char *cur = json_string_value(json_object_get(o, key));
+  return strcmp(cur ? cur : "", v ? v : "") == 0;
+}
+
+static void set_or_del(json_t *o, const char *key, const char *v) {
+  if (v)
+    json_object_set_new(o, key, json_string(v));
+  else
+    json_object_del(o, key);
+}
+
+static int mem_verdict(void *ud, const rr_script_ai_verdict_t *v, const char **outcome,
+                       rr_buf_t *err) {
+  (void)ud;
+  json_t *f, *hit = NULL;
+  bool job = false;
+  size_t i;
+  json_array_foreach(g_ai, i, f) {
+    job |= field_is(f, "job_id", v->job_id);
+    if (field_is(f, "job_id", v->job_id) && field_is(f, "finding_id", v->finding_id))
+      hit = f;
+  }
+  if (!hit) {
+    if (job)
+      rr_buf_printf(err, "AI job %s has no finding \"%s\"", v->job_id, v->finding_id);
+    else
+      rr_buf_printf(err, "no AI job \"%s\" with findings", v->job_id);
+    return RR_ENOTFOUND;
+  }
+  const char *cur = json_string_value(json_object_get(hit, "verdict"));
+  json_t *rec = json_pack("{s:s, s:s, s:s}", "job_id", v->job_id, "finding_id", v->finding_id,
+                          "verdict", v->verdict);
+  set_or_del(rec, "by", v->by);
+  set_or_del(rec, "note", v->note);
+  set_or_del(rec, "report", v->report);
+  if (cur && strcmp(cur, v->verdict) == 0 && same_text(hit, "verdict_by", v->by) &&
+      same_text(hit, "verdict_report", v->report)) {
+    *outcome = "unchanged";
+  } else {
+    *outcome = cur ? "replaced" : "recorded";
+    if (cur)
+      json_object_set_new(rec, "replaces", json_string(cur));
+    json_object_set_new(hit, "verdict", json_string(v->verdict));
+    json_object_set_new(hit, "verdict_ms", json_integer((json_int_t)1767225600 * 1000));
+    set_or_del(hit, "verdict_by", v->by);
+    set_or_del(hit, "verdict_note", v->note);
+    set_or_del(hit, "verdict_report", v->report);
+  }
+  json_object_set_new(rec, "outcome", json_string(*outcome));
+  json_array_append_new(g_verdicts, rec);
+  return 0;
+}
+
+/* Loads the AI findings of sample path (NAME.ai.json beside it) into g_ai. */
+static int load_ai(const char *path) {
+  json_array_clear(g_ai);
+  char side[PATH_MAX];
+  const char *dot = strrchr(path, '.'), *slash = strrchr(path, '/');
+  int n = dot && (!slash || dot > slash) ? (int)(dot - path) : (int)strlen(path);
+  snprintf(side, sizeof side, "%.*s.ai.json", n, path);
+  FILE *f = fopen(side, "r");
+  if (!f)
+    return 0;
+  fclose(f);
+  json_error_t je;
+  json_t *doc = json_load_file(side, 0, &je);
+  bool ok = json_is_array(doc);
+  size_t i;
+  json_t *x;
+  json_array_foreach(doc, i, x) {
+    ok &= json_is_string(json_object_get(x, "job_id")) &&
+          json_is_string(json_object_get(x, "finding_id"));
+  }
+  if (!ok) {
+    fprintf(stderr, "radrelay script: %s: %s\n", side,
+            doc ? "not a list of findings (each with job_id and finding_id)" : je.text);
+    json_decref(doc);
+    return RR_EPARSE;
+  }
+  json_array_extend(g_ai, doc);
+  json_decref(doc);
+  return 0;
+}
+
 static int cmp_name(const void *a, const void *b) {
   return strcmp(*(char *const *)a, *(char *const *)b);
 }
@@ -220,6 +344,11 @@ static int run_file(rr_script_t *s, const char *path, rr_script_result_t *r) {
     return rc;
   }
   json_array_clear(g_kept);
+  json_array_clear(g_verdicts);
+  if ((rc = load_ai(path)) != 0) {
+    free(data);
+    return rc;
+  }
   size_t lead = 0;
   while (lead < len && (data[lead] == ' ' || data[lead] == '\n' || data[lead] == '\t'))
     lead++;
@@ -346,8 +475,11 @@ int rr_cmd_script(int argc, char **argv) {
   g_kv = json_object();
   g_orders = json_object();
   g_kept = json_array();
+  g_ai = json_array();
+  g_verdicts = json_array();
   cfg.kv = (rr_script_kv_t){NULL, mem_get, mem_set};
   cfg.orders = (rr_script_orders_t){NULL, mem_order_keep, mem_order_get};
+  cfg.ai = (rr_script_ai_t){NULL, mem_findings, mem_verdict};
   cfg.fixed_now = 1767225600; /* 2026-01-01T00:00:00Z: cases give the same output every run */
   rr_buf_t err;
   rr_buf_init(&err, 1 << 16);
@@ -388,7 +520,9 @@ out:
   json_decref(g_kv);
   json_decref(g_orders);
   json_decref(g_kept);
-  g_kv = g_orders = g_kept = NULL;
+  json_decref(g_ai);
+  json_decref(g_verdicts);
+  g_kv = g_orders = g_kept = g_ai = g_verdicts = NULL;
   free(samples);
   return status;
 }

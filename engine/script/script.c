@@ -839,6 +839,7 @@ static int setup_body(lua_State *L) {
   script_open_lookup(L);
   open_store(L);
   open_orders(L);
+  script_open_ai(L);
   open_ctx(L, s);
   s->in_msg = script_msg_push(L);
   s->in_msg_ref = luaL_ref(L, LUA_REGISTRYINDEX);
@@ -880,6 +881,7 @@ int rr_script_load(const rr_script_config_t *cfg, rr_script_t **out, rr_buf_t *e
   s->max_steps = (maxi + HOOK_EVERY - 1) / HOOK_EVERY;
   s->kv = cfg->kv;
   s->orders = cfg->orders;
+  s->ai = cfg->ai;
   s->fixed_now = cfg->fixed_now;
   s->in_msg_ref = s->ctx_ref = LUA_NOREF;
   s->channel = strdup(cfg->channel ? cfg->channel : "");

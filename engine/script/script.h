@@ -49,6 +49,28 @@ typedef struct rr_script_orders {
   int (*get)(void *ud, const char *accession, rr_buf_t *out);
 } rr_script_orders_t;
 
+/* A verdict a script records (ai.verdict); strings borrowed for the call,
+ * NULL when not given. */
+typedef struct rr_script_ai_verdict {
+  const char *job_id, *finding_id;
+  const char *verdict; /* "confirmed" or "overridden" (checked) */
+  const char *by, *note, *report;
+} rr_script_ai_verdict_t;
+
+/* The AI findings of studies and the radiologist's verdicts on them
+ * (ai.findings/ai.verdict in scripts). findings appends a JSON array of
+ * the findings of the study with this accession number and/or Study
+ * Instance UID (at least one not NULL); verdict records one with the
+ * message being handled and sets *outcome (static: "recorded", "replaced",
+ * "unchanged"), or returns a negative code with a sentence in err
+ * (appended; RR_ENOTFOUND for a job or finding that does not exist).
+ * Called on the script's thread during a call. */
+typedef struct rr_script_ai {
+  void *ud;
+  int (*findings)(void *ud, const char *accession, const char *study_uid, rr_buf_t *out);
+  int (*verdict)(void *ud, const rr_script_ai_verdict_t *v, const char **outcome, rr_buf_t *err);
+} rr_script_ai_t;
+
 typedef struct rr_script_config {
   const char *channel;       /* channel name (ctx.channel, log lines); copied */
   const char *path;          /* the script file; copied */
@@ -58,6 +80,7 @@ typedef struct rr_script_config {
   uint64_t max_instructions; /* per call; default 20,000,000 */
   rr_script_kv_t kv;         /* copied; get == NULL: scripts have no store */
   rr_script_orders_t orders; /* copied; keep == NULL: scripts have no order store */
+  rr_script_ai_t ai;         /* copied; findings == NULL: scripts have no AI store */
   int64_t fixed_now;         /* hl7.now() returns this Unix second (UTC) instead of the
                                 clock: `radrelay script test` cases; 0 = the clock */
 } rr_script_config_t;

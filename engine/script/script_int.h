@@ -47,6 +47,7 @@ struct rr_script {
   rr_buf_t tmp;              /* scratch for decoded values */
   rr_script_kv_t kv;         /* enrichment store; kv.get NULL = none */
   rr_script_orders_t orders; /* order store; orders.keep NULL = none */
+  rr_script_ai_t ai;         /* AI findings and verdicts; ai.findings NULL = none */
   int64_t fixed_now;         /* hl7.now() at this Unix second, UTC; 0 = the clock */
 };
 
@@ -78,5 +79,8 @@ void script_json_push_decoded(lua_State *L, const char *text, size_t len, const 
 /* script_lookup.c: lookup table, require. */
 void script_open_lookup(lua_State *L);
 int script_require(lua_State *L);
+
+/* script_ai.c: ai table (ai.findings, ai.verdict). */
+void script_open_ai(lua_State *L);
 
 #endif

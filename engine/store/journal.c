@@ -1929,6 +1929,15 @@ int rr_journal_custom(rr_journal_t *j, rr_journal_write_fn write, void *data,
   return 0;
 }
 
+void rr_journal_custom_each(rr_journal_t *j, rr_journal_write_fn write,
+                            void (*cb)(void *ud, const void *data), void *ud) {
+  const batch_t *b[2] = {&j->flight, &j->queue}; /* oldest first */
+  for (int k = 0; k < 2; k++)
+    for (size_t i = 0; i < b[k]->n; i++)
+      if (b[k]->v[i].custom == write)
+        cb(ud, b[k]->v[i].custom_data);
+}
+
 sqlite3 *rr_journal_reader(rr_journal_t *j) {
   return j->rdb;
 }

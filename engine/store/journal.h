@@ -331,6 +331,12 @@ struct sqlite3;
 typedef int (*rr_journal_write_fn)(struct sqlite3 *db, void *data);
 int rr_journal_custom(rr_journal_t *j, rr_journal_write_fn write, void *data,
                       void (*free_data)(void *data), rr_journal_done_cb cb, void *ud);
+/* rr_journal_custom_each: cb for the data of every custom write with this
+ * write function that is queued or being committed (not yet in the rows
+ * the reader sees), oldest first; data is borrowed for the call and must
+ * only be read. Loop thread; cb runs synchronously. */
+void rr_journal_custom_each(rr_journal_t *j, rr_journal_write_fn write,
+                            void (*cb)(void *ud, const void *data), void *ud);
 /* rr_journal_schema: runs a module's schema SQL (CREATE TABLE IF NOT
  * EXISTS ...) on the writer connection, now. Only while the journal is
  * idle (at start): RR_EAGAIN otherwise; RR_EIO with a malloc'd message in

@@ -89,6 +89,9 @@ def main():
         ch = os.path.join(tmp, "channels")
         os.makedirs(ch)
         shutil.copytree(os.path.join(ROOT, "channels", "lib"), os.path.join(ch, "lib"))
+        for name in os.listdir(os.path.join(ROOT, "channels")):
+            if name.endswith(".csv"):  # lookup tables of the scripts
+                shutil.copy(os.path.join(ROOT, "channels", name), ch)
         for name in ("orders", "reports"):
             shutil.copy(os.path.join(ROOT, "channels", name + ".lua"), ch)
             with open(os.path.join(ROOT, "channels", name + ".json")) as f:

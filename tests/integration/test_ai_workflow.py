@@ -27,9 +27,18 @@ Checked:
 3. silent mode: the job runs and its result is recorded, nothing is sent;
 4. the endpoint down: the job is retried, then expired; the study stays
    on the worklist unflagged; orders keep flowing;
-5. the audit trail verifies (`radrelay audit verify`) and holds every
+5. the radiologist's reports (the reports channel, reports.lua, by
+   python-hl7's MLLP client): radrelay's own preliminary ORU sent back by
+   the RIS is not a report; the final report confirming the bleed
+   records "confirmed" by the signing radiologist (OBR-32), a final
+   report saying "no hemorrhage" on the silent study "overridden", a
+   corrected report (OBR-25 C) overrides the bleed's verdict; the rows of
+   ai_findings say so, and the AI audit gets each report as JSON;
+6. the audit trail verifies (`radrelay audit verify`) and holds every
    dispatch (what was sent: no patient identifier), result, finding,
-   publication, route held back by silent mode and expiry.
+   publication, route held back by silent mode, expiry, and each verdict
+   with the radiologist as its actor (the corrected one naming the
+   verdict it replaced).
 
 Run: test_ai_workflow.py --radrelay build/radrelay (exits 77 without
 Orthanc, its DICOMweb plugin, pydicom, numpy, python3-hl7 or storescu)."""
@@ -115,6 +124,7 @@ class Engine:
         ready = lambda ch: int(re.search(r"port=(\d+)",  # noqa: E731
                                          self.grep("event=ready", f"channel={ch}")[0]).group(1))
         self.orders_port, self.dicom_port = ready("orders"), ready("imaging")
+        self.reports_port = ready("reports")
 
     def _read(self, proc):
         for line in proc.stderr:
@@ -170,8 +180,14 @@ def configure(tmp, ai_url, ai_mode, result, ris_port, pager_port, api_port, max_
         shutil.rmtree(chdir)
     os.makedirs(chdir)
     shutil.copytree(os.path.join(ROOT, "channels", "lib"), os.path.join(chdir, "lib"))
-    for f in ("orders.lua", "imaging.lua"):
+    for f in ("orders.lua", "imaging.lua", "reports.lua", "finding_terms.csv"):
         shutil.copy(os.path.join(ROOT, "channels", f), chdir)
+    with open(os.path.join(ROOT, "channels", "reports.json")) as f:
+        reports = json.load(f)
+    reports["source"]["port"] = 0
+    reports["destinations"]["report_verdicts"]["url"] = f"http://{HOST}:{VERDICTS[0].port}/v"
+    with open(os.path.join(chdir, "reports.json"), "w") as f:
+        json.dump(reports, f)
     with open(os.path.join(ROOT, "channels", "orders.json")) as f:
         orders = json.load(f)
     orders["source"]["port"] = 0
@@ -202,6 +218,7 @@ def configure(tmp, ai_url, ai_mode, result, ris_port, pager_port, api_port, max_
 
 IMAGES_ROOT = [""]
 PACS = [None]
+VERDICTS = [None]  # the AI audit's receiver of report records (reports.json)
 
 
 def main():
@@ -222,6 +239,7 @@ def main():
         return SKIP
     peers = os.path.join(ROOT, "tests", "peers")
     pager = Receiver()
+    VERDICTS[0] = Receiver()
     api_port = free_port()
     with tempfile.TemporaryDirectory(prefix="rr-aiwf-") as tmp, \
             orthanc.Orthanc(os.path.join(tmp, "pacs"), auth=False) as pacs:
@@ -367,6 +385,48 @@ def main():
                                                 "R", "FALL", today + "0900")])
             assert "MSA|AA|" in (acks[0].decode() if isinstance(acks[0], bytes) else acks[0])
             e.stop()
+
+            # ---- 5. the radiologist's reports: confirmed, overridden, corrected
+            e.start()
+            (job_s,) = [j for (j,) in e.sql("SELECT job_id FROM ai_jobs WHERE study_uid = ?",
+                                            uid_s)]
+            # radrelay's own preliminary ORU (step 1), sent back by the RIS
+            send_hl7(e.reports_port, [ob])
+            acks = send_hl7(e.reports_port, [
+                report("RRAI-RPT-1", "RRACC-AI1", "RRPAT-AI1", "F", "RAD-AI1",
+                       "IMPRESSION: Acute hemorrhage in the right cerebral hemisphere. "
+                       "No midline shift.", uid_b),
+                report("RRAI-RPT-2", "RRACC-AI4", "RRPAT-AI4", "F", "RAD-AI1",
+                       "IMPRESSION: No intracranial hemorrhage. Normal noncontrast CT head."),
+                report("RRAI-RPT-3", "RRACC-AI2", "RRPAT-AI2", "F", "RAD-AI1",
+                       "IMPRESSION: No acute intracranial abnormality.", uid_c)])
+            assert all("MSA|AA|" in a.decode() if isinstance(a, bytes) else "MSA|AA|" in a
+                       for a in acks), acks
+            verdicts = lambda uid: e.sql(  # noqa: E731
+                "SELECT verdict, verdict_by, verdict_report FROM ai_findings"
+                " WHERE study_uid = ?", uid)
+            assert verdicts(uid_b) == [("confirmed", "RAD-AI1", "RRAI-RPT-1")], verdicts(uid_b)
+            assert verdicts(uid_s) == [("overridden", "RAD-AI1", "RRAI-RPT-2")], verdicts(uid_s)
+            (own,) = e.sql("SELECT status, error FROM messages WHERE channel = 'reports'"
+                           " AND control_id = ?", f"{job}-ORU")
+            assert own == ("filtered", "not a final report (OBR-25 P)"), own
+            # the corrected report: the radiologist takes the bleed back
+            acks = send_hl7(e.reports_port, [
+                report("RRAI-RPT-4", "RRACC-AI1", "RRPAT-AI1", "C", "RAD-AI2",
+                       "CORRECTED REPORT. IMPRESSION: The right hemispheric hyperdensity is "
+                       "calcification; there is no acute hemorrhage.", uid_b)])
+            assert "MSA|AA|" in (acks[0].decode() if isinstance(acks[0], bytes) else acks[0])
+            assert verdicts(uid_b) == [("overridden", "RAD-AI2", "RRAI-RPT-4")], verdicts(uid_b)
+            wait_for(lambda: len(VERDICTS[0].bodies) == 4, 30, "four report records")
+            by_acc = {}
+            for b in VERDICTS[0].bodies:
+                by_acc.setdefault(b["accession"], []).append(b)
+            assert [[f["verdict"] for f in b["ai_findings"]] for b in by_acc["RRACC-AI1"]] == \
+                [["confirmed"], ["overridden"]], by_acc["RRACC-AI1"]
+            assert by_acc["RRACC-AI1"][1]["ai_findings"][0]["outcome"] == "replaced"
+            assert by_acc["RRACC-AI4"][0]["ai_findings"][0]["job_id"] == job_s
+            assert "ai_findings" not in by_acc["RRACC-AI2"][0]
+            e.stop()
         except BaseException:
             # what the engine said, for the failure's report
             sys.stderr.write("\n".join(l for l in e.all_lines[-60:]) + "\n")
@@ -384,8 +444,16 @@ def main():
                            text=True, check=True)
         recs = [json.loads(l) for l in x.stdout.splitlines() if l.strip()]
         kinds = {r["kind"] for r in recs}
-        for k in ("dispatch", "result", "finding", "publish", "held", "expired"):
+        for k in ("dispatch", "result", "finding", "publish", "held", "expired", "verdict"):
             assert k in kinds, (k, kinds)
+        vs = [(r["actor"], r["subject"], r["data"]["verdict"], r["data"].get("replaces"))
+              for r in recs if r["kind"] == "verdict"]
+        assert [v[:3] for v in vs] == [("RAD-AI1", job, "confirmed"),
+                                       ("RAD-AI1", job_s, "overridden"),
+                                       ("RAD-AI2", job, "overridden")], vs
+        assert vs[0][3] is None and vs[1][3] is None
+        assert vs[2][3]["verdict"] == "confirmed" and vs[2][3]["by"] == "RAD-AI1", vs[2]
+        assert vs[2][3]["report"] == "RRAI-RPT-1"
         sent = [r for r in recs if r["kind"] == "dispatch"]
         assert all("RRPAT-" not in json.dumps(r["data"]) for r in sent)
         crit = [r for r in recs if r["kind"] == "result" and r["data"]["study_uid"] == uid_b]
@@ -399,9 +467,30 @@ def main():
         assert not bad, bad
     print("ai workflow: bleed -> critical ORU, SR in Orthanc, priority update, page, first on the "
           "worklist; "
+          "final report confirms, corrected report overrides, own preliminary ORU ignored; "
           "clean -> ORU without findings; callback results; silent mode recorded only; "
           "endpoint down -> retried, expired, unflagged; audit chain verified")
     return 0
+
+
+def report(control_id, accession, mrn, status, radiologist, impression, study_uid=None):
+    """The radiologist's report from the RIS: ORU^R01 with OBR-25 status (F
+    or C), the signing radiologist in OBR-32, the impression as LOINC
+    19005-8, the Study Instance UID as OBX 113014 when given."""
+    when = "20260110093000"
+    segs = [
+        f"MSH|^~\\&|RIS_SIM|RRTEST_HOSP|RADRELAY|RRTEST|{when}||ORU^R01^ORU_R01|{control_id}"
+        "|P|2.5.1",
+        f"PID|1||{mrn}^^^RRTEST_HOSP^MR||ZZTEST^REPORT||19700101|F",
+        f"OBR|1|PLC-{accession}|FIL-{accession}|CTHEAD^CT HEAD WITHOUT CONTRAST^L|||{when}"
+        f"|||||||||ORD9^ZZORDER^THETA||{accession}||||{when}||CT|{status}|||||||"
+        f"{radiologist}&ZZREADER&MU&&&DR",
+    ]
+    if study_uid:
+        segs.append(f"OBX|{len(segs) - 2}|ST|113014^DICOM Study^DCM||{study_uid}||||||{status}")
+    segs.append(f"OBX|{len(segs) - 2}|TX|19005-8^Radiology Imaging study [Impression] "
+                f"(narrative)^LN||{impression}||||||{status}")
+    return "\r".join(segs)
 
 
 def oru_study(text):

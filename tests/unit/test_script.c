@@ -34,6 +34,8 @@ static char *slurp(const char *dir, const char *name, size_t *len) {
   return d;
 }
 
+static rr_script_ai_t g_ai_host; /* the AI store scripts get (none by default) */
+
 typedef struct opts {
   size_t max_memory;
   uint64_t max_instructions;
@@ -57,6 +59,7 @@ static rr_script_t *load_with(const char *name, const opts_t *o, int *rc_out, rr
     c.max_memory = o->max_memory;
   if (o && o->max_instructions)
     c.max_instructions = o->max_instructions;
+  c.ai = g_ai_host;
   rr_buf_t err;
   rr_buf_init(&err, 4096);
   rr_script_t *s = NULL;
@@ -315,6 +318,94 @@ static void test_errors(void) {
   }
 }
 
+/* ---- ai.findings / ai.verdict: a fake AI store ---------------------------- */
+
+static char g_ai_calls[1024];
+
+static int fake_findings(void *ud, const char *accession, const char *study_uid, rr_buf_t *out) {
+  (void)ud;
+  size_t n = strlen(g_ai_calls);
+  snprintf(g_ai_calls + n, sizeof g_ai_calls - n, "findings(%s,%s) ", accession ? accession : "nil",
+           study_uid ? study_uid : "nil");
+  if (accession && strcmp(accession, "ACC1") == 0)
+    return rr_buf_puts(out, "[{\"job_id\":\"AJ-1\",\"finding_id\":\"F1\","
+                            "\"code\":{\"code\":\"1386000\"},\"critical\":true}]");
+  return rr_buf_puts(out, "[]");
+}
+
+static int fake_verdict(void *ud, const rr_script_ai_verdict_t *v, const char **outcome,
+                        rr_buf_t *err) {
+  (void)ud;
+  if (strcmp(v->finding_id, "F1") != 0) {
+    rr_buf_printf(err, "AI job %s has no finding \"%s\"", v->job_id, v->finding_id);
+    return RR_ENOTFOUND;
+  }
+  size_t n = strlen(g_ai_calls);
+  snprintf(g_ai_calls + n, sizeof g_ai_calls - n, "verdict(%s,%s,%s,%s,%s,%s) ", v->job_id,
+           v->finding_id, v->verdict, v->by ? v->by : "nil", v->note ? v->note : "nil",
+           v->report ? v->report : "nil");
+  *outcome = v->by ? "recorded" : "replaced";
+  return 0;
+}
+
+static void test_ai(void) {
+  rr_script_result_t r;
+  /* a channel without an AI store */
+  rr_script_t *s = load("ai.lua");
+  CHECK(s != NULL);
+  if (s) {
+    run(s, "findings", &r);
+    CHECK_EQ_INT(r.verdict, RR_SCRIPT_ERROR);
+    CHECK(contains(r.reason, "ai.findings: this channel has no AI store"));
+    rr_script_result_close(&r);
+    rr_script_free(s);
+  }
+  g_ai_host = (rr_script_ai_t){NULL, fake_findings, fake_verdict};
+  s = load("ai.lua");
+  g_ai_host = (rr_script_ai_t){0};
+  CHECK(s != NULL);
+  if (!s)
+    return;
+  g_ai_calls[0] = '\0';
+  run(s, "findings", &r);
+  CHECK_EQ_INT(r.verdict, RR_SCRIPT_PASS);
+  CHECK_EQ_INT(r.nlogs, 2);
+  if (r.nlogs == 2) {
+    CHECK(strcmp(r.logs[0].text, "1\tAJ-1\t1386000\ttrue") == 0);
+    CHECK(strcmp(r.logs[1].text, "0\t0") == 0);
+  }
+  /* "" and json.null are absent */
+  CHECK(strcmp(g_ai_calls, "findings(ACC1,nil) findings(ACC404,nil) findings(nil,2.25.9) ") == 0);
+  rr_script_result_close(&r);
+  g_ai_calls[0] = '\0';
+  run(s, "verdict", &r);
+  CHECK_EQ_INT(r.verdict, RR_SCRIPT_PASS);
+  CHECK(strcmp(g_ai_calls, "verdict(AJ-1,F1,confirmed,RAD1,impression,RRT-ADT-0001) "
+                           "verdict(AJ-1,F1,overridden,nil,nil,nil) ") == 0 ||
+        (fprintf(stderr, "calls: %s\n", g_ai_calls), false));
+  CHECK(r.nlogs == 2 && strcmp(r.logs[0].text, "recorded") == 0 &&
+        strcmp(r.logs[1].text, "replaced") == 0);
+  rr_script_result_close(&r);
+  static const struct {
+    const char *id, *want;
+  } bad[] = {
+      {"unknown", "ai.verdict: AI job AJ-1 has no finding \"F9\""},
+      {"bad_verdict", "ai.verdict: the verdict is \"confirmed\" or \"overridden\", not \"maybe\""},
+      {"bad_option", "ai.verdict: options are by, note and report (got radiologist)"},
+      {"no_query", "ai.findings: give an accession or a study_uid"},
+      {"no_ids", "ai.verdict: a job id and a finding id are needed"},
+  };
+  for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+    run(s, bad[i].id, &r);
+    CHECK_EQ_INT(r.verdict, RR_SCRIPT_ERROR);
+    if (!contains(r.reason, bad[i].want))
+      fprintf(stderr, "%s: got '%s'\n", bad[i].id, r.reason);
+    CHECK(contains(r.reason, bad[i].want) && contains(r.reason, "ai.lua:"));
+    rr_script_result_close(&r);
+  }
+  rr_script_free(s);
+}
+
 static void test_lookup_require(void) {
   rr_script_t *s = load("lookup.lua");
   CHECK(s != NULL);
@@ -567,6 +658,7 @@ int main(int argc, char **argv) {
   RUN(test_api);
   RUN(test_verdicts);
   RUN(test_errors);
+  RUN(test_ai);
   RUN(test_lookup_require);
   RUN(test_isolation);
   RUN(test_escapes);
