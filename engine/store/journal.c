@@ -116,7 +116,7 @@ static const char schema[] =
     "CREATE INDEX IF NOT EXISTS messages_time ON messages(received_ms);"
     /* message search (GET /api/messages) by channel or status over time */
     "CREATE INDEX IF NOT EXISTS messages_channel ON messages(channel, received_ms);"
-    "CREATE INDEX IF NOT EXISTS messages_status ON messages(status, received_ms);"
+    "CREATE INDEX IF NOT EXISTS messages_status ON messages(status, channel, received_ms);"
     "CREATE TABLE IF NOT EXISTS kv(key TEXT PRIMARY KEY, value BLOB NOT NULL,"
     " updated_ms INTEGER NOT NULL) WITHOUT ROWID;"
     "CREATE TABLE IF NOT EXISTS queue("
