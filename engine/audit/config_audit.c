@@ -7,6 +7,7 @@
 #include <jansson.h>
 #include <openssl/evp.h>
 #include <pwd.h>
+#include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -55,6 +56,89 @@ static int hash_file(const char *path, char hex[65], struct stat *st) {
   return 0;
 }
 
+static const char schema[] =
+    "CREATE TABLE IF NOT EXISTS config_files(path TEXT PRIMARY KEY, sha256 TEXT NOT NULL,"
+    " seen_ms INTEGER NOT NULL) WITHOUT ROWID;";
+
+int rr_config_audit_schema(rr_journal_t *j, char **errmsg) {
+  return rr_journal_schema(j, schema, errmsg);
+}
+
+typedef struct seen {
+  char *path;
+  char sha[65]; /* "" = the file is gone */
+  int64_t at_ms;
+} seen_t;
+
+static void seen_free(void *data) {
+  seen_t *s = data;
+  free(s->path);
+  free(s);
+}
+
+static int seen_write(sqlite3 *db, void *data) {
+  const seen_t *s = data;
+  sqlite3_stmt *st;
+  const char *sql = s->sha[0] ? "INSERT OR REPLACE INTO config_files(path, sha256, seen_ms)"
+                                " VALUES(?1, ?2, ?3)"
+                              : "DELETE FROM config_files WHERE path = ?1";
+  if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) != SQLITE_OK)
+    return RR_EIO;
+  sqlite3_bind_text(st, 1, s->path, -1, SQLITE_STATIC);
+  if (s->sha[0]) {
+    sqlite3_bind_text(st, 2, s->sha, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 3, s->at_ms);
+  }
+  int rc = sqlite3_step(st);
+  sqlite3_finalize(st);
+  return rc == SQLITE_DONE ? 0 : RR_EIO;
+}
+
+/* What this process recorded (queued or committed): the table is read
+ * through the loop's reader, which sees committed rows only. */
+typedef struct recorded {
+  struct recorded *next;
+  char sha[65];
+  char path[];
+} recorded_t;
+static recorded_t *g_recorded;
+
+static void remember(const char *path, const char *sha) {
+  for (recorded_t *r = g_recorded; r; r = r->next)
+    if (strcmp(r->path, path) == 0) {
+      snprintf(r->sha, sizeof r->sha, "%s", sha);
+      return;
+    }
+  size_t n = strlen(path) + 1;
+  recorded_t *r = malloc(sizeof *r + n);
+  if (!r)
+    return;
+  memcpy(r->path, path, n);
+  snprintf(r->sha, sizeof r->sha, "%s", sha);
+  r->next = g_recorded;
+  g_recorded = r;
+}
+
+/* The hash the store saw last, into out ("" when the file went); false
+ * when none. */
+static bool last_seen(rr_journal_t *j, const char *path, char out[65]) {
+  for (const recorded_t *r = g_recorded; r; r = r->next)
+    if (strcmp(r->path, path) == 0) {
+      snprintf(out, 65, "%s", r->sha);
+      return r->sha[0] != '\0';
+    }
+  sqlite3_stmt *st;
+  if (sqlite3_prepare_v2(rr_journal_reader(j), "SELECT sha256 FROM config_files WHERE path = ?1",
+                         -1, &st, NULL) != SQLITE_OK)
+    return false;
+  sqlite3_bind_text(st, 1, path, -1, SQLITE_STATIC);
+  bool found = sqlite3_step(st) == SQLITE_ROW;
+  if (found)
+    snprintf(out, 65, "%s", (const char *)sqlite3_column_text(st, 0));
+  sqlite3_finalize(st);
+  return found;
+}
+
 static void owner_name(uid_t uid, char *out, size_t cap) {
   struct passwd pw, *res = NULL;
   char buf[1024];
@@ -65,27 +149,19 @@ static void owner_name(uid_t uid, char *out, size_t cap) {
 }
 
 int rr_config_audit_file(rr_journal_t *j, const char *path, const char *why) {
-  char key[4200];
-  if ((size_t)snprintf(key, sizeof key, "rr.config:%s", path) >= sizeof key)
-    return RR_EINVAL;
   struct stat st;
   memset(&st, 0, sizeof st);
   char hex[65] = "";
   int rc = hash_file(path, hex, &st);
   if (rc && rc != RR_ENOTFOUND)
     return rc;
-  rr_buf_t prev;
-  rr_buf_init(&prev, 256);
-  int known = rr_journal_kv_get(j, key, &prev) == 0;
-  const char *before = known && prev.len ? prev.data : NULL;
-  if (rc == RR_ENOTFOUND && !known) {
-    rr_buf_close(&prev);
+  char prev[65];
+  bool known = last_seen(j, path, prev);
+  const char *before = known ? prev : NULL;
+  if (rc == RR_ENOTFOUND && !known)
     return RR_ENOTFOUND;
-  }
-  if (rc == 0 && before && strcmp(before, hex) == 0) {
-    rr_buf_close(&prev);
+  if (rc == 0 && before && strcmp(before, hex) == 0)
     return 0;
-  }
   char actor[128];
   if (rc == 0)
     owner_name(st.st_uid, actor, sizeof actor);
@@ -101,14 +177,21 @@ int rr_config_audit_file(rr_journal_t *j, const char *path, const char *why) {
     json_object_set_new(data, "actor_is", json_string("file owner"));
   }
   int arc = rr_journal_audit_json(j, actor, "config_change", path, data);
-  int krc = rc == 0 ? rr_journal_kv_set(j, key, hex, strlen(hex), now_ms())
-                    : rr_journal_kv_set(j, key, NULL, 0, now_ms());
+  seen_t *s = calloc(1, sizeof *s);
+  int krc = s && (s->path = strdup(path)) ? 0 : RR_ENOMEM;
+  if (krc == 0) {
+    snprintf(s->sha, sizeof s->sha, "%s", rc == 0 ? hex : "");
+    s->at_ms = now_ms();
+    remember(path, s->sha);
+    krc = rr_journal_custom(j, seen_write, s, seen_free, NULL, NULL);
+  } else {
+    free(s);
+  }
   rr_log(RR_LOG_INFO, "config", "event=config_change file=%s change=%s why=%s", path,
          rc       ? "removed"
          : before ? "changed"
                   : "new",
          why);
-  rr_buf_close(&prev);
   return arc ? arc : krc ? krc : 1;
 }
 

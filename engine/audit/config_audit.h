@@ -8,14 +8,15 @@
  * (subject: the file's path; data: its hash, the previous one, its size
  * and modification time, why it was looked at; actor: the file's owner,
  * the best the file system can say about who changed it), and its hash is
- * remembered in the store's key-value table ("rr.config:<path>"), both
- * with the next batch. Contents never go to the trail: only hashes.
- * Loop thread (blocking reads of small files: configuration time). */
+ * remembered in table config_files, both with the next batch. Contents never go to the trail: only
+ * hashes. Loop thread (blocking reads of small files: configuration time). */
 #ifndef RR_CONFIG_AUDIT_H
 #define RR_CONFIG_AUDIT_H
 
 #include "store/journal.h"
 
+/* rr_config_audit_schema: table config_files (at start). */
+int rr_config_audit_schema(rr_journal_t *j, char **errmsg);
 /* rr_config_audit_file: one file. Returns 1 (changed, recorded), 0 (as
  * the store saw it last), or a negative code (unreadable: RR_ENOTFOUND
  * for a missing file, which is recorded as removed if the store knew it). */

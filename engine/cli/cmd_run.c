@@ -320,7 +320,8 @@ int rr_cmd_run(int argc, char **argv) {
   }
   rr_journal_set_gather(journal, cfg.group_commit_wait_us);
   if ((rc = rr_ai_schema(journal, &emsg)) != 0 || (rc = rr_notify_schema(journal, &emsg)) != 0 ||
-      (rc = rr_ai_deid_schema(journal, &emsg)) != 0) {
+      (rc = rr_ai_deid_schema(journal, &emsg)) != 0 ||
+      (rc = rr_config_audit_schema(journal, &emsg)) != 0) {
     rr_log(RR_LOG_ERROR, "engine", "event=store_open_failed path=%s error=\"%s\"", cfg.store_path,
            emsg ? emsg : rr_strerror(rc));
     free(emsg);

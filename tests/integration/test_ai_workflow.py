@@ -185,6 +185,8 @@ def configure(tmp, ai_url, ai_mode, result, ris_port, pager_port, api_port, max_
     with open(os.path.join(ROOT, "channels", "reports.json")) as f:
         reports = json.load(f)
     reports["source"]["port"] = 0
+    if VERDICTS[0] is None:  # a test that reuses this one without the reports receiver
+        VERDICTS[0] = Receiver()
     reports["destinations"]["report_verdicts"]["url"] = f"http://{HOST}:{VERDICTS[0].port}/v"
     with open(os.path.join(chdir, "reports.json"), "w") as f:
         json.dump(reports, f)
