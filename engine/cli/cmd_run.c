@@ -9,6 +9,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "admin/alerts.h"
 #include "admin/api.h"
 #include "ai/ai.h"
 #include "ai/deid.h"
@@ -24,6 +25,7 @@ typedef struct run_state {
   rr_dispatch_t *dispatch;
   uv_timer_t ai_expiry; /* AI jobs past their deadline */
   rr_admin_t *api;      /* NULL without an "http" section */
+  rr_alerts_t *alerts;  /* NULL without an "alerts" section */
   uv_signal_t sigint, sigterm, sighup, sigusr2;
   uv_timer_t prune; /* retention: removes old messages in slices */
   rr_journal_t *journal;
@@ -136,6 +138,8 @@ static void on_signal(uv_signal_t *h, int signum) {
   rr_log(RR_LOG_INFO, "engine", "event=shutdown signal=%s", signum == SIGINT ? "INT" : "TERM");
   rr_admin_stop(s->api);
   s->api = NULL;
+  rr_alerts_stop(s->alerts);
+  s->alerts = NULL;
   rr_engine_stop(s->engine);
   if (s->dispatch)
     rr_dispatch_stop(s->dispatch, NULL, NULL);
@@ -321,7 +325,8 @@ int rr_cmd_run(int argc, char **argv) {
   rr_journal_set_gather(journal, cfg.group_commit_wait_us);
   if ((rc = rr_ai_schema(journal, &emsg)) != 0 || (rc = rr_notify_schema(journal, &emsg)) != 0 ||
       (rc = rr_ai_deid_schema(journal, &emsg)) != 0 ||
-      (rc = rr_config_audit_schema(journal, &emsg)) != 0) {
+      (rc = rr_config_audit_schema(journal, &emsg)) != 0 ||
+      (rc = rr_alerts_schema(journal, &emsg)) != 0) {
     rr_log(RR_LOG_ERROR, "engine", "event=store_open_failed path=%s error=\"%s\"", cfg.store_path,
            emsg ? emsg : rr_strerror(rc));
     free(emsg);
@@ -342,6 +347,31 @@ int rr_cmd_run(int argc, char **argv) {
   rr_dispatch_set_study_complete(s.dispatch, rr_engine_study_complete, s.engine);
   rr_dispatch_set_ai(s.dispatch, cfg.http_public_url[0] ? cfg.http_public_url : NULL,
                      rr_engine_ai_result, s.engine);
+  /* The alerts' destination: an HTTP POST of each raise and clear. */
+  rr_destination_config_t alerts_dest;
+  rr_destination_config_default(&alerts_dest);
+  if (cfg.alerts) {
+    alerts_dest.kind = RR_DEST_HTTP;
+    snprintf(alerts_dest.name, sizeof alerts_dest.name, "%s", RR_ALERTS_DESTINATION);
+    snprintf(alerts_dest.short_name, sizeof alerts_dest.short_name, "alerts");
+    snprintf(alerts_dest.role, sizeof alerts_dest.role, "result");
+    snprintf(alerts_dest.url, sizeof alerts_dest.url, "%s", cfg.alerts_url);
+    snprintf(alerts_dest.token_file, sizeof alerts_dest.token_file, "%s", cfg.alerts_token_file);
+    alerts_dest.key_none = true;
+    rr_buf_t err;
+    rr_buf_init(&err, 1 << 16);
+    rc = rr_dispatch_add(s.dispatch, &alerts_dest, &err);
+    if (rc)
+      rr_log(RR_LOG_ERROR, "engine", "event=destination_failed destination=%s error=\"%s\"",
+             alerts_dest.name, err.data ? err.data : rr_strerror(rc));
+    rr_buf_close(&err);
+    if (rc) {
+      rr_engine_stop(s.engine);
+      rr_dispatch_stop(s.dispatch, NULL, NULL);
+      uv_run(&loop, UV_RUN_DEFAULT);
+      goto out;
+    }
+  }
   /* Destinations first: their queues may hold what earlier runs accepted. */
   for (size_t i = 0; i < cfg.nchannels; i++)
     for (size_t k = 0; k < cfg.channels[i].ndestinations; k++) {
@@ -388,6 +418,15 @@ int rr_cmd_run(int argc, char **argv) {
     rr_dispatch_stop(s.dispatch, NULL, NULL);
     uv_run(&loop, UV_RUN_DEFAULT);
     goto out;
+  }
+  if (cfg.alerts) {
+    rr_alerts_config_t ac = {.check_ms = cfg.alerts_check_ms,
+                             .queue_depth = cfg.alerts_queue_depth,
+                             .oldest_age_ms = cfg.alerts_oldest_age_ms,
+                             .error_rate = cfg.alerts_error_rate,
+                             .min_messages = cfg.alerts_min_messages};
+    if ((rc = rr_alerts_start(&loop, s.engine, journal, &ac, &s.alerts)) != 0)
+      rr_log(RR_LOG_ERROR, "alerts", "event=alerts_not_started error=%s", rr_strerror(rc));
   }
   if (cfg.http) {
     rr_tls_config_t tc = {.role = RR_TLS_SERVER,

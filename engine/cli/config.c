@@ -703,7 +703,7 @@ int rr_config_load(const char *path, rr_config_t *cfg, rr_buf_t *err) {
   snprintf(dir, sizeof dir, "%s", path);
   char *base = dirname(dir);
   char chdir_[PATH_MAX] = "", store[PATH_MAX] = "", sync[16] = "", level[16] = "";
-  static const char *const top[] = {"store", "channels", "log", "http", NULL};
+  static const char *const top[] = {"store", "channels", "log", "http", "alerts", NULL};
   if (!json_is_object(root)) {
     problem(&c, "$", "must be an object");
     goto out;
@@ -774,6 +774,39 @@ int rr_config_load(const char *path, rr_config_t *cfg, rr_buf_t *err) {
       json_t *req = json_object_get(tls, "require_client_cert");
       cfg->http_require_client_cert = req ? json_is_true(req) : cfg->http_ca[0] != '\0';
     }
+  }
+  json_t *al = json_object_get(root, "alerts");
+  if (al && !json_is_object(al)) {
+    problem(&c, "$.alerts", "must be an object");
+  } else if (al) {
+    static const char *const keys[] = {
+        "url",          "bearer_token_file", "check_s",      "queue_depth",
+        "oldest_age_s", "error_rate",        "min_messages", NULL};
+    unknown_keys(&c, al, "$.alerts", keys);
+    cfg->alerts = true;
+    get_string(&c, al, "url", "$.alerts", cfg->alerts_url, sizeof cfg->alerts_url, NULL);
+    char rel[1024] = "";
+    get_string(&c, al, "bearer_token_file", "$.alerts", rel, sizeof rel, "");
+    if (rel[0] && join_path(base, rel, cfg->alerts_token_file, sizeof cfg->alerts_token_file))
+      problem(&c, "$.alerts.bearer_token_file", "path too long");
+    uint64_t v = 30;
+    get_uint(&c, al, "check_s", "$.alerts", 1, 86400, &v);
+    cfg->alerts_check_ms = v * 1000;
+    v = 10000;
+    get_uint(&c, al, "queue_depth", "$.alerts", 0, UINT32_MAX, &v);
+    cfg->alerts_queue_depth = (int64_t)v;
+    v = 900;
+    get_uint(&c, al, "oldest_age_s", "$.alerts", 0, 30 * 86400, &v);
+    cfg->alerts_oldest_age_ms = (int64_t)v * 1000;
+    v = 20;
+    get_uint(&c, al, "min_messages", "$.alerts", 1, 1000000, &v);
+    cfg->alerts_min_messages = v;
+    json_t *er = json_object_get(al, "error_rate");
+    cfg->alerts_error_rate = 0.1;
+    if (er && (!json_is_number(er) || json_number_value(er) < 0 || json_number_value(er) > 1))
+      problem(&c, "$.alerts.error_rate", "must be a number from 0 to 1");
+    else if (er)
+      cfg->alerts_error_rate = json_number_value(er);
   }
   get_string(&c, root, "channels", "$", chdir_, sizeof chdir_, "channels");
   cfg->log_level = RR_LOG_INFO;

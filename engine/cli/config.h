@@ -21,8 +21,14 @@ typedef struct rr_config {
   bool http_tls;
   char http_cert[1024], http_key[1024], http_ca[1024], http_crl[1024];
   bool http_require_client_cert;
-  char config_path[4096];        /* the engine file, as given */
-  char channels_dir[4096];       /* its channels folder */
+  char config_path[4096];  /* the engine file, as given */
+  char channels_dir[4096]; /* its channels folder */
+  /* operational alerts (admin/alerts.h); alerts false = none */
+  bool alerts;
+  char alerts_url[1024], alerts_token_file[1024];
+  uint64_t alerts_check_ms, alerts_min_messages;
+  int64_t alerts_queue_depth, alerts_oldest_age_ms;
+  double alerts_error_rate;
   rr_channel_config_t *channels; /* owned, nchannels entries */
   size_t nchannels;
 } rr_config_t;
