@@ -92,7 +92,7 @@ int rr_engine_take_ai_result(rr_engine_t *e, const rr_destination_config_t *dest
     }
     rr_buf_close(&err);
   }
-  json_t *in = json_pack("{s:{s:s, s:s, s:s, s:s}, s:O, s:o, s:s?, s:s?}", "job", "id", job_id,
+  json_t *in = json_pack("{s:{s:s, s:s, s:s, s:s}, s:O, s:o, s:s*, s:s*}", "job", "id", job_id,
                          "endpoint", dest->short_name, "mode", rr_ai_mode_name(mode), "via", via,
                          "result", r->json, "study", study ? json_incref(study) : json_null(), "sr",
                          sr_path[0] ? sr_path : NULL, "sr_uid", sr_uid[0] ? sr_uid : NULL);

@@ -319,6 +319,10 @@ def main():
             # what left for the AI endpoint named no patient
             reqs = [r for r in e.sql("SELECT request FROM ai_jobs")]
             assert reqs and not [r for (r,) in reqs if "RRPAT-" in r]
+            # nothing the results routed was refused (a result without
+            # findings has no SR for the script to route)
+            dead = e.sql("SELECT destination, last_error FROM queue WHERE state = 'dead'")
+            assert not dead, dead
             e.stop()
 
             # ---- 2. results by callback

@@ -18,7 +18,8 @@ credentials on stdout, and runs until stdin closes:
 Everything lives in one folder (a new temporary one, or DIR): the
 configuration orthanc.json, storage/ and index/, and orthanc.log (Orthanc's
 stdout and stderr). The HTTP and DICOM ports are free loopback ports picked at
-start; Orthanc has no bind-address option, so it listens on every interface
+start (or the ones asked for, http_port= and dicom_port=, when nothing listens
+there); Orthanc has no bind-address option, so it listens on every interface
 but answers HTTP from loopback only (RemoteAccessAllowed false) and DICOM
 associations only from the AEs in DicomModalities at 127.0.0.1
 (DicomCheckModalityHost, no DicomAlwaysAllow*), and it checks the called AET.
@@ -102,6 +103,13 @@ def free_port():
         return s.getsockname()[1]
 
 
+def port_free(port):
+    """Whether nothing accepts connections on the loopback port."""
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((HOST, port)) != 0
+
+
 def dcmtk_env(tcp_nodelay=True):
     """The environment for DCMTK tools talking to it: Debian's DCMTK leaves
     Nagle's algorithm on unless TCP_NODELAY=1."""
@@ -144,7 +152,7 @@ class Orthanc:
 
     def __init__(self, workdir=None, auth=True, tcp_nodelay=True, aet=AET,
                  test_port=None, engine_port=None, stable_age=2, verbose=False,
-                 extra_config=None):
+                 extra_config=None, http_port=None, dicom_port=None):
         self._own_tmp = None
         if workdir is None:
             self._own_tmp = tempfile.TemporaryDirectory(prefix="rr-orthanc-")
@@ -161,6 +169,7 @@ class Orthanc:
         self.config_path = os.path.join(self.dir, "orthanc.json")
         self.log_path = os.path.join(self.dir, "orthanc.log")
         self.http_port = self.dicom_port = None
+        self.want_ports = (http_port, dicom_port)   # tried first when free
         self.proc = None
         self.plugin = dicomweb_plugin()
 
@@ -247,8 +256,10 @@ class Orthanc:
             os.makedirs(os.path.join(self.dir, d), exist_ok=True)
         pick_test, pick_engine = self.test_port is None, self.engine_port is None
         last = None
-        for _ in range(START_ATTEMPTS):
-            self.http_port, self.dicom_port = free_port(), free_port()
+        for attempt in range(START_ATTEMPTS):
+            self.http_port, self.dicom_port = (
+                want if attempt == 0 and want and port_free(want) else free_port()
+                for want in self.want_ports)
             if pick_test:
                 self.test_port = free_port()
             if pick_engine:
