@@ -177,6 +177,16 @@ int rr_ai_jobs_overdue(rr_journal_t *j, int64_t now_ms,
  * durably to out_path; its SOP Instance UID in sop_uid. RR_EINVAL (no
  * findings), RR_ENOTFOUND (no instance file), the writer's errors (a
  * sentence in err, may be NULL). Blocking (fsync). Loop thread. */
+/* The same in two steps, so that the writing (DCMTK reading an instance,
+ * building the document, fsyncs) runs off the loop thread:
+ * rr_ai_sr_prepare reads the study's instances from the store (loop
+ * thread); rr_ai_sr_build writes the SR (any thread; r and study are only
+ * read). */
+typedef struct rr_ai_sr_prep rr_ai_sr_prep_t;
+int rr_ai_sr_prepare(rr_journal_t *j, const char *study_uid, rr_ai_sr_prep_t **out);
+int rr_ai_sr_build(const rr_ai_sr_prep_t *p, const rr_ai_result_t *r, json_t *study,
+                   const char *out_path, char sop_uid[65], rr_buf_t *err);
+void rr_ai_sr_prep_free(rr_ai_sr_prep_t *p);
 int rr_ai_write_sr(rr_journal_t *j, const rr_ai_result_t *r, json_t *study, const char *out_path,
                    char sop_uid[65], rr_buf_t *err);
 

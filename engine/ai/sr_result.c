@@ -88,18 +88,52 @@ static const char *sop_class_of(const instances_t *in, const char *sop) {
   return NULL;
 }
 
+struct rr_ai_sr_prep {
+  instances_t in;
+};
+
+int rr_ai_sr_prepare(rr_journal_t *j, const char *study_uid, rr_ai_sr_prep_t **out) {
+  rr_ai_sr_prep_t *p = calloc(1, sizeof *p);
+  if (!p)
+    return RR_ENOMEM;
+  int rc = load_instances(j, study_uid, &p->in);
+  if (rc) {
+    rr_ai_sr_prep_free(p);
+    return rc;
+  }
+  *out = p;
+  return 0;
+}
+
+void rr_ai_sr_prep_free(rr_ai_sr_prep_t *p) {
+  if (!p)
+    return;
+  instances_free(&p->in);
+  free(p);
+}
+
 int rr_ai_write_sr(rr_journal_t *j, const rr_ai_result_t *r, json_t *study, const char *out_path,
                    char sop_uid[65], rr_buf_t *err) {
+  const char *uid = json_string_value(json_object_get(study, "study_uid"));
+  if (!uid || !r->nfindings)
+    return RR_EINVAL;
+  rr_ai_sr_prep_t *p;
+  int rc = rr_ai_sr_prepare(j, uid, &p);
+  if (rc)
+    return rc;
+  rc = rr_ai_sr_build(p, r, study, out_path, sop_uid, err);
+  rr_ai_sr_prep_free(p);
+  return rc;
+}
+
+int rr_ai_sr_build(const rr_ai_sr_prep_t *p, const rr_ai_result_t *r, json_t *study,
+                   const char *out_path, char sop_uid[65], rr_buf_t *err) {
   const char *uid = json_string_value(json_object_get(study, "study_uid"));
   json_t *model = json_object_get(r->json, "model");
   if (!uid || !r->nfindings)
     return RR_EINVAL;
-  instances_t in;
-  int rc = load_instances(j, uid, &in);
-  if (rc) {
-    instances_free(&in);
-    return rc;
-  }
+  int rc = 0;
+  const instances_t in = p->in;
   /* Evidence: every instance, grouped by series. */
   size_t nser = 0;
   for (size_t i = 0; i < in.n; i++)
@@ -208,6 +242,5 @@ out:
   free(f);
   free(ms);
   free(coords);
-  instances_free(&in);
   return rc;
 }

@@ -7,6 +7,7 @@
  * failed. Other answers and transport errors are tried again at the next
  * poll. Jobs to poll are read from the store (ai_jobs, state running,
  * with a status_url), so polling resumes after a restart. */
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -102,6 +103,8 @@ static void on_polled(void *ud, rr_http_transfer_t *t, const rr_http_response_t 
     rc = 0; /* taken meanwhile (a callback, an expiry): nothing to do */
   } else if (rc == 0 && d) {
     rc = rr_engine_take_ai_result(e, d, p->job_id, p->study_uid, res, "poll", NULL, NULL);
+    if (rc == -EEXIST) /* taken already, its SR being written */
+      rc = 0;
     if (rc)
       rr_log(RR_LOG_ERROR, "ai", "event=result_not_kept destination=%s job=%s error=%s",
              p->destination, p->job_id, rr_strerror(rc));

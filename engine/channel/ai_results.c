@@ -43,13 +43,64 @@ static bool mode_allows(rr_ai_mode_t mode, const rr_destination_config_t *d) {
   return strcmp(d->role, "worklist") != 0 && strcmp(d->role, "notification") != 0;
 }
 
-int rr_engine_take_ai_result(rr_engine_t *e, const rr_destination_config_t *dest,
-                             const char *job_id, const char *study_uid, const rr_ai_result_t *r,
-                             const char *via, rr_journal_done_cb cb, void *ud) {
-  rr_channel_t *ch = find_channel(e, dest->name);
-  if (!ch)
-    return RR_ENOTFOUND;
-  int64_t now = rr_wall_ms();
+/* A result being taken: its SR is written off the loop thread, then the
+ * script runs and everything is journaled in one batch (the result, its
+ * audit records, the AI_RESULT entry with its routes), so nothing of it is
+ * kept without the rest. */
+typedef struct taking {
+  struct taking *next;
+  rr_engine_t *e;
+  rr_channel_t *ch;
+  const rr_destination_config_t *dest; /* the channel's: lives as long as the engine */
+  char job_id[RR_AI_JOB_ID_MAX];
+  char study_uid[65];
+  char via[16];
+  int64_t now;
+  rr_ai_result_t *r; /* own copy */
+  json_t *study;     /* the study as routing saw it, or NULL */
+  rr_ai_sr_prep_t *prep;
+  char sr_path[1200], sr_uid[65];
+  int sr_rc;
+  rr_buf_t sr_err;
+  rr_journal_done_cb cb;
+  void *ud;
+  uv_work_t work;
+} taking_t;
+
+static void taking_free(taking_t *t) {
+  rr_ai_result_free(t->r);
+  json_decref(t->study);
+  rr_ai_sr_prep_free(t->prep);
+  rr_buf_close(&t->sr_err);
+  free(t);
+}
+
+static bool taking_has(rr_engine_t *e, const char *job_id) {
+  for (taking_t *t = e->taking; t; t = t->next)
+    if (strcmp(t->job_id, job_id) == 0)
+      return true;
+  return false;
+}
+
+static void taking_unlink(taking_t *t) {
+  for (taking_t **pp = &t->e->taking; *pp; pp = &(*pp)->next)
+    if (*pp == t) {
+      *pp = t->next;
+      return;
+    }
+}
+
+/* The result, its audit records, the script and the AI_RESULT entry. */
+static int take_journal(taking_t *t) {
+  rr_engine_t *e = t->e;
+  rr_channel_t *ch = t->ch;
+  const rr_destination_config_t *dest = t->dest;
+  const rr_ai_result_t *r = t->r;
+  const char *job_id = t->job_id, *study_uid = t->study_uid, *via = t->via;
+  const char *sr_path = t->sr_path, *sr_uid = t->sr_uid;
+  rr_journal_done_cb cb = t->cb;
+  void *ud = t->ud;
+  int64_t now = t->now;
   rr_ai_mode_t mode = (rr_ai_mode_t)dest->ai_mode;
   int rc = rr_ai_store_result(e->journal, r, now, NULL, NULL);
   if (rc)
@@ -64,34 +115,7 @@ int rr_engine_take_ai_result(rr_engine_t *e, const rr_destination_config_t *dest
     rr_journal_audit_json(
         e->journal, dest->name, "finding", job_id,
         json_pack("{s:s, s:O}", "study_uid", study_uid, "finding", r->findings[i].json));
-  /* What the script gets: the job, the result, and the study as routing saw it. */
-  rr_buf_t text;
-  rr_buf_init(&text, (size_t)64 << 20);
-  int64_t order_id;
-  const char *method;
-  json_t *study = NULL;
-  if (rr_journal_study_context(e->journal, study_uid, (int64_t)ch->cfg.dicom_match_window_ms, &text,
-                               &order_id, &method) == 0)
-    study = json_loadb(text.data, text.len, 0, NULL);
-  /* The SR of the result, for the script to route to the PACS (r.sr). */
-  char sr_path[1200] = "", sr_uid[65] = "";
-  if (study && ch->cfg.dicom && !ch->cfg.dicomweb && r->nfindings &&
-      strcmp(r->status, "completed") == 0) {
-    char dir[1100];
-    snprintf(dir, sizeof dir, "%s/results", ch->cfg.dicom_spool);
-    snprintf(sr_path, sizeof sr_path, "%s/%s.dcm", dir, job_id);
-    rr_buf_t err;
-    rr_buf_init(&err, 1024);
-    int src = (mkdir(dir, 0750) == 0 || errno == EEXIST)
-                  ? rr_ai_write_sr(e->journal, r, study, sr_path, sr_uid, &err)
-                  : -errno;
-    if (src) {
-      rr_log(RR_LOG_WARN, "ai", "event=sr_not_written channel=%s job=%s error=\"%s\"", ch->cfg.name,
-             job_id, err.len ? err.data : rr_strerror(src));
-      sr_path[0] = '\0';
-    }
-    rr_buf_close(&err);
-  }
+  json_t *study = t->study ? json_incref(t->study) : NULL;
   json_t *in = json_pack("{s:{s:s, s:s, s:s, s:s}, s:O, s:o, s:s*, s:s*}", "job", "id", job_id,
                          "endpoint", dest->short_name, "mode", rr_ai_mode_name(mode), "via", via,
                          "result", r->json, "study", study ? json_incref(study) : json_null(), "sr",
@@ -99,7 +123,6 @@ int rr_engine_take_ai_result(rr_engine_t *e, const rr_destination_config_t *dest
   json_decref(study);
   char *intext = in ? json_dumps(in, JSON_COMPACT) : NULL;
   json_decref(in);
-  rr_buf_close(&text);
   if (!intext)
     return RR_ENOMEM;
 
@@ -200,6 +223,96 @@ int rr_engine_take_ai_result(rr_engine_t *e, const rr_destination_config_t *dest
   free(owned);
   rr_script_result_close(&sr);
   free(intext);
+  return rc;
+}
+
+static void on_sr_work(uv_work_t *w) {
+  taking_t *t = w->data;
+  t->sr_rc = rr_ai_sr_build(t->prep, t->r, t->study, t->sr_path, t->sr_uid, &t->sr_err);
+}
+
+static void on_sr_done(uv_work_t *w, int status) {
+  taking_t *t = w->data;
+  taking_unlink(t);
+  if (status || t->sr_rc) {
+    rr_log(RR_LOG_WARN, "ai", "event=sr_not_written channel=%s job=%s error=\"%s\"",
+           t->ch->cfg.name, t->job_id,
+           t->sr_err.len ? t->sr_err.data : rr_strerror(status ? status : t->sr_rc));
+    t->sr_path[0] = t->sr_uid[0] = '\0';
+  }
+  int rc = take_journal(t);
+  if (rc) {
+    rr_log(RR_LOG_ERROR, "ai", "event=result_not_kept destination=%s job=%s error=%s",
+           t->dest->name, t->job_id, rr_strerror(rc));
+    if (t->cb)
+      t->cb(t->ud, rc, 0);
+  }
+  taking_free(t);
+}
+
+int rr_engine_take_ai_result(rr_engine_t *e, const rr_destination_config_t *dest,
+                             const char *job_id, const char *study_uid, const rr_ai_result_t *r,
+                             const char *via, rr_journal_done_cb cb, void *ud) {
+  rr_channel_t *ch = find_channel(e, dest->name);
+  if (!ch)
+    return RR_ENOTFOUND;
+  if (taking_has(e, job_id))
+    return -EEXIST; /* the same job's result is being taken */
+  taking_t *t = calloc(1, sizeof *t);
+  if (!t)
+    return RR_ENOMEM;
+  t->e = e;
+  t->ch = ch;
+  t->dest = dest;
+  t->cb = cb;
+  t->ud = ud;
+  t->now = rr_wall_ms();
+  rr_buf_init(&t->sr_err, 1024);
+  snprintf(t->job_id, sizeof t->job_id, "%s", job_id);
+  snprintf(t->study_uid, sizeof t->study_uid, "%s", study_uid);
+  snprintf(t->via, sizeof t->via, "%s", via);
+  /* An own copy of the result: the caller's goes when this returns. */
+  char *copy = json_dumps(r->json, JSON_COMPACT);
+  int rc = copy ? rr_ai_parse_result(copy, strlen(copy), &t->r, NULL) : RR_ENOMEM;
+  free(copy);
+  if (rc) {
+    taking_free(t);
+    return rc;
+  }
+  /* What the script gets: the job, the result, and the study as routing saw it. */
+  rr_buf_t text;
+  rr_buf_init(&text, (size_t)64 << 20);
+  int64_t order_id;
+  const char *method;
+  if (rr_journal_study_context(e->journal, study_uid, (int64_t)ch->cfg.dicom_match_window_ms, &text,
+                               &order_id, &method) == 0)
+    t->study = json_loadb(text.data, text.len, 0, NULL);
+  rr_buf_close(&text);
+  /* The SR of the result, for the script to route to the PACS (r.sr),
+   * written in libuv's thread pool; the rest follows once it is. */
+  if (t->study && ch->cfg.dicom && !ch->cfg.dicomweb && t->r->nfindings &&
+      strcmp(t->r->status, "completed") == 0) {
+    char dir[1100];
+    snprintf(dir, sizeof dir, "%s/results", ch->cfg.dicom_spool);
+    snprintf(t->sr_path, sizeof t->sr_path, "%s/%s.dcm", dir, job_id);
+    rc = mkdir(dir, 0750) == 0 || errno == EEXIST ? 0 : -errno;
+    if (rc == 0)
+      rc = rr_ai_sr_prepare(e->journal, study_uid, &t->prep);
+    if (rc == 0) {
+      t->work.data = t;
+      rc = uv_queue_work(e->loop, &t->work, on_sr_work, on_sr_done);
+    }
+    if (rc == 0) {
+      t->next = e->taking;
+      e->taking = t;
+      return 0;
+    }
+    rr_log(RR_LOG_WARN, "ai", "event=sr_not_written channel=%s job=%s error=\"%s\"", ch->cfg.name,
+           job_id, rr_strerror(rc));
+    t->sr_path[0] = '\0';
+  }
+  rc = take_journal(t);
+  taking_free(t);
   return rc;
 }
 

@@ -60,6 +60,7 @@ struct rr_engine {
   char public_url[1024]; /* for ack_url; "" = none */
   /* AI jobs whose results are polled (ai_poll.c) */
   struct poll *polls;
+  struct taking *taking; /* AI results whose SR is being written (ai_results.c) */
   struct poll_token *poll_tokens;
 };
 
