@@ -200,7 +200,60 @@ static const char *const migrations[][2] = {{"studies", "routed_ms INTEGER"},
                                             {"studies", "order_id INTEGER"},
                                             {"studies", "match_method TEXT"}};
 
+/* A queue table of an early store has plain rowids, which SQLite gives out
+ * again once the newest row is gone (delivered): a queue row id must never
+ * come back (it names deliveries, and AI jobs are "AJ-<id>"). The table is
+ * rebuilt with AUTOINCREMENT, its sequence past every id ever used. */
+static int migrate_queue_ids(sqlite3 *db) {
+  sqlite3_stmt *st;
+  if (sqlite3_prepare_v2(db,
+                         "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'queue'",
+                         -1, &st, NULL) != SQLITE_OK)
+    return RR_EIO;
+  bool old = sqlite3_step(st) == SQLITE_ROW && sqlite3_column_text(st, 0) &&
+             !strstr((const char *)sqlite3_column_text(st, 0), "AUTOINCREMENT");
+  sqlite3_finalize(st);
+  if (!old)
+    return 0;
+  static const char sql[] =
+      "BEGIN IMMEDIATE;"
+      "CREATE TABLE queue_v2(id INTEGER PRIMARY KEY AUTOINCREMENT,"
+      " message_id INTEGER NOT NULL, destination TEXT NOT NULL, key TEXT NOT NULL,"
+      " lane INTEGER NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL,"
+      " not_before_ms INTEGER NOT NULL, enqueued_ms INTEGER NOT NULL, last_error TEXT,"
+      " content_type TEXT NOT NULL, payload BLOB NOT NULL);"
+      "INSERT INTO queue_v2(id, message_id, destination, key, lane, state, attempts,"
+      " not_before_ms, enqueued_ms, last_error, content_type, payload)"
+      " SELECT id, message_id, destination, key, lane, state, attempts, not_before_ms,"
+      " enqueued_ms, last_error, content_type, payload FROM queue;"
+      "DROP TABLE queue;"
+      "ALTER TABLE queue_v2 RENAME TO queue;"
+      "CREATE INDEX IF NOT EXISTS queue_destination ON queue(destination, id);"
+      "CREATE INDEX IF NOT EXISTS queue_message ON queue(message_id);"
+      "DELETE FROM sqlite_sequence WHERE name = 'queue';"
+      "INSERT INTO sqlite_sequence(name, seq) SELECT 'queue', max("
+      " coalesce((SELECT max(id) FROM queue), 0),"
+      " coalesce((SELECT max(queue_id) FROM deliveries), 0));"
+      "COMMIT;";
+  if (sqlite3_exec(db, sql, NULL, NULL, NULL) != SQLITE_OK) {
+    sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
+    return RR_EIO;
+  }
+  /* past the AI jobs' ids too, when there are any */
+  if (sqlite3_exec(db,
+                   "UPDATE sqlite_sequence SET seq = max(seq, coalesce((SELECT"
+                   " max(queue_id) FROM ai_jobs), 0)) WHERE name = 'queue'",
+                   NULL, NULL, NULL) != SQLITE_OK) {
+    /* no ai_jobs table (yet): nothing named by a queue row there */
+  }
+  rr_log(RR_LOG_WARN, "journal",
+         "event=store_upgraded table=queue detail=\"row ids never reused from now on\"");
+  return 0;
+}
+
 static int migrate(sqlite3 *db) {
+  if (migrate_queue_ids(db) != 0)
+    return RR_EIO;
   for (size_t i = 0; i < sizeof migrations / sizeof migrations[0]; i++) {
     char sql[256], col[64];
     sscanf(migrations[i][1], "%63s", col);
