@@ -205,10 +205,14 @@ class Api:
     def __init__(self, port, tokens):
         self.port, self.tokens = port, tokens
 
-    def call(self, method, path, role="viewer"):
+    def call(self, method, path, role="viewer", body=None):
         c = http.client.HTTPConnection(HOST, self.port, timeout=30)
         try:
-            c.request(method, path, headers={"Authorization": f"Bearer {self.tokens[role]}"})
+            h = {"Authorization": f"Bearer {self.tokens[role]}"}
+            if body is not None:
+                h["Content-Type"] = "application/json"
+                body = json.dumps(body)
+            c.request(method, path, body=body, headers=h)
             r = c.getresponse()
             data = r.read()
             return r.status, json.loads(data) if data else None
@@ -217,6 +221,20 @@ class Api:
 
 
 # ---- the story's messages and studies ---------------------------------------------
+
+def final_report(cid, accession, mrn, study_uid, ts):
+    """The radiologist's signed report from the RIS (OBR-25 F, OBR-32 the
+    reader, the impression as LOINC 19005-8, the Study UID as OBX 113014)."""
+    return "\r".join([
+        f"MSH|^~\\&|RIS_SIM|RRDEMO_HOSP|RADRELAY|RRDEMO|{ts}||ORU^R01^ORU_R01|{cid}|P|2.5.1",
+        f"PID|1||{mrn}^^^RRDEMO_HOSP^MR||ZZDEMO^BLEED||19700101|F",
+        f"OBR|1|PLC-{accession}|FIL-{accession}|CTHEAD^CT HEAD WITHOUT CONTRAST^L|||{ts}"
+        f"|||||||||ORD9^ZZORDER^DEMO||{accession}||||{ts}||CT|F|||||||"
+        "RAD1&ZZREADER&DEMO&&&DR",
+        f"OBX|1|ST|113014^DICOM Study^DCM||{study_uid}||||||F",
+        "OBX|2|TX|19005-8^Radiology Imaging study [Impression] (narrative)^LN||Acute"
+        " intracranial hemorrhage in the right parietal lobe.||||||F"]) + "\r"
+
 
 def adt_a04(cid, mrn, given, sex, ts):
     return "\r".join([
@@ -278,6 +296,12 @@ class Store:
         return {"id": job_id, "state": state, "sent_ms": sent, "result_ms": got,
                 "critical": critical, "result": json.loads(result) if result else None}
 
+    def verdict(self, uid):
+        """The radiologist's verdict on the study's AI finding: (verdict, by)."""
+        r = self.rows("SELECT verdict, verdict_by FROM ai_findings WHERE study_uid = ? AND"
+                      " verdict IS NOT NULL LIMIT 1", uid)
+        return r[0] if r else None
+
     def delivered(self, uid, destination):
         """When the delivery of what the AI result of the study routed to
         destination was acknowledged (deliveries.at_ms), or None."""
@@ -338,6 +362,13 @@ def timeline(store, study):
             out.append(f"   {'':12}  {'':>7}  {what}: not sent")
         else:
             out.append(f"   {clock(at)}  {'+' + str(at - job['result_ms']):>7}  {what}")
+    for at, what in store.rows(
+            "SELECT acked_ms, 'page acknowledged by ' || acked_by || ' (' || sends || ' page(s))'"
+            " FROM notifications WHERE study_uid = ? AND acked_ms IS NOT NULL UNION ALL"
+            " SELECT verdict_ms, 'final report: the AI finding ' || verdict || ' by ' ||"
+            " coalesce(verdict_by, '?') FROM ai_findings WHERE study_uid = ? AND verdict IS NOT"
+            " NULL ORDER BY 1", uid, uid):
+        out.append(f"   {clock(at)}  {'+' + str(at - job['result_ms']):>7}  {what}")
     ris = store.delivered(uid, "imaging.ris")
     page = store.delivered(uid, "imaging.pager")
     summary = (f"   stable -> AI request sent: {job['sent_ms'] - s[1]} ms; AI result -> ORU"
@@ -649,6 +680,36 @@ def run(radrelay, keep, store_path, spool, work, tmp, stack, done):
             and any(s["uid"] in e["text"] for s in studies)]
     if len(orus) != 2:
         raise StoryFailed(f"the RIS got {len(orus)} ORU^R01 for the two studies, not 2")
+
+    # The on-call radiologist acknowledges the page (the gateway calls back),
+    # then signs the final report, which confirms the AI's finding.
+    nid = pages[0].get("notification_id")
+    section(f"the page is acknowledged: POST /api/notifications/{nid}/ack (operator token)")
+    st, note = api.call("POST", f"/api/notifications/{nid}/ack", role="operator",
+                        body={"by": "ZZDEMO^ONCALL^RADIOLOGIST", "note": "called the ED"})
+    if st != 200 or note.get("state") != "acked":
+        raise StoryFailed(f"the acknowledgement answered {st}: {note}")
+    say(f"   {nid}: paged {pages[0].get('recipient')} (ACR category"
+        f" {note['acr_category']}), acknowledged by {note['ack']['by']} after"
+        f" {note['ack']['at_ms'] - note['created_ms']} ms, {note['pages']} page(s);"
+        " no escalation follows")
+    section(f"the radiologist's final report -> reports feed {HOST}:{ports['reports']}")
+    rpt = os.path.join(tmp, "final_report.hl7")
+    with open(rpt, "w") as f:
+        f.write(final_report(f"DM{run_id}-R1", bleed["accession"], bleed["mrn"], bleed["uid"],
+                             time.strftime("%Y%m%d%H%M%S", now)))
+    r = subprocess.run([radrelay, "send", f"{HOST}:{ports['reports']}", rpt])
+    if r.returncode != 0:
+        raise StoryFailed("the final report was not acknowledged AA")
+    deadline = time.monotonic() + 30
+    verdict = None
+    while time.monotonic() < deadline and not verdict:
+        verdict = store.verdict(bleed["uid"])
+        if not verdict:
+            time.sleep(0.1)  # poll interval; the condition is the verdict in the store
+    if not verdict or verdict[0] != "confirmed":
+        raise StoryFailed(f"the report's verdict on the AI finding is {verdict}, not confirmed")
+    say(f"   the AI finding: {verdict[0]} by {verdict[1]} (reports channel, ai.verdict)")
 
     for i, s in enumerate(studies):
         job = store.job(s["uid"])
