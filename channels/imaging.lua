@@ -27,10 +27,15 @@ function on_study(study, ctx)
     return
   end
   ctx:log("info", "study", study.match, study.order.priority, study.modality, study.instances)
-  -- Non-contrast CT head: the hemorrhage model (the endpoint's "takes"
-  -- checks modality and body part again).
-  if study.modality == "CT" and (study.body_part or ""):upper() == "HEAD" then
+  -- Each study goes to every model made for it (the endpoints' "takes"
+  -- check modality and body part again). Non-contrast CT head: the
+  -- hemorrhage model; chest radiograph: the pneumothorax model.
+  local part = (study.body_part or ""):upper()
+  if study.modality == "CT" and part == "HEAD" then
     ctx:route("hemorrhage", study)
+  end
+  if (study.modality == "CR" or study.modality == "DX") and part == "CHEST" then
+    ctx:route("pneumothorax", study)
   end
 end
 
