@@ -424,6 +424,7 @@ int rr_admin_start(uv_loop_t *loop, rr_engine_t *e, rr_journal_t *j, const rr_ad
       {"POST", "/api/ai/jobs/{id}/result", RR_HTTP_PUBLIC, "application/json", (size_t)16 << 20,
        ai_result, a, 1},
       {"GET", "/api/ai/jobs/{id}", RR_HTTP_VIEWER, NULL, 0, ai_job_get, a, 0},
+      {"GET", "/api/ai/summary", RR_HTTP_VIEWER, NULL, 0, rr_admin_ai_summary, a, 0},
       {"GET", "/api/worklist", RR_HTTP_VIEWER, NULL, 0, worklist, a, 0},
       {"GET", "/api/messages", RR_HTTP_VIEWER, NULL, 0, rr_admin_messages, a, 0},
       {"GET", "/api/messages/{id}", RR_HTTP_VIEWER, NULL, 0, rr_admin_message, a, 0},

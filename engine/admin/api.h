@@ -17,6 +17,10 @@
  *   GET  /api/orders/{accession}          viewer   the order record kept
  *   POST /api/ai/jobs/{id}/result         job      an AI result (callback)
  *   GET  /api/ai/jobs/{id}                viewer   the job and its result
+ *   GET  /api/ai/summary                  viewer   per AI endpoint and model:
+ *                                                  jobs, critical rate,
+ *                                                  agreement, turnaround
+ *                                                  (admin/ai_summary.c)
  *   GET  /api/worklist                    viewer   studies, AI-critical first
  *   GET  /api/notifications               viewer   critical-result notifications
  *   GET  /api/notifications/{id}          viewer   one, with its history

@@ -24,5 +24,7 @@ void rr_admin_timeline(void *ud, rr_http_req_t *req);
 void rr_admin_metrics(void *ud, rr_http_req_t *req);
 /* GET /ready: 200 {"status": "ready"} or 503 with why. */
 void rr_admin_ready(void *ud, rr_http_req_t *req);
+/* GET /api/ai/summary (admin/ai_summary.c): per AI endpoint and model. */
+void rr_admin_ai_summary(void *ud, rr_http_req_t *req);
 
 #endif
