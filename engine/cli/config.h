@@ -21,6 +21,8 @@ typedef struct rr_config {
   bool http_tls;
   char http_cert[1024], http_key[1024], http_ca[1024], http_crl[1024];
   bool http_require_client_cert;
+  char http_dashboard[1024];     /* the dashboard's folder; "" = the default one */
+  bool http_dashboard_off;       /* "dashboard": false */
   char config_path[4096];        /* the engine file, as given */
   char channels_dir[4096];       /* its channels folder */
   rr_channel_config_t *channels; /* owned, nchannels entries */
