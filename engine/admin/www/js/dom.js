@@ -60,9 +60,9 @@ export const fmt = {
     let out;
     if (ms < 1000) out = `${Math.round(ms)} ms`;
     else if (ms < 60e3) out = `${(ms / 1000).toFixed(ms < 10e3 ? 2 : 1)} s`;
-    else if (ms < 3600e3) out = `${Math.floor(ms / 60e3)} min ${Math.round((ms % 60e3) / 1000)} s`;
-    else if (ms < 86400e3) out = `${Math.floor(ms / 3600e3)} h ${Math.round((ms % 3600e3) / 60e3)} min`;
-    else out = `${Math.floor(ms / 86400e3)} d ${Math.round((ms % 86400e3) / 3600e3)} h`;
+    else if (ms < 3600e3) out = `${Math.floor(ms / 60e3)} min ${Math.floor((ms % 60e3) / 1000)} s`;
+    else if (ms < 86400e3) out = `${Math.floor(ms / 3600e3)} h ${Math.floor((ms % 3600e3) / 60e3)} min`;
+    else out = `${Math.floor(ms / 86400e3)} d ${Math.floor((ms % 86400e3) / 3600e3)} h`;
     return neg ? `−${out}` : out;
   },
   // a signed millisecond delta, exact
