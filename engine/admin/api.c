@@ -424,6 +424,7 @@ int rr_admin_start(uv_loop_t *loop, rr_engine_t *e, rr_journal_t *j, const rr_ad
       {"POST", "/api/ai/jobs/{id}/result", RR_HTTP_PUBLIC, "application/json", (size_t)16 << 20,
        ai_result, a, 1},
       {"GET", "/api/ai/jobs/{id}", RR_HTTP_VIEWER, NULL, 0, ai_job_get, a, 0},
+      {"GET", "/api/ai/summary", RR_HTTP_VIEWER, NULL, 0, rr_admin_ai_summary, a, 0},
       {"GET", "/api/worklist", RR_HTTP_VIEWER, NULL, 0, worklist, a, 0},
       {"GET", "/api/messages", RR_HTTP_VIEWER, NULL, 0, rr_admin_messages, a, 0},
       {"GET", "/api/messages/{id}", RR_HTTP_VIEWER, NULL, 0, rr_admin_message, a, 0},
@@ -432,7 +433,12 @@ int rr_admin_start(uv_loop_t *loop, rr_engine_t *e, rr_journal_t *j, const rr_ad
       {"GET", "/api/notifications/{id}", RR_HTTP_VIEWER, NULL, 0, notification_get, a, 0},
       {"POST", "/api/notifications/{id}/ack", RR_HTTP_OPERATOR, NULL, 4096, notification_ack, a, 0},
       RR_API_DICOMWEB_ROUTES(&a->dicomweb),
+      {"GET", "/", RR_HTTP_PUBLIC, NULL, 0, rr_admin_dashboard_redirect, a, 0},
+      {"GET", "/ui", RR_HTTP_PUBLIC, NULL, 0, rr_admin_dashboard_redirect, a, 0},
   };
+  a->dashboard = cfg->dashboard && *cfg->dashboard;
+  const rr_http_static_dir_t ui = {
+      .prefix = "/ui", .dir = cfg->dashboard, .min_role = RR_HTTP_PUBLIC};
   rr_http_server_config_t sc;
   rr_http_server_config_default(&sc);
   sc.name = "api";
@@ -442,6 +448,8 @@ int rr_admin_start(uv_loop_t *loop, rr_engine_t *e, rr_journal_t *j, const rr_ad
   sc.token_file = cfg->token_file && *cfg->token_file ? cfg->token_file : NULL;
   sc.routes = routes;
   sc.nroutes = sizeof routes / sizeof routes[0];
+  sc.statics = a->dashboard ? &ui : NULL;
+  sc.nstatics = a->dashboard ? 1 : 0;
   int rc = rr_http_server_start(loop, &sc, &a->server, err);
   if (rc) {
     free(a);

@@ -17,6 +17,10 @@
  *   GET  /api/orders/{accession}          viewer   the order record kept
  *   POST /api/ai/jobs/{id}/result         job      an AI result (callback)
  *   GET  /api/ai/jobs/{id}                viewer   the job and its result
+ *   GET  /api/ai/summary                  viewer   per AI endpoint and model:
+ *                                                  jobs, critical rate,
+ *                                                  agreement, turnaround
+ *                                                  (admin/ai_summary.c)
  *   GET  /api/worklist                    viewer   studies, AI-critical first
  *   GET  /api/notifications               viewer   critical-result notifications
  *   GET  /api/notifications/{id}          viewer   one, with its history
@@ -26,6 +30,8 @@
  *   GET  /api/ai/jobs/{id}/dicomweb/...   job      WADO-RS of a de-identified
  *                                                  job's instances
  *                                                  (admin/api_dicomweb.h)
+ *   GET  /, /ui                           public   302 to /ui/
+ *   GET  /ui/...                          public   the dashboard's files
  *
  * Errors are the server's JSON errors ({"error", "message"}): 400 for a
  * malformed UID or body, 404 for an unknown study, order or channel, 503
@@ -51,7 +57,16 @@ typedef struct rr_admin_config {
   const char *token_file;     /* "role name sha256hex" lines (http/server.h) */
   const rr_tls_config_t *tls; /* NULL = plain HTTP */
   rr_dispatch_t *dispatch;    /* for queue figures (/metrics); may be NULL */
+  const char *dashboard;      /* folder served under /ui/; NULL or "": none */
 } rr_admin_config_t;
+
+/* rr_admin_dashboard_find: the dashboard's folder into out (cap bytes):
+ * configured when given, else the first holding index.html of
+ * <the binary's folder>/../share/radrelay/www (installed) and the source
+ * tree's engine/admin/www (compiled in: runs from the build tree).
+ * RR_ENOTFOUND when that folder has no index.html (or none is found),
+ * RR_ELIMIT when out is too small. Blocking stat calls; any thread. */
+int rr_admin_dashboard_find(const char *configured, char *out, size_t cap);
 
 /* rr_admin_start: the HTTP server with the routes above, for engine e and
  * its journal j (both borrowed; they outlive the API). Errors as

@@ -12,6 +12,7 @@ struct rr_admin {
   rr_dispatch_t *dispatch; /* NULL: no queue figures */
   int64_t start_ms;
   rr_api_dicomweb_t dicomweb; /* de-identified AI jobs' images */
+  bool dashboard;             /* the dashboard's files are served under /ui/ */
 };
 
 int64_t rr_admin_now_ms(void);
@@ -24,5 +25,9 @@ void rr_admin_timeline(void *ud, rr_http_req_t *req);
 void rr_admin_metrics(void *ud, rr_http_req_t *req);
 /* GET /ready: 200 {"status": "ready"} or 503 with why. */
 void rr_admin_ready(void *ud, rr_http_req_t *req);
+/* GET /api/ai/summary (admin/ai_summary.c): per AI endpoint and model. */
+void rr_admin_ai_summary(void *ud, rr_http_req_t *req);
+/* GET / and /ui (admin/dashboard.c): 302 to /ui/; 404 without a dashboard. */
+void rr_admin_dashboard_redirect(void *ud, rr_http_req_t *req);
 
 #endif

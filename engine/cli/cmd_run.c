@@ -437,11 +437,18 @@ int rr_cmd_run(int argc, char **argv) {
                           .require_client_cert = cfg.http_require_client_cert,
                           .min_version = RR_TLS_V1_2,
                           .max_version = RR_TLS_V1_3};
+    char dashboard[4096] = "";
+    if (!cfg.http_dashboard_off &&
+        rr_admin_dashboard_find(cfg.http_dashboard, dashboard, sizeof dashboard) != 0)
+      rr_log(cfg.http_dashboard[0] ? RR_LOG_ERROR : RR_LOG_WARN, "api",
+             "event=dashboard_missing dir=\"%s\" error=\"no index.html there\"",
+             cfg.http_dashboard[0] ? cfg.http_dashboard : "(default)");
     rr_admin_config_t ac = {.host = cfg.http_host,
                             .port = cfg.http_port,
                             .token_file = cfg.http_token_file,
                             .tls = cfg.http_tls ? &tc : NULL,
-                            .dispatch = s.dispatch};
+                            .dispatch = s.dispatch,
+                            .dashboard = dashboard};
     rr_buf_t err;
     rr_buf_init(&err, 4096);
     rc = rr_admin_start(&loop, s.engine, journal, &ac, &s.api, &err);
@@ -455,8 +462,11 @@ int rr_cmd_run(int argc, char **argv) {
       goto out;
     }
     rr_buf_close(&err);
-    rr_log(RR_LOG_INFO, "engine", "event=api_ready host=%s port=%d tls=%s", cfg.http_host,
-           rr_admin_port(s.api), cfg.http_tls ? "yes" : "no");
+    rr_log(RR_LOG_INFO, "engine", "event=api_ready host=%s port=%d tls=%s dashboard=%s",
+           cfg.http_host, rr_admin_port(s.api), cfg.http_tls ? "yes" : "no",
+           dashboard[0] ? "/ui/" : "none");
+    if (dashboard[0])
+      rr_log(RR_LOG_INFO, "api", "event=dashboard dir=\"%s\"", dashboard);
   }
   uv_timer_init(&loop, &s.ai_expiry);
   s.ai_expiry.data = &s;

@@ -738,7 +738,8 @@ int rr_config_load(const char *path, rr_config_t *cfg, rr_buf_t *err) {
   if (http && !json_is_object(http)) {
     problem(&c, "$.http", "must be an object");
   } else if (http) {
-    static const char *const keys[] = {"host", "port", "token_file", "tls", "public_url", NULL};
+    static const char *const keys[] = {"host",       "port",      "token_file", "tls",
+                                       "public_url", "dashboard", NULL};
     unknown_keys(&c, http, "$.http", keys);
     cfg->http = true;
     get_string(&c, http, "host", "$.http", cfg->http_host, sizeof cfg->http_host, "127.0.0.1");
@@ -751,6 +752,12 @@ int rr_config_load(const char *path, rr_config_t *cfg, rr_buf_t *err) {
     get_string(&c, http, "token_file", "$.http", rel, sizeof rel, "");
     if (rel[0] && join_path(base, rel, cfg->http_token_file, sizeof cfg->http_token_file))
       problem(&c, "$.http.token_file", "path too long");
+    rel[0] = '\0';
+    if (json_is_false(json_object_get(http, "dashboard")))
+      cfg->http_dashboard_off = true;
+    else if (get_string(&c, http, "dashboard", "$.http", rel, sizeof rel, "") == 0 && rel[0] &&
+             join_path(base, rel, cfg->http_dashboard, sizeof cfg->http_dashboard))
+      problem(&c, "$.http.dashboard", "path too long");
     json_t *tls = json_object_get(http, "tls");
     if (tls && !json_is_object(tls)) {
       problem(&c, "$.http.tls", "must be an object");

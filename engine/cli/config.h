@@ -21,8 +21,10 @@ typedef struct rr_config {
   bool http_tls;
   char http_cert[1024], http_key[1024], http_ca[1024], http_crl[1024];
   bool http_require_client_cert;
-  char config_path[4096];  /* the engine file, as given */
-  char channels_dir[4096]; /* its channels folder */
+  char http_dashboard[1024]; /* the dashboard's folder; "" = the default one */
+  bool http_dashboard_off;   /* "dashboard": false */
+  char config_path[4096];    /* the engine file, as given */
+  char channels_dir[4096];   /* its channels folder */
   /* operational alerts (admin/alerts.h); alerts false = none */
   bool alerts;
   char alerts_url[1024], alerts_token_file[1024];

@@ -48,6 +48,7 @@ ROUTES = [
     ("GET", "/api/studies/2.25.1", "viewer"),
     ("GET", "/api/orders/RRACC-ADM1", "viewer"),
     ("GET", "/api/ai/jobs/AJ-1", "viewer"),
+    ("GET", "/api/ai/summary", "viewer"),
     ("GET", "/api/worklist", "viewer"),
     ("GET", "/api/messages?channel=orders", "viewer"),
     ("GET", "/api/messages/1", "viewer"),
@@ -216,6 +217,12 @@ def main():
             kinds = [ev["event"] for ev in tl["events"]]
             assert "order" in kinds and "message" in kinds, tl
             assert [ev["at_ms"] for ev in tl["events"]] == sorted(ev["at_ms"] for ev in tl["events"])
+            # ---- 5. the AI summary of a store without AI jobs
+            summary = get("/api/ai/summary")
+            assert summary["endpoints"] == [] and summary["since_ms"] is None, summary
+            assert get("/api/ai/summary?since=1000")["since_ms"] == 1000
+            st, _, d = call(port, "GET", "/api/ai/summary?since=-1", TOKENS["viewer"])
+            assert st == 400 and json.loads(d)["error"] == "bad_query", (st, d)
             assert value("radrelay_destination_circuit_open", "radrelay_destination_circuit_open",
                          destination="orders.patient_index") in (0, 0.5, 1)
             text = data.decode()
