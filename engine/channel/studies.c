@@ -223,6 +223,17 @@ static void route_study(void *ud, const char *uid) {
   int rc = rr_journal_study_context(e->journal, uid, (int64_t)ch->cfg.dicom_match_window_ms, &text,
                                     &order_id, &method);
   json_t *ctx = rc == 0 ? json_loadb(text.data, text.len, 0, NULL) : NULL;
+  if (ctx && json_integer_value(json_object_get(ctx, "stable_ms")) == 0) {
+    /* made stable in the batch that journals this event (route_quiet) */
+    json_object_set_new(ctx, "stable_ms", json_integer(rr_wall_ms()));
+    char *t = json_dumps(ctx, JSON_COMPACT);
+    rr_buf_reset(&text);
+    if (!t || rr_buf_append(&text, t, strlen(t)) != 0) {
+      json_decref(ctx);
+      ctx = NULL;
+    }
+    free(t);
+  }
   if (ctx && ch->cfg.dicomweb && (rc = add_retrieve_url(ch, uid, ctx, &text)) != 0) {
     json_decref(ctx);
     ctx = NULL;
@@ -291,6 +302,17 @@ out:
   rr_buf_close(&text);
 }
 
+/* Studies about to be marked stable (the mark is queued): their study
+ * events join the same batch, so a study is stable and routed in one
+ * commit. Whatever this misses (an instance committed meanwhile, a store
+ * error) is routed after the mark's commit by route_pending. */
+static void route_quiet_one(void *ud, const char *uid, const char *channel) {
+  rr_engine_t *e = ud;
+  for (rr_channel_t *ch = e->channels; ch; ch = ch->next)
+    if (ch->cfg.dicom && strcmp(ch->cfg.name, channel) == 0)
+      route_study(ch, uid);
+}
+
 /* Every stable study of the channel not routed yet (after a restart, a
  * "complete" call, or a failed commit). */
 static void route_pending(rr_channel_t *ch) {
@@ -350,6 +372,8 @@ int rr_engine_complete_study(rr_engine_t *e, const char *study_uid, rr_engine_co
     free(c);
     return rc;
   }
+  if (!e->stopping)
+    rr_journal_quiet(e->journal, NULL, 0, study_uid, route_quiet_one, e);
   rr_journal_kick(e->journal);
   return 0;
 }
@@ -363,10 +387,10 @@ static void on_stable_timer(uv_timer_t *t) {
   rr_engine_t *e = ch->engine;
   if (ch->stable_busy || e->stopping)
     return;
-  if (rr_journal_mark_stable(e->journal, ch->cfg.name,
-                             rr_wall_ms() - (int64_t)ch->cfg.dicom_stable_after_ms, on_stable,
-                             ch) == 0) {
+  int64_t cutoff = rr_wall_ms() - (int64_t)ch->cfg.dicom_stable_after_ms;
+  if (rr_journal_mark_stable(e->journal, ch->cfg.name, cutoff, on_stable, ch) == 0) {
     ch->stable_busy = true;
+    rr_journal_quiet(e->journal, ch->cfg.name, cutoff, NULL, route_quiet_one, e);
     rr_journal_kick(e->journal);
   }
 }

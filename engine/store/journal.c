@@ -1774,6 +1774,28 @@ static int each_text(rr_journal_t *j, const char *sql, const char *arg,
   return rc == SQLITE_DONE ? n : RR_EIO;
 }
 
+int rr_journal_quiet(rr_journal_t *j, const char *channel, int64_t cutoff_ms, const char *study_uid,
+                     void (*cb)(void *ud, const char *study_uid, const char *channel), void *ud) {
+  sqlite3_stmt *st;
+  const char *sql = study_uid ? "SELECT study_uid, channel FROM studies WHERE study_uid = ?1"
+                                " AND state = 'arriving' AND routed_ms IS NULL"
+                              : "SELECT study_uid, channel FROM studies WHERE channel = ?1"
+                                " AND state = 'arriving' AND last_ms < ?2 AND routed_ms IS NULL"
+                                " ORDER BY last_ms";
+  if (sqlite3_prepare_v2(j->rdb, sql, -1, &st, NULL) != SQLITE_OK)
+    return RR_EIO;
+  bind_text(st, 1, study_uid ? study_uid : channel);
+  if (!study_uid)
+    sqlite3_bind_int64(st, 2, cutoff_ms);
+  int n = 0, rc;
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+    cb(ud, (const char *)sqlite3_column_text(st, 0), (const char *)sqlite3_column_text(st, 1));
+    n++;
+  }
+  sqlite3_finalize(st);
+  return rc == SQLITE_DONE ? n : RR_EIO;
+}
+
 int rr_journal_unrouted(rr_journal_t *j, const char *channel,
                         void (*cb)(void *ud, const char *study_uid), void *ud) {
   return each_text(j,

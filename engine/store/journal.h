@@ -275,6 +275,14 @@ int64_t rr_journal_study_instances(rr_journal_t *j, const char *study_uid);
 int rr_journal_study_paths(rr_journal_t *j, const char *study_uid,
                            void (*cb)(void *ud, const char *path), void *ud);
 
+/* rr_journal_quiet: the committed studies that rr_journal_mark_stable
+ * (same channel and cutoff) or, with study_uid, rr_journal_mark_study_stable
+ * would make stable now (arriving, not routed); cb per Study Instance UID
+ * (borrowed) with its channel. So the study event can be journaled in the
+ * same batch as the mark. Returns how many, or RR_EIO. */
+int rr_journal_quiet(rr_journal_t *j, const char *channel, int64_t cutoff_ms, const char *study_uid,
+                     void (*cb)(void *ud, const char *study_uid, const char *channel), void *ud);
+
 /* rr_journal_unrouted: the studies of channel that are stable but whose
  * study event has not been journaled yet (a restart between the two, or a
  * study made stable by `radrelay study complete`), oldest first; cb per
