@@ -411,6 +411,7 @@ int rr_admin_start(uv_loop_t *loop, rr_engine_t *e, rr_journal_t *j, const rr_ad
   a->journal = j;
   a->dispatch = cfg->dispatch;
   a->start_ms = rr_admin_now_ms();
+  a->loop = loop;
   a->dicomweb = (rr_api_dicomweb_t){.loop = loop, .journal = j};
   const rr_http_route_t routes[] = {
       {"GET", "/health", RR_HTTP_PUBLIC, NULL, 0, health, a, 0},
@@ -446,8 +447,12 @@ int rr_admin_start(uv_loop_t *loop, rr_engine_t *e, rr_journal_t *j, const rr_ad
   sc.port = cfg->port;
   sc.tls = cfg->tls;
   sc.token_file = cfg->token_file && *cfg->token_file ? cfg->token_file : NULL;
-  sc.routes = routes;
-  sc.nroutes = sizeof routes / sizeof routes[0];
+  rr_http_route_t all[sizeof routes / sizeof routes[0] + 16];
+  size_t nall = sizeof routes / sizeof routes[0];
+  memcpy(all, routes, sizeof routes);
+  nall += rr_admin_ops_routes(a, all + nall, 16);
+  sc.routes = all;
+  sc.nroutes = nall;
   sc.statics = a->dashboard ? &ui : NULL;
   sc.nstatics = a->dashboard ? 1 : 0;
   int rc = rr_http_server_start(loop, &sc, &a->server, err);

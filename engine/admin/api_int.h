@@ -13,9 +13,13 @@ struct rr_admin {
   int64_t start_ms;
   rr_api_dicomweb_t dicomweb; /* de-identified AI jobs' images */
   bool dashboard;             /* the dashboard's files are served under /ui/ */
+  uv_loop_t *loop;
 };
 
 int64_t rr_admin_now_ms(void);
+/* admin/ops.c: channels, queues, replays, the audit trail: copies its
+ * routes into out (at most cap); returns how many it has. */
+size_t rr_admin_ops_routes(rr_admin_t *a, rr_http_route_t *out, size_t cap);
 /* admin/messages.c: GET /api/messages (search), /api/messages/{id},
  * /api/timeline. */
 void rr_admin_messages(void *ud, rr_http_req_t *req);

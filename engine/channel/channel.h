@@ -154,6 +154,7 @@ typedef struct rr_channel_stats {
   const char *name; /* borrowed for the call */
   const char *kind; /* "mllp", "dicom", "dicomweb" */
   int port;         /* the listener's (0: none) */
+  bool running;     /* taking messages (false: stopped by an operator) */
   uint64_t received, accepted, errored, rejected, duplicates, filtered, script_errors;
   uint64_t studies_routed, studies_matched;
   const rr_histo_t *ack_latency; /* MLLP: message taken -> ACK written */
@@ -161,6 +162,14 @@ typedef struct rr_channel_stats {
 /* rr_engine_channel_stats: cb once per channel, in the order added. */
 void rr_engine_channel_stats(const rr_engine_t *e,
                              void (*cb)(void *ud, const rr_channel_stats_t *s), void *ud);
+/* Operators' controls (the admin API). rr_engine_channel_stop: an MLLP
+ * channel stops listening (its open connections finish what they sent);
+ * rr_engine_channel_start: listens again; rr_engine_channel_reload: its
+ * script and TLS files read again. RR_ENOTFOUND, RR_EINVAL (a DICOM
+ * channel: not stopped this way), -EALREADY, libuv codes. */
+int rr_engine_channel_stop(rr_engine_t *e, const char *name);
+int rr_engine_channel_start(rr_engine_t *e, const char *name);
+int rr_engine_channel_reload(rr_engine_t *e, const char *name);
 /* rr_engine_ready: whether the engine takes messages now (not stopping,
  * the store's last commit did not fail); why says what is wrong. */
 bool rr_engine_ready(const rr_engine_t *e, char *why, size_t cap);

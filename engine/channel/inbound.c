@@ -692,6 +692,66 @@ static int load_script(rr_channel_t *ch) {
   return rc;
 }
 
+static rr_channel_t *channel_named(rr_engine_t *e, const char *name) {
+  for (rr_channel_t *ch = e->channels; ch; ch = ch->next)
+    if (strcmp(ch->cfg.name, name) == 0)
+      return ch;
+  return NULL;
+}
+
+int rr_engine_channel_stop(rr_engine_t *e, const char *name) {
+  rr_channel_t *ch = channel_named(e, name);
+  if (!ch)
+    return RR_ENOTFOUND;
+  if (ch->cfg.dicom)
+    return RR_EINVAL;
+  if (!ch->listener)
+    return -EALREADY;
+  rr_mllp_listener_stop(ch->listener); /* connections finish what they sent */
+  ch->listener = NULL;
+  rr_log(RR_LOG_WARN, "channel", "event=channel_stopped channel=%s", ch->cfg.name);
+  return 0;
+}
+
+int rr_engine_channel_start(rr_engine_t *e, const char *name) {
+  rr_channel_t *ch = channel_named(e, name);
+  if (!ch)
+    return RR_ENOTFOUND;
+  if (ch->cfg.dicom)
+    return RR_EINVAL;
+  if (ch->listener)
+    return -EALREADY;
+  if (e->stopping)
+    return UV_ECANCELED;
+  int rc = rr_mllp_listener_start(e->loop, &ch->cfg.listen, on_frame, ch, &ch->listener);
+  if (rc) {
+    ch->listener = NULL;
+    rr_log(RR_LOG_ERROR, "channel", "event=channel_start_failed channel=%s error=%s", ch->cfg.name,
+           uv_err_name(rc));
+    return rc;
+  }
+  rr_log(RR_LOG_INFO, "channel", "event=channel_started channel=%s port=%d", ch->cfg.name,
+         rr_mllp_listener_port(ch->listener));
+  return 0;
+}
+
+int rr_engine_channel_reload(rr_engine_t *e, const char *name) {
+  rr_channel_t *ch = channel_named(e, name);
+  if (!ch)
+    return RR_ENOTFOUND;
+  int rc = ch->cfg.script[0] ? load_script(ch) : 0;
+  if (rc == 0 && ch->tls) {
+    rr_buf_t err;
+    rr_buf_init(&err, 4096);
+    rc = rr_tls_ctx_reload(ch->tls, &ch->cfg.tls_cfg, &err);
+    if (rc)
+      rr_log(RR_LOG_ERROR, "tls", "event=tls_reload_failed channel=%s error=\"%s\"", ch->cfg.name,
+             err.data ? err.data : rr_strerror(rc));
+    rr_buf_close(&err);
+  }
+  return rc;
+}
+
 int rr_engine_reload_scripts(rr_engine_t *e) {
   int failed = 0;
   for (rr_channel_t *ch = e->channels; ch; ch = ch->next)
@@ -785,7 +845,7 @@ int rr_engine_add_channel(rr_engine_t *e, const rr_channel_config_t *cfg, rr_cha
 int rr_channel_port(const rr_channel_t *ch) {
   if (ch->cfg.dicom)
     return ch->scp ? rr_dicom_scp_port(ch->scp) : 0;
-  return rr_mllp_listener_port(ch->listener);
+  return ch->listener ? rr_mllp_listener_port(ch->listener) : 0;
 }
 
 void rr_engine_channel_stats(const rr_engine_t *e,
@@ -796,6 +856,7 @@ void rr_engine_channel_stats(const rr_engine_t *e,
                                     : ch->cfg.dicom  ? "dicom"
                                                      : "mllp",
                             .port = ch->cfg.dicomweb ? 0 : rr_channel_port(ch),
+                            .running = ch->cfg.dicom ? !ch->engine->stopping : ch->listener != NULL,
                             .received = ch->received,
                             .accepted = ch->accepted,
                             .errored = ch->errored,

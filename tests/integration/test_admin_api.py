@@ -19,6 +19,7 @@ import http.client
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -58,6 +59,17 @@ ROUTES = [
     ("POST", "/api/notifications/N-0000000000000000/ack", "operator"),
     ("POST", "/api/studies/2.25.1/complete", "operator"),
     ("POST", "/api/sources/imaging/notify", "operator"),
+    ("GET", "/api/channels", "viewer"),
+    ("POST", "/api/channels/nosuch/stop", "operator"),
+    ("POST", "/api/channels/nosuch/start", "operator"),
+    ("POST", "/api/channels/nosuch/reload", "admin"),
+    ("GET", "/api/queues", "viewer"),
+    ("GET", "/api/queues/orders.patient_index", "viewer"),
+    ("POST", "/api/queues/nosuch.dest/retry", "operator"),
+    ("POST", "/api/queues/nosuch.dest/drop", "operator"),
+    ("POST", "/api/replay", "operator"),
+    ("GET", "/api/audit?limit=1", "admin"),
+    ("GET", "/api/audit/verify", "admin"),
 ]
 
 
@@ -217,6 +229,60 @@ def main():
             kinds = [ev["event"] for ev in tl["events"]]
             assert "order" in kinds and "message" in kinds, tl
             assert [ev["at_ms"] for ev in tl["events"]] == sorted(ev["at_ms"] for ev in tl["events"])
+
+            # ---- 5. operators' controls: queues, replay, channels, audit
+            def post(path, body, role="operator"):
+                st, _, d = call(port, "POST", path, TOKENS[role], json.dumps(body))
+                return st, json.loads(d) if d else None
+            qs = {q["destination"]: q for q in get("/api/queues")["queues"]}
+            pi = qs["orders.patient_index"]
+            assert pi["pending"] == 1 and pi["kind"] == "mllp" and pi["configured"], pi
+            (row,) = get("/api/queues/orders.patient_index")["rows"]
+            assert row["message_id"] == adt["id"] and row["state"] == "pending", row
+            # a pending row in back-off is tried again now (409 while in flight)
+            assert post("/api/queues/orders.patient_index/retry", {"id": row["id"]})[0] in (200,
+                                                                                          409)
+            assert post("/api/queues/orders.patient_index/retry", {"id": 987654})[0] == 404
+            assert post("/api/queues/orders.patient_index/retry", {"all_dead": True})[0] == 200
+            assert post("/api/queues/orders.patient_index/drop", {})[0] == 400
+            st, r = post("/api/queues/orders.patient_index/drop", {"id": row["id"]})
+            assert st in (200, 409), (st, r)  # 409: being delivered at that moment
+            if st == 200:
+                wait_for(lambda: get("/api/queues/orders.patient_index")["rows"] == [], 10,
+                         "the row dropped")
+            st, r = post("/api/replay", {"message_id": adt["id"],
+                                         "destination": "orders.patient_index"})
+            assert st == 200 and r["queued"] == 1, (st, r)
+            assert post("/api/replay", {"message_id": 999999,
+                                        "destination": "orders.patient_index"})[0] == 404
+            assert post("/api/replay", {"message_id": adt["id"],
+                                        "destination": "nosuch.dest"})[0] == 404
+            chans = {c["name"]: c for c in get("/api/channels")["channels"]}
+            assert chans["orders"]["state"] == "running" and chans["orders"]["messages"][
+                "received"] == 6, chans["orders"]
+            assert post("/api/channels/orders/stop", {})[0] == 200
+            assert post("/api/channels/orders/stop", {})[0] == 409
+            assert {c["name"]: c for c in get("/api/channels")["channels"]}["orders"][
+                "state"] == "stopped"
+            refused = False
+            try:
+                socket.create_connection((HOST, orders_port), timeout=5).close()
+            except OSError:
+                refused = True
+            assert refused, "the stopped channel still listens"
+            assert post("/api/channels/orders/start", {})[0] == 200
+            new_port = {c["name"]: c for c in get("/api/channels")["channels"]}["orders"]["port"]
+            acks = send_hl7(new_port, [orm("RRADM-9", "NW", "RRACC-ADM9", "RRPAT-ADM9", "CT",
+                                           "R", "FALL", "202611280800")])
+            assert "MSA|AA|" in (acks[0].decode() if isinstance(acks[0], bytes) else acks[0])
+            st, r = post("/api/channels/orders/reload", {}, role="admin")
+            assert st == 200, (st, r)
+            st, _, d = call(port, "GET", "/api/audit?kind=channel_stop", TOKENS["admin"])
+            recs = json.loads(d)["records"]
+            assert st == 200 and [r["actor"] for r in recs] == ["test-operator"], recs
+            st, _, d = call(port, "GET", "/api/audit/verify", TOKENS["admin"])
+            v = json.loads(d)
+            assert st == 200 and v["intact"] and v["records"] >= 5, v
             # ---- 5. the AI summary of a store without AI jobs
             summary = get("/api/ai/summary")
             assert summary["endpoints"] == [] and summary["since_ms"] is None, summary
