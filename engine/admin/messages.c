@@ -431,6 +431,24 @@ void rr_admin_message(void *ud, rr_http_req_t *req) {
     sqlite3_finalize(st);
   }
   json_object_set_new(o, "deliveries", attempts);
+  /* what was sent, per delivered row (store.keep_sent) */
+  json_t *sent = json_array();
+  if (sqlite3_prepare_v2(db,
+                         "SELECT queue_id, destination, at_ms, content_type, payload FROM sent"
+                         " WHERE message_id = ?1 ORDER BY queue_id",
+                         -1, &st, NULL) == SQLITE_OK) {
+    sqlite3_bind_int64(st, 1, id);
+    while (sqlite3_step(st) == SQLITE_ROW) {
+      json_t *q = json_object();
+      for (int i = 0; i < 4; i++)
+        json_object_set_new(q, sqlite3_column_name(st, i), col_json(st, i));
+      json_object_set_new(q, "payload",
+                          text_of(sqlite3_column_blob(st, 4), (size_t)sqlite3_column_bytes(st, 4)));
+      json_array_append_new(sent, q);
+    }
+    sqlite3_finalize(st);
+  }
+  json_object_set_new(o, "sent", sent);
   if (*acc || *uid)
     json_object_set_new(o, "timeline", timeline(db, *acc ? acc : NULL, *uid ? uid : NULL));
   rr_http_reply_json(req, 200, o);

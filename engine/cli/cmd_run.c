@@ -323,6 +323,7 @@ int rr_cmd_run(int argc, char **argv) {
     goto out;
   }
   rr_journal_set_gather(journal, cfg.group_commit_wait_us);
+  rr_journal_set_keep_sent(journal, !cfg.keep_sent_off);
   if ((rc = rr_ai_schema(journal, &emsg)) != 0 || (rc = rr_notify_schema(journal, &emsg)) != 0 ||
       (rc = rr_ai_deid_schema(journal, &emsg)) != 0 ||
       (rc = rr_config_audit_schema(journal, &emsg)) != 0 ||

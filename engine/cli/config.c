@@ -713,8 +713,8 @@ int rr_config_load(const char *path, rr_config_t *cfg, rr_buf_t *err) {
   if (!json_is_object(st)) {
     problem(&c, "$.store", st ? "must be an object" : "required");
   } else {
-    static const char *const keys[] = {"path", "synchronous", "group_commit_wait_us",
-                                       "retention_days", NULL};
+    static const char *const keys[] = {"path",           "synchronous", "group_commit_wait_us",
+                                       "retention_days", "keep_sent",   NULL};
     unknown_keys(&c, st, "$.store", keys);
     get_string(&c, st, "path", "$.store", store, sizeof store, NULL);
     uint64_t gw = 0;
@@ -723,6 +723,8 @@ int rr_config_load(const char *path, rr_config_t *cfg, rr_buf_t *err) {
     uint64_t rd = 0;
     if (get_uint(&c, st, "retention_days", "$.store", 0, 36500, &rd) == 0)
       cfg->retention_days = (unsigned)rd;
+    json_t *ks = json_object_get(st, "keep_sent");
+    cfg->keep_sent_off = ks && json_is_false(ks);
     if (get_string(&c, st, "synchronous", "$.store", sync, sizeof sync, "full") == 0) {
       if (strcmp(sync, "full") == 0)
         cfg->sync = RR_JOURNAL_SYNC_FULL;

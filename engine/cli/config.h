@@ -10,6 +10,7 @@ typedef struct rr_config {
   char store_path[4096];
   rr_journal_sync_t sync;
   unsigned group_commit_wait_us;
+  bool keep_sent_off;      /* store.keep_sent: false */
   unsigned retention_days; /* 0 = keep everything */
   int log_level;
   /* the REST API (admin/api.h); http false = none */

@@ -54,11 +54,13 @@ struct rr_journal {
   uv_loop_t *loop;
   sqlite3 *wdb; /* writer: the worker's while a batch is in flight */
   sqlite3 *rdb; /* reader: loop thread */
-  sqlite3_stmt *insert, *begin, *commit, *rollback;                                     /* on wdb */
-  sqlite3_stmt *find, *find_raw, *count;                                                /* on rdb */
-  sqlite3_stmt *kv_put, *kv_del;                                                        /* on wdb */
-  sqlite3_stmt *kv_get;                                                                 /* on rdb */
-  sqlite3_stmt *q_insert, *q_history, *q_delete, *q_retry, *q_dead, *q_requeue;         /* wdb */
+  sqlite3_stmt *insert, *begin, *commit, *rollback;                             /* on wdb */
+  sqlite3_stmt *find, *find_raw, *count;                                        /* on rdb */
+  sqlite3_stmt *kv_put, *kv_del;                                                /* on wdb */
+  sqlite3_stmt *kv_get;                                                         /* on rdb */
+  sqlite3_stmt *q_insert, *q_history, *q_delete, *q_retry, *q_dead, *q_requeue; /* wdb */
+  sqlite3_stmt *q_keep_sent; /* wdb: a delivered row's payload into table sent */
+  bool keep_sent;
   sqlite3_stmt *q_requeue_all, *ops_delete;                                             /* wdb */
   sqlite3_stmt *ops_read, *msg_get;                                                     /* rdb */
   sqlite3_stmt *q_load, *q_payload, *q_depth;                                           /* rdb */
@@ -145,6 +147,11 @@ static const char schema[] =
     " detail TEXT,"
     " response BLOB);"
     "CREATE INDEX IF NOT EXISTS deliveries_message ON deliveries(message_id);"
+    /* what each delivered queue row carried (store.keep_sent) */
+    "CREATE TABLE IF NOT EXISTS sent(queue_id INTEGER PRIMARY KEY, message_id INTEGER NOT NULL,"
+    " destination TEXT NOT NULL, at_ms INTEGER NOT NULL, content_type TEXT NOT NULL,"
+    " payload BLOB NOT NULL);"
+    "CREATE INDEX IF NOT EXISTS sent_message ON sent(message_id);"
     "CREATE TABLE IF NOT EXISTS instances("
     " sop_instance_uid TEXT PRIMARY KEY,"
     " study_uid TEXT NOT NULL, series_uid TEXT NOT NULL, sop_class_uid TEXT NOT NULL,"
@@ -472,6 +479,11 @@ int rr_journal_open(uv_loop_t *loop, const char *path, rr_journal_sync_t sync, r
                     &j->q_history, errmsg)) ||
       (rc = prepare(j->wdb, "DELETE FROM queue WHERE id = ?", &j->q_delete, errmsg)) ||
       (rc = prepare(j->wdb,
+                    "INSERT OR REPLACE INTO sent(queue_id, message_id, destination, at_ms,"
+                    " content_type, payload) SELECT id, message_id, destination, ?2,"
+                    " content_type, payload FROM queue WHERE id = ?1",
+                    &j->q_keep_sent, errmsg)) ||
+      (rc = prepare(j->wdb,
                     "UPDATE queue SET attempts = ?2, not_before_ms = ?3, last_error = ?4"
                     " WHERE id = ?1",
                     &j->q_retry, errmsg)) ||
@@ -591,13 +603,13 @@ void rr_journal_close(rr_journal_t *j) {
   memset(&j->queue, 0, sizeof j->queue);
   report(NULL, &q, RR_EIO);
   free_batch(&q);
-  sqlite3_stmt *sts[] = {j->insert,     j->begin,        j->commit,       j->rollback,
-                         j->find,       j->find_raw,     j->count,        j->kv_put,
-                         j->kv_del,     j->kv_get,       j->q_insert,     j->q_history,
-                         j->q_delete,   j->q_retry,      j->q_dead,       j->q_requeue,
-                         j->q_load,     j->q_payload,    j->q_depth,      j->q_requeue_all,
-                         j->ops_delete, j->ops_read,     j->msg_get,      j->study_routed,
-                         j->order_find, j->order_insert, j->order_update, j->order_cancel};
+  sqlite3_stmt *sts[] = {
+      j->insert,        j->begin,        j->commit,       j->rollback,    j->find,
+      j->find_raw,      j->count,        j->kv_put,       j->kv_del,      j->kv_get,
+      j->q_insert,      j->q_history,    j->q_keep_sent,  j->q_delete,    j->q_retry,
+      j->q_dead,        j->q_requeue,    j->q_load,       j->q_payload,   j->q_depth,
+      j->q_requeue_all, j->ops_delete,   j->ops_read,     j->msg_get,     j->study_routed,
+      j->order_find,    j->order_insert, j->order_update, j->order_cancel};
   for (size_t i = 0; i < sizeof sts / sizeof sts[0]; i++)
     sqlite3_finalize(sts[i]);
   if (j->audit_open)
@@ -730,6 +742,10 @@ int rr_journal_add(rr_journal_t *j, const rr_journal_entry_t *e, rr_journal_done
   return add_entry(j, e, cb, ud, false);
 }
 
+void rr_journal_set_keep_sent(rr_journal_t *j, bool keep) {
+  j->keep_sent = keep;
+}
+
 void rr_journal_set_gather(rr_journal_t *j, unsigned usec) {
   j->gather_us = usec;
 }
@@ -845,6 +861,15 @@ static int delivery_write(rr_journal_t *j, pending_t *p) {
   sqlite3_clear_bindings(st);
   if (rc != SQLITE_DONE)
     return RR_EIO;
+  if (d->outcome == RR_JOURNAL_DELIVERED && j->keep_sent) {
+    /* what was sent stays readable after its queue row goes */
+    sqlite3_bind_int64(j->q_keep_sent, 1, d->queue_id);
+    sqlite3_bind_int64(j->q_keep_sent, 2, d->at_ms);
+    rc = sqlite3_step(j->q_keep_sent);
+    sqlite3_reset(j->q_keep_sent);
+    if (rc != SQLITE_DONE)
+      return RR_EIO;
+  }
   switch (d->outcome) {
   case RR_JOURNAL_DELIVERED:
   case RR_JOURNAL_DROPPED: st = j->q_delete; break;
@@ -904,13 +929,16 @@ static int replay_write(rr_journal_t *j, pending_t *p) {
 
 static int prune_write(rr_journal_t *j, pending_t *p) {
   static const char *const sql[] = {
+      "DELETE FROM sent WHERE message_id IN (SELECT id FROM messages"
+      " WHERE received_ms < ?1 AND status <> 'error'"
+      " AND id NOT IN (SELECT message_id FROM queue) ORDER BY id LIMIT ?2)",
       "DELETE FROM deliveries WHERE message_id IN (SELECT id FROM messages"
       " WHERE received_ms < ?1 AND status <> 'error'"
       " AND id NOT IN (SELECT message_id FROM queue) ORDER BY id LIMIT ?2)",
       "DELETE FROM messages WHERE id IN (SELECT id FROM messages"
       " WHERE received_ms < ?1 AND status <> 'error'"
       " AND id NOT IN (SELECT message_id FROM queue) ORDER BY id LIMIT ?2)"};
-  for (int i = 0; i < 2; i++) {
+  for (int i = 0; i < 3; i++) {
     sqlite3_stmt *st;
     if (sqlite3_prepare_v2(j->wdb, sql[i], -1, &st, NULL) != SQLITE_OK)
       return RR_EIO;

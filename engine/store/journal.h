@@ -132,6 +132,12 @@ int rr_journal_open(uv_loop_t *loop, const char *path, rr_journal_sync_t sync, r
  * reference machine it did not pay: commit time grows with rows as much as
  * the wait saves (docs/benchmarks.md). */
 void rr_journal_set_gather(rr_journal_t *j, unsigned usec);
+/* rr_journal_set_keep_sent: a delivered queue row's payload is copied to
+ * table sent (with the delivery's commit) so what was sent can be read
+ * later (GET /api/messages/{id}); pruned with its message. Costs one more
+ * write of each payload. Default off; the engine turns it on unless the
+ * configuration says "keep_sent": false. */
+void rr_journal_set_keep_sent(rr_journal_t *j, bool keep);
 /* rr_journal_close: the journal must be idle (rr_journal_idle); queued
  * entries are reported failed (RR_EIO). NULL is a no-op. */
 void rr_journal_close(rr_journal_t *j);

@@ -316,6 +316,13 @@ def main():
             assert jb["result"]["findings"][0]["critical"] is True
             st, _ = api(api_port, f"/api/ai/jobs/{job}", token=None)
             assert st == 401
+            # what the result's deliveries sent stays readable after delivery
+            (mid,) = [m for (m,) in e.sql("SELECT id FROM messages WHERE study_uid = ? AND"
+                                          " message_type = 'AI_RESULT'", uid_b)]
+            st, md = api(api_port, f"/api/messages/{mid}")
+            sent = {s["destination"]: s for s in md["sent"]}
+            assert st == 200 and "ORU^R01" in sent["imaging.ris"]["payload"], md["sent"]
+            assert md["timeline"]["study_uid"] == uid_b and md["timeline"]["events"], md
             # what left for the AI endpoint named no patient
             reqs = [r for r in e.sql("SELECT request FROM ai_jobs")]
             assert reqs and not [r for (r,) in reqs if "RRPAT-" in r]
