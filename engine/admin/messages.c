@@ -91,7 +91,6 @@ void rr_admin_messages(void *ud, rr_http_req_t *req) {
             {"study_uid", "study_uid"},
             {"control_id", "control_id"},
             {"channel", "channel"},
-            {"status", "status"},
             {"type", "message_type"}};
   char sql[1400];
   size_t n = (size_t)snprintf(sql, sizeof sql,
@@ -111,6 +110,21 @@ void rr_admin_messages(void *ud, rr_http_req_t *req) {
     }
     n += (size_t)snprintf(sql + n, sizeof sql - n, " AND %s = ?%zu", eq[i].column, nv + 1);
     vals[nv++] = v;
+  }
+  /* status is written into the query (one of the journal's few values), so
+   * that the partial index of messages that are not accepted can serve it */
+  const char *status = rr_http_req_query(req, "status");
+  if (status) {
+    static const char *const known[] = {"accepted", "error", "rejected", "filtered"};
+    bool ok = false;
+    for (size_t i = 0; i < sizeof known / sizeof known[0]; i++)
+      ok |= strcmp(status, known[i]) == 0;
+    if (!ok) {
+      rr_http_reply_error(req, 400, "bad_query",
+                          "status is one of accepted, error, rejected, filtered");
+      return;
+    }
+    n += (size_t)snprintf(sql + n, sizeof sql - n, " AND status = '%s'", status);
   }
   int64_t since = 0, until = 0, before = 0, limit = 100;
   const char *qs = rr_http_req_query(req, "since"), *qu = rr_http_req_query(req, "until");
