@@ -208,6 +208,58 @@ static void ai_result(void *ud, rr_http_req_t *req) {
 }
 
 /* GET /api/ai/jobs/{id}: the job's state and result. */
+/* GET /api/ai/jobs?state=&endpoint=&study_uid=&since=&limit=: jobs, newest
+ * first, without their request and result documents. */
+static void ai_jobs_list(void *ud, rr_http_req_t *req) {
+  rr_admin_t *a = ud;
+  const char *state = rr_http_req_query(req, "state");
+  const char *endpoint = rr_http_req_query(req, "endpoint");
+  const char *uid = rr_http_req_query(req, "study_uid");
+  const char *qs = rr_http_req_query(req, "since"), *ql = rr_http_req_query(req, "limit");
+  long long since = qs ? strtoll(qs, NULL, 10) : 0;
+  long limit = ql ? strtol(ql, NULL, 10) : 100;
+  if (limit < 1 || limit > 1000)
+    limit = 100;
+  sqlite3_stmt *st;
+  if (sqlite3_prepare_v2(rr_journal_reader(a->journal),
+                         "SELECT job_id, destination, study_uid, mode, state, sent_ms, deadline_ms,"
+                         " result_ms, model_name, model_version, critical, acr_category, reason"
+                         " FROM ai_jobs WHERE (?1 IS NULL OR state = ?1)"
+                         " AND (?2 IS NULL OR destination = ?2) AND (?3 IS NULL OR study_uid = ?3)"
+                         " AND coalesce(sent_ms, 0) >= ?4 ORDER BY sent_ms DESC LIMIT ?5",
+                         -1, &st, NULL) != SQLITE_OK) {
+    rr_http_reply_error(req, 500, "internal_error", "the store could not be read");
+    return;
+  }
+  const char *binds[] = {state, endpoint, uid};
+  for (int i = 0; i < 3; i++)
+    if (binds[i])
+      sqlite3_bind_text(st, i + 1, binds[i], -1, SQLITE_TRANSIENT);
+    else
+      sqlite3_bind_null(st, i + 1);
+  sqlite3_bind_int64(st, 4, since);
+  sqlite3_bind_int64(st, 5, limit);
+  static const char *const cols[] = {"job_id",     "endpoint",      "study_uid",   "mode",
+                                     "state",      "sent_ms",       "deadline_ms", "result_ms",
+                                     "model_name", "model_version", "critical",    "acr_category",
+                                     "reason"};
+  json_t *rows = json_array();
+  while (sqlite3_step(st) == SQLITE_ROW) {
+    json_t *o = json_object();
+    for (int i = 0; i < 13; i++) {
+      int t = sqlite3_column_type(st, i);
+      json_object_set_new(o, cols[i],
+                          t == SQLITE_NULL ? json_null()
+                          : t == SQLITE_INTEGER
+                              ? json_integer(sqlite3_column_int64(st, i))
+                              : json_string((const char *)sqlite3_column_text(st, i)));
+    }
+    json_array_append_new(rows, o);
+  }
+  sqlite3_finalize(st);
+  rr_http_reply_json(req, 200, json_pack("{s:o}", "jobs", rows));
+}
+
 static void ai_job_get(void *ud, rr_http_req_t *req) {
   rr_admin_t *a = ud;
   sqlite3_stmt *st;
@@ -424,6 +476,7 @@ int rr_admin_start(uv_loop_t *loop, rr_engine_t *e, rr_journal_t *j, const rr_ad
       {"GET", "/api/orders/{accession}", RR_HTTP_VIEWER, NULL, 0, order_get, a, 0},
       {"POST", "/api/ai/jobs/{id}/result", RR_HTTP_PUBLIC, "application/json", (size_t)16 << 20,
        ai_result, a, 1},
+      {"GET", "/api/ai/jobs", RR_HTTP_VIEWER, NULL, 0, ai_jobs_list, a, 0},
       {"GET", "/api/ai/jobs/{id}", RR_HTTP_VIEWER, NULL, 0, ai_job_get, a, 0},
       {"GET", "/api/ai/summary", RR_HTTP_VIEWER, NULL, 0, rr_admin_ai_summary, a, 0},
       {"GET", "/api/worklist", RR_HTTP_VIEWER, NULL, 0, worklist, a, 0},

@@ -49,6 +49,7 @@ ROUTES = [
     ("GET", "/api/studies/2.25.1", "viewer"),
     ("GET", "/api/orders/RRACC-ADM1", "viewer"),
     ("GET", "/api/ai/jobs/AJ-1", "viewer"),
+    ("GET", "/api/ai/jobs?state=completed", "viewer"),
     ("GET", "/api/ai/summary", "viewer"),
     ("GET", "/api/worklist", "viewer"),
     ("GET", "/api/messages?channel=orders", "viewer"),

@@ -316,6 +316,10 @@ def main():
             assert jb["result"]["findings"][0]["critical"] is True
             st, _ = api(api_port, f"/api/ai/jobs/{job}", token=None)
             assert st == 401
+            st, jl = api(api_port, f"/api/ai/jobs?study_uid={uid_b}")
+            assert st == 200 and [j["job_id"] for j in jl["jobs"]] == [job], jl
+            st, jl = api(api_port, "/api/ai/jobs?state=completed&endpoint=imaging.hemorrhage")
+            assert st == 200 and len(jl["jobs"]) == 2 and "result" not in jl["jobs"][0], jl
             # what the result's deliveries sent stays readable after delivery
             (mid,) = [m for (m,) in e.sql("SELECT id FROM messages WHERE study_uid = ? AND"
                                           " message_type = 'AI_RESULT'", uid_b)]
