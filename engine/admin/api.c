@@ -207,7 +207,16 @@ static void ai_result(void *ud, rr_http_req_t *req) {
   rr_buf_close(&err);
 }
 
-/* GET /api/ai/jobs/{id}: the job's state and result. */
+/* An AI job as the API shows it: JOB_COLUMNS as job_fields. */
+#define JOB_COLUMNS                                                                                \
+  "job_id, destination, study_uid, mode, state, sent_ms, deadline_ms, result_ms, model_name,"      \
+  " model_version, critical, acr_category, reason"
+#define JOB_FIELDS 13
+static const char *const job_fields[JOB_FIELDS] = {
+    "job_id",   "endpoint",     "study_uid", "mode",       "state",
+    "sent_ms",  "deadline_ms",  "result_ms", "model_name", "model_version",
+    "critical", "acr_category", "reason"};
+
 /* GET /api/ai/jobs?state=&endpoint=&study_uid=&since=&limit=: jobs, newest
  * first, without their request and result documents. */
 static void ai_jobs_list(void *ud, rr_http_req_t *req) {
@@ -222,9 +231,7 @@ static void ai_jobs_list(void *ud, rr_http_req_t *req) {
     limit = 100;
   sqlite3_stmt *st;
   if (sqlite3_prepare_v2(rr_journal_reader(a->journal),
-                         "SELECT job_id, destination, study_uid, mode, state, sent_ms, deadline_ms,"
-                         " result_ms, model_name, model_version, critical, acr_category, reason"
-                         " FROM ai_jobs WHERE (?1 IS NULL OR state = ?1)"
+                         "SELECT " JOB_COLUMNS " FROM ai_jobs WHERE (?1 IS NULL OR state = ?1)"
                          " AND (?2 IS NULL OR destination = ?2) AND (?3 IS NULL OR study_uid = ?3)"
                          " AND coalesce(sent_ms, 0) >= ?4 ORDER BY sent_ms DESC LIMIT ?5",
                          -1, &st, NULL) != SQLITE_OK) {
@@ -239,35 +246,23 @@ static void ai_jobs_list(void *ud, rr_http_req_t *req) {
       sqlite3_bind_null(st, i + 1);
   sqlite3_bind_int64(st, 4, since);
   sqlite3_bind_int64(st, 5, limit);
-  static const char *const cols[] = {"job_id",     "endpoint",      "study_uid",   "mode",
-                                     "state",      "sent_ms",       "deadline_ms", "result_ms",
-                                     "model_name", "model_version", "critical",    "acr_category",
-                                     "reason"};
   json_t *rows = json_array();
   while (sqlite3_step(st) == SQLITE_ROW) {
     json_t *o = json_object();
-    for (int i = 0; i < 13; i++) {
-      int t = sqlite3_column_type(st, i);
-      json_object_set_new(o, cols[i],
-                          t == SQLITE_NULL ? json_null()
-                          : t == SQLITE_INTEGER
-                              ? json_integer(sqlite3_column_int64(st, i))
-                              : json_string((const char *)sqlite3_column_text(st, i)));
-    }
+    rr_admin_columns(o, st, job_fields, JOB_FIELDS);
     json_array_append_new(rows, o);
   }
   sqlite3_finalize(st);
   rr_http_reply_json(req, 200, json_pack("{s:o}", "jobs", rows));
 }
 
+/* GET /api/ai/jobs/{id}: the job's state and result. */
 static void ai_job_get(void *ud, rr_http_req_t *req) {
   rr_admin_t *a = ud;
   sqlite3_stmt *st;
   if (sqlite3_prepare_v2(rr_journal_reader(a->journal),
-                         "SELECT job_id, destination, study_uid, mode, state, sent_ms, deadline_ms,"
-                         " result_ms, model_name, model_version, critical, acr_category, reason,"
-                         " result FROM ai_jobs WHERE job_id = ?",
-                         -1, &st, NULL) != SQLITE_OK) {
+                         "SELECT " JOB_COLUMNS ", result FROM ai_jobs WHERE job_id = ?", -1, &st,
+                         NULL) != SQLITE_OK) {
     rr_http_reply_error(req, 500, "internal_error", "the store could not be read");
     return;
   }
@@ -278,21 +273,10 @@ static void ai_job_get(void *ud, rr_http_req_t *req) {
     return;
   }
   json_t *o = json_object();
-  static const char *const cols[] = {"job_id",     "endpoint",      "study_uid",   "mode",
-                                     "state",      "sent_ms",       "deadline_ms", "result_ms",
-                                     "model_name", "model_version", "critical",    "acr_category",
-                                     "reason"};
-  for (int i = 0; i < 13; i++) {
-    int t = sqlite3_column_type(st, i);
-    json_object_set_new(o, cols[i],
-                        t == SQLITE_NULL ? json_null()
-                        : t == SQLITE_INTEGER
-                            ? json_integer(sqlite3_column_int64(st, i))
-                            : json_string((const char *)sqlite3_column_text(st, i)));
-  }
-  json_t *res = sqlite3_column_type(st, 13) == SQLITE_NULL
+  rr_admin_columns(o, st, job_fields, JOB_FIELDS);
+  json_t *res = sqlite3_column_type(st, JOB_FIELDS) == SQLITE_NULL
                     ? json_null()
-                    : json_loads((const char *)sqlite3_column_text(st, 13), 0, NULL);
+                    : json_loads((const char *)sqlite3_column_text(st, JOB_FIELDS), 0, NULL);
   json_object_set_new(o, "result", res ? res : json_null());
   sqlite3_finalize(st);
   rr_http_reply_json(req, 200, o);
@@ -336,14 +320,7 @@ static void worklist(void *ud, rr_http_req_t *req) {
     json_t *row = json_object();
     static const char *const cols[] = {"study_uid",   "accession", "modality", "body_part",
                                        "description", "stable_ms", "priority", "reason"};
-    for (int i = 0; i < 8; i++) {
-      int t = sqlite3_column_type(st, i);
-      json_object_set_new(row, cols[i],
-                          t == SQLITE_NULL ? json_null()
-                          : t == SQLITE_INTEGER
-                              ? json_integer(sqlite3_column_int64(st, i))
-                              : json_string((const char *)sqlite3_column_text(st, i)));
-    }
+    rr_admin_columns(row, st, cols, 8);
     json_object_set_new(row, "ai_critical", json_boolean(sqlite3_column_int(st, 8) == 1));
     json_object_set_new(row, "acr_category",
                         sqlite3_column_type(st, 9) == SQLITE_NULL

@@ -17,6 +17,11 @@ struct rr_admin {
 };
 
 int64_t rr_admin_now_ms(void);
+/* A result column as JSON (null, integer, real, string; null for text that
+ * is not UTF-8), and columns 0..n-1 set into o under names (messages.c). */
+struct sqlite3_stmt;
+json_t *rr_admin_column(struct sqlite3_stmt *st, int i);
+void rr_admin_columns(json_t *o, struct sqlite3_stmt *st, const char *const *names, int n);
 /* admin/ops.c: channels, queues, replays, the audit trail: copies its
  * routes into out (at most cap); returns how many it has. */
 size_t rr_admin_ops_routes(rr_admin_t *a, rr_http_route_t *out, size_t cap);

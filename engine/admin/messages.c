@@ -23,7 +23,7 @@
 
 #define SEARCH_MAX 1000
 
-static json_t *col_json(sqlite3_stmt *st, int i) {
+json_t *rr_admin_column(sqlite3_stmt *st, int i) {
   switch (sqlite3_column_type(st, i)) {
   case SQLITE_NULL: return json_null();
   case SQLITE_INTEGER: return json_integer(sqlite3_column_int64(st, i));
@@ -37,10 +37,15 @@ static json_t *col_json(sqlite3_stmt *st, int i) {
   }
 }
 
+void rr_admin_columns(json_t *o, sqlite3_stmt *st, const char *const *names, int n) {
+  for (int i = 0; i < n; i++)
+    json_object_set_new(o, names[i], rr_admin_column(st, i));
+}
+
 static json_t *row_object(sqlite3_stmt *st) {
   json_t *o = json_object();
   for (int i = 0; i < sqlite3_column_count(st); i++)
-    json_object_set_new(o, sqlite3_column_name(st, i), col_json(st, i));
+    json_object_set_new(o, sqlite3_column_name(st, i), rr_admin_column(st, i));
   return o;
 }
 
@@ -407,7 +412,7 @@ void rr_admin_message(void *ud, rr_http_req_t *req) {
   }
   json_t *o = json_object();
   for (int i = 0; i < 13; i++)
-    json_object_set_new(o, sqlite3_column_name(st, i), col_json(st, i));
+    json_object_set_new(o, sqlite3_column_name(st, i), rr_admin_column(st, i));
   json_object_set_new(o, "raw",
                       text_of(sqlite3_column_blob(st, 13), (size_t)sqlite3_column_bytes(st, 13)));
   json_object_set_new(
@@ -432,7 +437,7 @@ void rr_admin_message(void *ud, rr_http_req_t *req) {
     while (sqlite3_step(st) == SQLITE_ROW) {
       json_t *q = json_object();
       for (int i = 0; i < 10; i++)
-        json_object_set_new(q, sqlite3_column_name(st, i), col_json(st, i));
+        json_object_set_new(q, sqlite3_column_name(st, i), rr_admin_column(st, i));
       json_object_set_new(
           q, "payload", text_of(sqlite3_column_blob(st, 10), (size_t)sqlite3_column_bytes(st, 10)));
       json_array_append_new(queued, q);
@@ -449,7 +454,7 @@ void rr_admin_message(void *ud, rr_http_req_t *req) {
     while (sqlite3_step(st) == SQLITE_ROW) {
       json_t *d = json_object();
       for (int i = 0; i < 6; i++)
-        json_object_set_new(d, sqlite3_column_name(st, i), col_json(st, i));
+        json_object_set_new(d, sqlite3_column_name(st, i), rr_admin_column(st, i));
       json_object_set_new(
           d, "response",
           sqlite3_column_type(st, 6) == SQLITE_NULL
@@ -470,7 +475,7 @@ void rr_admin_message(void *ud, rr_http_req_t *req) {
     while (sqlite3_step(st) == SQLITE_ROW) {
       json_t *q = json_object();
       for (int i = 0; i < 4; i++)
-        json_object_set_new(q, sqlite3_column_name(st, i), col_json(st, i));
+        json_object_set_new(q, sqlite3_column_name(st, i), rr_admin_column(st, i));
       json_object_set_new(q, "payload",
                           text_of(sqlite3_column_blob(st, 4), (size_t)sqlite3_column_bytes(st, 4)));
       json_array_append_new(sent, q);

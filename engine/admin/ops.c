@@ -199,14 +199,7 @@ static void queue_rows(void *ud, rr_http_req_t *req) {
   json_t *rows = json_array();
   while (sqlite3_step(st) == SQLITE_ROW) {
     json_t *o = json_object();
-    for (int i = 0; i < 11; i++) {
-      int t = sqlite3_column_type(st, i);
-      json_object_set_new(o, cols[i],
-                          t == SQLITE_NULL ? json_null()
-                          : t == SQLITE_INTEGER
-                              ? json_integer(sqlite3_column_int64(st, i))
-                              : json_string((const char *)sqlite3_column_text(st, i)));
-    }
+    rr_admin_columns(o, st, cols, 11);
     json_array_append_new(rows, o);
   }
   sqlite3_finalize(st);
