@@ -36,7 +36,6 @@ import http.client
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -99,17 +98,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--radrelay", required=True)
     args = ap.parse_args()
-    why = orthanc.missing()
+    why = wf.missing_peers()
     if why:
         print(f"SKIPPED: {why}")
-        return SKIP
-    for mod in ("pydicom", "numpy", "hl7"):
-        if subprocess.run(["/usr/bin/python3", "-c", "import " + mod],
-                          capture_output=True).returncode != 0:
-            print(f"SKIPPED: {mod} not importable by /usr/bin/python3")
-            return SKIP
-    if not shutil.which("storescu"):
-        print("SKIPPED: storescu missing")
         return SKIP
     import pydicom
     peers = os.path.join(ROOT, "tests", "peers")

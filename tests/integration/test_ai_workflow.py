@@ -223,21 +223,29 @@ PACS = [None]
 VERDICTS = [None]  # the AI audit's receiver of report records (reports.json)
 
 
+def missing_peers():
+    """Why the AI workflow's peers cannot run here (None: they can):
+    Orthanc with its DICOMweb plugin, pydicom, numpy and python3-hl7 for
+    Debian's python3, DCMTK's storescu."""
+    why = orthanc.missing()
+    if why:
+        return why
+    for mod in ("pydicom", "numpy", "hl7"):
+        if subprocess.run(["/usr/bin/python3", "-c", "import " + mod],
+                          capture_output=True).returncode != 0:
+            return f"{mod} not importable by /usr/bin/python3"
+    if not shutil.which("storescu"):
+        return "storescu missing"
+    return None
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--radrelay", required=True)
     args = ap.parse_args()
-    why = orthanc.missing()
+    why = missing_peers()
     if why:
         print(f"SKIPPED: {why}")
-        return SKIP
-    for mod in ("pydicom", "numpy", "hl7"):
-        if subprocess.run(["/usr/bin/python3", "-c", "import " + mod],
-                          capture_output=True).returncode != 0:
-            print(f"SKIPPED: {mod} not importable by /usr/bin/python3")
-            return SKIP
-    if not shutil.which("storescu"):
-        print("SKIPPED: storescu missing")
         return SKIP
     peers = os.path.join(ROOT, "tests", "peers")
     pager = Receiver()
