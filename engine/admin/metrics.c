@@ -226,6 +226,14 @@ void rr_admin_metrics(void *ud, rr_http_req_t *req) {
   family(&o, "radrelay_store_commit_seconds", "histogram",
          "BEGIN to COMMIT of a batch (with its fsync).");
   histo(&o, "radrelay_store_commit_seconds", "store", "journal", &js.commit_latency);
+  family(&o, "radrelay_store_checkpoints_total", "counter",
+         "WAL checkpoints run after a batch was answered.");
+  rr_buf_printf(&o.b, "radrelay_store_checkpoints_total %llu\n",
+                (unsigned long long)js.checkpoints);
+  family(&o, "radrelay_store_checkpoint_seconds_total", "counter",
+         "Time spent in WAL checkpoints.");
+  rr_buf_printf(&o.b, "radrelay_store_checkpoint_seconds_total %.6f\n",
+                (double)js.checkpoint_us_total / 1e6);
   if (a->dispatch)
     for (int which = 0; which < 2; which++) {
       dest_pass_t p = {&o, which};

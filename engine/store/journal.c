@@ -88,6 +88,17 @@ struct rr_journal {
   size_t queued_entries; /* non-barrier entries in the queue */
   rr_journal_stats_t stats;
   uint64_t flight_us; /* written by the worker */
+  /* WAL checkpoints: SQLite's automatic one would run inside the COMMIT
+   * that crosses the threshold, holding back that batch's answers. The
+   * journal runs it on the writer after the answers went out instead;
+   * commits wait for it (busy stays set), as they would for SQLite's. */
+  int wal_pages;      /* frames in the WAL after the last commit (worker) */
+  int ckpt_pages;     /* frames in the WAL when the checkpoint started */
+  bool ckpt_due;      /* a checkpoint follows the batch being answered */
+  bool ckpt_failing;  /* the last checkpoint failed (logged once per streak) */
+  int ckpt_rc;        /* written by the worker */
+  char ckpt_err[128]; /* written by the worker */
+  uint64_t ckpt_us;   /* written by the worker */
   /* Fingerprints of (sender, control id) of every message journaled or
    * queued: a resend check that misses here needs no read of the store. */
   uint32_t *fp;
@@ -397,6 +408,17 @@ static int fp_load(rr_journal_t *j, char **errmsg) {
   return rc;
 }
 
+/* The frames a checkpoint is due at: SQLite's own default. */
+#define CKPT_PAGES 1000
+
+/* Worker thread, inside a COMMIT that wrote to the WAL. */
+static int on_wal_commit(void *ud, sqlite3 *db, const char *name, int pages) {
+  (void)db;
+  (void)name;
+  ((rr_journal_t *)ud)->wal_pages = pages;
+  return SQLITE_OK;
+}
+
 int rr_journal_open(uv_loop_t *loop, const char *path, rr_journal_sync_t sync, rr_journal_t **out,
                     char **errmsg) {
   rr_journal_t *j = calloc(1, sizeof *j);
@@ -446,6 +468,7 @@ int rr_journal_open(uv_loop_t *loop, const char *path, rr_journal_sync_t sync, r
     goto out;
   }
   j->audit_open = true;
+  sqlite3_wal_hook(j->wdb, on_wal_commit, j); /* replaces the automatic checkpoint */
   if (sqlite3_open_v2(path, &j->rdb, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, NULL) !=
           SQLITE_OK ||
       sqlite3_exec(j->rdb, "PRAGMA busy_timeout=5000", NULL, NULL, NULL) != SQLITE_OK) {
@@ -1204,9 +1227,37 @@ static void finish_flight(rr_journal_t *j) {
   }
   j->stats.last_failed = j->flight_rc != 0;
   memset(&j->flight, 0, sizeof j->flight);
-  j->busy = false;
+  j->busy = j->ckpt_due; /* what the answers queue waits for the checkpoint */
   report(j, &b, j->flight_rc);
   free_batch(&b);
+}
+
+/* Worker thread: the checkpoint after an answered batch. PASSIVE: frames
+ * a reader still needs stay in the WAL until a later one. */
+static void ckpt_work(uv_work_t *w) {
+  rr_journal_t *j = w->data;
+  uint64_t t0 = uv_hrtime();
+  int log = 0, done = 0;
+  j->ckpt_rc = sqlite3_wal_checkpoint_v2(j->wdb, NULL, SQLITE_CHECKPOINT_PASSIVE, &log, &done);
+  if (j->ckpt_rc != SQLITE_OK)
+    snprintf(j->ckpt_err, sizeof j->ckpt_err, "%s", sqlite3_errmsg(j->wdb));
+  j->ckpt_us = (uv_hrtime() - t0) / 1000;
+}
+
+static void ckpt_done(uv_work_t *w, int status) {
+  rr_journal_t *j = w->data;
+  bool ok = status == 0 && j->ckpt_rc == SQLITE_OK;
+  j->stats.checkpoints++;
+  j->stats.checkpoint_us_total += j->ckpt_us;
+  if (!ok && !j->ckpt_failing)
+    rr_log(RR_LOG_WARN, "journal", "event=checkpoint_failed wal_pages=%d error=\"%s\"",
+           j->ckpt_pages, status ? "cancelled" : j->ckpt_err);
+  else if (ok && j->ckpt_failing)
+    rr_log(RR_LOG_INFO, "journal", "event=checkpoint_recovered wal_pages=%d", j->ckpt_pages);
+  j->ckpt_failing = !ok;
+  j->ckpt_due = false;
+  j->busy = false;
+  rr_journal_kick(j);
 }
 
 static void commit_done(uv_work_t *w, int status) {
@@ -1216,7 +1267,17 @@ static void commit_done(uv_work_t *w, int status) {
   if (j->flight_rc)
     rr_log(RR_LOG_ERROR, "journal", "event=commit_failed entries=%zu error=\"%s\"", j->flight.n,
            j->flight_err);
+  j->ckpt_due = j->flight_rc == 0 && j->wal_pages >= CKPT_PAGES;
+  j->ckpt_pages = j->wal_pages;
+  j->wal_pages = 0;
   finish_flight(j);
+  if (j->ckpt_due) {
+    j->work.data = j;
+    if (uv_queue_work(j->loop, &j->work, ckpt_work, ckpt_done) == 0)
+      return;
+    j->ckpt_due = false;
+    j->busy = false;
+  }
   rr_journal_kick(j);
 }
 

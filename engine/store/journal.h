@@ -165,7 +165,9 @@ int rr_journal_find(rr_journal_t *j, const char *channel, const char *app, const
 /* Counters since open (loop thread). */
 typedef struct rr_journal_stats {
   uint64_t commits, entries, max_batch, failed_commits;
-  uint64_t commit_us_total;  /* time spent in BEGIN..COMMIT on the worker */
+  uint64_t commit_us_total; /* time spent in BEGIN..COMMIT on the worker */
+  uint64_t checkpoints;     /* WAL checkpoints run after answered batches */
+  uint64_t checkpoint_us_total;
   bool last_failed;          /* the last batch's commit failed */
   rr_histo_t commit_latency; /* BEGIN..COMMIT of batches with entries */
 } rr_journal_stats_t;
