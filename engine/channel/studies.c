@@ -367,13 +367,17 @@ int rr_engine_complete_study(rr_engine_t *e, const char *study_uid, rr_engine_co
   if (!c)
     return RR_ENOMEM;
   *c = (completing_t){e, cb, ud};
-  int rc = rr_journal_mark_study_stable(e->journal, study_uid, on_completed, c);
+  /* The study event (routed, with its AI requests queued) goes first in the
+   * batch, so that its deliveries start before the caller is answered; the
+   * stable mark after it in the same transaction keeps the time asked. */
+  int64_t now = rr_wall_ms();
+  if (!e->stopping)
+    rr_journal_quiet(e->journal, NULL, 0, study_uid, route_quiet_one, e);
+  int rc = rr_journal_mark_study_stable(e->journal, study_uid, now, on_completed, c);
   if (rc) {
     free(c);
     return rc;
   }
-  if (!e->stopping)
-    rr_journal_quiet(e->journal, NULL, 0, study_uid, route_quiet_one, e);
   rr_journal_kick(e->journal);
   return 0;
 }

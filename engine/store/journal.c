@@ -1703,13 +1703,14 @@ int rr_journal_mark_stable(rr_journal_t *j, const char *channel, int64_t cutoff_
   return 0;
 }
 
-int rr_journal_mark_study_stable(rr_journal_t *j, const char *study_uid, rr_journal_stable_cb cb,
-                                 void *ud) {
+int rr_journal_mark_study_stable(rr_journal_t *j, const char *study_uid, int64_t at_ms,
+                                 rr_journal_stable_cb cb, void *ud) {
   int rc = rr_journal_mark_stable(j, study_uid, INT64_MAX, cb, ud);
   if (rc == 0) { /* the string copied as the channel is the study's UID */
     pending_t *p = &j->queue.v[j->queue.n - 1];
     p->e.study_uid = p->e.channel;
     p->e.channel = NULL;
+    p->e.received_ms = at_ms;
   }
   return rc;
 }

@@ -267,11 +267,12 @@ int rr_journal_add_instance(rr_journal_t *j, const rr_journal_instance_t *in, rr
 typedef void (*rr_journal_stable_cb)(void *ud, int status, const char *const *uids, size_t n);
 int rr_journal_mark_stable(rr_journal_t *j, const char *channel, int64_t cutoff_ms,
                            rr_journal_stable_cb cb, void *ud);
-/* rr_journal_mark_study_stable: the same for one study, now, whatever its
- * quiet period (an explicit "complete"); cb gets its UID when it was still
- * arriving, nothing otherwise. RR_ENOMEM. */
-int rr_journal_mark_study_stable(rr_journal_t *j, const char *study_uid, rr_journal_stable_cb cb,
-                                 void *ud);
+/* rr_journal_mark_study_stable: the same for one study, whatever its
+ * quiet period (an explicit "complete" at at_ms, the wall clock when it was
+ * asked for); cb gets its UID when it was still arriving, nothing
+ * otherwise. RR_ENOMEM. */
+int rr_journal_mark_study_stable(rr_journal_t *j, const char *study_uid, int64_t at_ms,
+                                 rr_journal_stable_cb cb, void *ud);
 
 /* rr_journal_study_instances: the instances recorded for a study
  * (committed), 0 when the study is unknown; RR_EIO. */
