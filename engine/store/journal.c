@@ -50,6 +50,18 @@ typedef struct batch {
   size_t n, cap;
 } batch_t;
 
+/* The reader's queries run on the loop thread after nearly every commit
+ * (study contexts, orders, what to route); preparing one costs about as
+ * much as running it, so they stay prepared, the least recently used
+ * dropped first. A statement in use is not handed out twice. */
+#define READER_STMTS 24
+typedef struct reader_stmt {
+  char *sql;
+  sqlite3_stmt *st;
+  bool busy;
+  uint64_t used;
+} reader_stmt_t;
+
 struct rr_journal {
   uv_loop_t *loop;
   sqlite3 *wdb; /* writer: the worker's while a batch is in flight */
@@ -102,7 +114,9 @@ struct rr_journal {
   /* Fingerprints of (sender, control id) of every message journaled or
    * queued: a resend check that misses here needs no read of the store. */
   uint32_t *fp;
-  size_t fp_cap, fp_n; /* fp_cap: a power of two (or 0) */
+  size_t fp_cap, fp_n;               /* fp_cap: a power of two (or 0) */
+  reader_stmt_t rstmt[READER_STMTS]; /* the reader's statements, kept prepared */
+  uint64_t rstmt_tick;
 };
 
 static const char schema[] =
@@ -640,6 +654,10 @@ void rr_journal_close(rr_journal_t *j) {
     sqlite3_finalize(sts[i]);
   if (j->audit_open)
     rr_audit_chain_close(&j->audit);
+  for (size_t i = 0; i < READER_STMTS; i++) {
+    sqlite3_finalize(j->rstmt[i].st);
+    free(j->rstmt[i].sql);
+  }
   sqlite3_close(j->rdb);
   sqlite3_close(j->wdb);
   free(j->prev_sources);
@@ -1827,6 +1845,9 @@ static bool is_cancel(const char *control) {
   return false;
 }
 
+static sqlite3_stmt *reader_stmt(rr_journal_t *j, const char *sql);
+static void reader_done(rr_journal_t *j, sqlite3_stmt *st);
+
 int rr_journal_order_get(rr_journal_t *j, const char *accession, rr_buf_t *out) {
   const pending_t *p = order_in(&j->queue, accession);
   if (!p)
@@ -1834,9 +1855,8 @@ int rr_journal_order_get(rr_journal_t *j, const char *accession, rr_buf_t *out) 
   if (p)
     return order_json(p->order->record, p->order->record_len, 0,
                       is_cancel(p->order->order_control) ? "cancelled" : "active", out);
-  sqlite3_stmt *st;
-  if (sqlite3_prepare_v2(j->rdb, "SELECT id, status, record FROM orders WHERE accession = ?", -1,
-                         &st, NULL) != SQLITE_OK)
+  sqlite3_stmt *st = reader_stmt(j, "SELECT id, status, record FROM orders WHERE accession = ?");
+  if (!st)
     return RR_EIO;
   bind_text(st, 1, accession);
   int rc = sqlite3_step(st), result = RR_ENOTFOUND;
@@ -1846,16 +1866,55 @@ int rr_journal_order_get(rr_journal_t *j, const char *accession, rr_buf_t *out) 
                    sqlite3_column_int64(st, 0), (const char *)sqlite3_column_text(st, 1), out);
   else if (rc != SQLITE_DONE)
     result = RR_EIO;
-  sqlite3_finalize(st);
+  reader_done(j, st);
   return result;
+}
+
+/* A prepared statement of the reader for sql (reset, nothing bound), or
+ * NULL; give it back with reader_done. */
+static sqlite3_stmt *reader_stmt(rr_journal_t *j, const char *sql) {
+  reader_stmt_t *slot = NULL;
+  for (size_t i = 0; i < READER_STMTS; i++) {
+    reader_stmt_t *c = &j->rstmt[i];
+    if (c->sql && !c->busy && strcmp(c->sql, sql) == 0) {
+      c->busy = true;
+      c->used = ++j->rstmt_tick;
+      return c->st;
+    }
+    if (!c->busy && (!slot || (slot->sql && (!c->sql || c->used < slot->used))))
+      slot = c;
+  }
+  sqlite3_stmt *st;
+  if (sqlite3_prepare_v3(j->rdb, sql, -1, SQLITE_PREPARE_PERSISTENT, &st, NULL) != SQLITE_OK)
+    return NULL;
+  char *copy = slot ? strdup(sql) : NULL;
+  if (!copy)
+    return st; /* not kept: reader_done finalizes it */
+  if (slot->sql) {
+    sqlite3_finalize(slot->st);
+    free(slot->sql);
+  }
+  *slot = (reader_stmt_t){.sql = copy, .st = st, .busy = true, .used = ++j->rstmt_tick};
+  return st;
+}
+
+static void reader_done(rr_journal_t *j, sqlite3_stmt *st) {
+  for (size_t i = 0; i < READER_STMTS; i++)
+    if (j->rstmt[i].st == st && j->rstmt[i].busy) {
+      sqlite3_reset(st); /* ends its read transaction */
+      sqlite3_clear_bindings(st);
+      j->rstmt[i].busy = false;
+      return;
+    }
+  sqlite3_finalize(st);
 }
 
 /* cb per row with the first column of sql (one text parameter, arg) on the
  * reader; the number of rows, or RR_EIO. */
 static int each_text(rr_journal_t *j, const char *sql, const char *arg,
                      void (*cb)(void *ud, const char *text), void *ud) {
-  sqlite3_stmt *st;
-  if (sqlite3_prepare_v2(j->rdb, sql, -1, &st, NULL) != SQLITE_OK)
+  sqlite3_stmt *st = reader_stmt(j, sql);
+  if (!st)
     return RR_EIO;
   bind_text(st, 1, arg);
   int n = 0, rc;
@@ -1863,7 +1922,7 @@ static int each_text(rr_journal_t *j, const char *sql, const char *arg,
     cb(ud, (const char *)sqlite3_column_text(st, 0));
     n++;
   }
-  sqlite3_finalize(st);
+  reader_done(j, st);
   return rc == SQLITE_DONE ? n : RR_EIO;
 }
 
@@ -1875,7 +1934,7 @@ int rr_journal_quiet(rr_journal_t *j, const char *channel, int64_t cutoff_ms, co
                               : "SELECT study_uid, channel FROM studies WHERE channel = ?1"
                                 " AND state = 'arriving' AND last_ms < ?2 AND routed_ms IS NULL"
                                 " ORDER BY last_ms";
-  if (sqlite3_prepare_v2(j->rdb, sql, -1, &st, NULL) != SQLITE_OK)
+  if (!(st = reader_stmt(j, sql)))
     return RR_EIO;
   bind_text(st, 1, study_uid ? study_uid : channel);
   if (!study_uid)
@@ -1885,7 +1944,7 @@ int rr_journal_quiet(rr_journal_t *j, const char *channel, int64_t cutoff_ms, co
     cb(ud, (const char *)sqlite3_column_text(st, 0), (const char *)sqlite3_column_text(st, 1));
     n++;
   }
-  sqlite3_finalize(st);
+  reader_done(j, st);
   return rc == SQLITE_DONE ? n : RR_EIO;
 }
 
@@ -1905,8 +1964,8 @@ static void set_text(json_t *o, const char *key, sqlite3_stmt *st, int col) {
 /* The order found by sql (bound with the study's values) into ctx. */
 static int match_order(rr_journal_t *j, const char *sql, const char *const *text, size_t ntext,
                        const int64_t *num, size_t nnum, json_t *ctx, int64_t *order_id) {
-  sqlite3_stmt *st;
-  if (sqlite3_prepare_v2(j->rdb, sql, -1, &st, NULL) != SQLITE_OK)
+  sqlite3_stmt *st = reader_stmt(j, sql);
+  if (!st)
     return RR_EIO;
   for (size_t i = 0; i < ntext; i++)
     bind_text(st, (int)i + 1, text[i]);
@@ -1928,7 +1987,7 @@ static int match_order(rr_journal_t *j, const char *sql, const char *const *text
   } else if (rc != SQLITE_DONE) {
     result = RR_EIO;
   }
-  sqlite3_finalize(st);
+  reader_done(j, st);
   return result;
 }
 
@@ -1937,16 +1996,14 @@ int rr_journal_study_context(rr_journal_t *j, const char *study_uid, int64_t win
   *order_id = 0;
   *method = "none";
   sqlite3_stmt *st;
-  if (sqlite3_prepare_v2(j->rdb,
-                         "SELECT channel, patient_id, accession, modality, body_part, description,"
-                         " study_date, study_time, instances, first_ms, last_ms, stable_ms"
-                         " FROM studies WHERE study_uid = ?",
-                         -1, &st, NULL) != SQLITE_OK)
+  if (!(st = reader_stmt(j, "SELECT channel, patient_id, accession, modality, body_part,"
+                            " description, study_date, study_time, instances, first_ms,"
+                            " last_ms, stable_ms FROM studies WHERE study_uid = ?")))
     return RR_EIO;
   bind_text(st, 1, study_uid);
   int rc = sqlite3_step(st);
   if (rc != SQLITE_ROW) {
-    sqlite3_finalize(st);
+    reader_done(j, st);
     return rc == SQLITE_DONE ? RR_ENOTFOUND : RR_EIO;
   }
   json_t *ctx = json_object();
@@ -1970,17 +2027,15 @@ int rr_journal_study_context(rr_journal_t *j, const char *study_uid, int64_t win
   if ((v = (const char *)sqlite3_column_text(st, 7)))
     snprintf(tim, sizeof tim, "%s", v);
   int64_t first_ms = sqlite3_column_int64(st, 9);
-  sqlite3_finalize(st);
+  reader_done(j, st);
 
   int result = 0;
   json_t *series = json_array(), *mods = json_array();
   json_object_set_new(ctx, "series", series);
   json_object_set_new(ctx, "modalities", mods);
-  if (sqlite3_prepare_v2(j->rdb,
-                         "SELECT series_uid, min(modality), min(series_number), count(*),"
-                         " min(calling_ae), min(body_part) FROM instances WHERE study_uid = ?"
-                         " GROUP BY series_uid ORDER BY min(received_ms)",
-                         -1, &st, NULL) != SQLITE_OK) {
+  if (!(st = reader_stmt(j, "SELECT series_uid, min(modality), min(series_number), count(*),"
+                            " min(calling_ae), min(body_part) FROM instances WHERE study_uid = ?"
+                            " GROUP BY series_uid ORDER BY min(received_ms)"))) {
     json_decref(ctx);
     return RR_EIO;
   }
@@ -2002,7 +2057,7 @@ int rr_journal_study_context(rr_journal_t *j, const char *study_uid, int64_t win
     if (!json_object_get(ctx, "calling_ae") && sqlite3_column_text(st, 4))
       set_text(ctx, "calling_ae", st, 4);
   }
-  sqlite3_finalize(st);
+  reader_done(j, st);
   if (rc != SQLITE_DONE)
     result = RR_EIO;
 
@@ -2062,13 +2117,12 @@ int rr_journal_study_context(rr_journal_t *j, const char *study_uid, int64_t win
 
 int64_t rr_journal_study_instances(rr_journal_t *j, const char *study_uid) {
   sqlite3_stmt *st;
-  if (sqlite3_prepare_v3(j->rdb, "SELECT instances FROM studies WHERE study_uid = ?", -1,
-                         SQLITE_PREPARE_PERSISTENT, &st, NULL) != SQLITE_OK)
+  if (!(st = reader_stmt(j, "SELECT instances FROM studies WHERE study_uid = ?")))
     return RR_EIO;
   bind_text(st, 1, study_uid);
   int rc = sqlite3_step(st);
   int64_t n = rc == SQLITE_ROW ? sqlite3_column_int64(st, 0) : rc == SQLITE_DONE ? 0 : RR_EIO;
-  sqlite3_finalize(st);
+  reader_done(j, st);
   return n;
 }
 
