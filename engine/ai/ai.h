@@ -174,7 +174,9 @@ int rr_ai_jobs_overdue(rr_journal_t *j, int64_t now_ms,
  * the model is the device, each finding with its point (2D on a received
  * instance, or 3D), confidence and measurements, every instance as
  * evidence, the order's procedure as the procedure reported. Written
- * durably to out_path; its SOP Instance UID in sop_uid. RR_EINVAL (no
+ * durably to out_path. Its SOP Instance UID is sop_uid when that is set
+ * (the same document written again), else a new one, written there.
+ * RR_EINVAL (no
  * findings), RR_ENOTFOUND (no instance file), the writer's errors (a
  * sentence in err, may be NULL). Blocking (fsync). Loop thread. */
 /* The same in two steps, so that the writing (DCMTK reading an instance,

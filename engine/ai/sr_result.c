@@ -225,6 +225,7 @@ int rr_ai_sr_build(const rr_ai_sr_prep_t *p, const rr_ai_result_t *r, json_t *st
                 : (rr_dicom_code_t){"99RADRELAY", "STUDY", desc && *desc ? desc : "Imaging study"},
       .findings = f,
       .n_findings = r->nfindings,
+      .sop_instance_uid = sop_uid[0] ? sop_uid : NULL,
       .out_path = out_path};
   if (!si.device.manufacturer)
     si.device.manufacturer = "unknown";

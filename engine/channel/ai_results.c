@@ -6,16 +6,19 @@
  * rollout mode of the endpoint decides what of the script's routes go out:
  * silent none, assistant those to "result" destinations, active all. */
 #include <errno.h>
+#include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "ai/ai.h"
 #include "ai/deid.h"
 #include "channel/channel_int.h"
 #include "core/error.h"
 #include "core/log.h"
+#include "dicom/sr.h"
 
 static rr_channel_t *find_channel(rr_engine_t *e, const char *dest_name) {
   const char *dot = strchr(dest_name, '.');
@@ -43,10 +46,13 @@ static bool mode_allows(rr_ai_mode_t mode, const rr_destination_config_t *d) {
   return strcmp(d->role, "worklist") != 0 && strcmp(d->role, "notification") != 0;
 }
 
-/* A result being taken: its SR is written off the loop thread, then the
- * script runs and everything is journaled in one batch (the result, its
- * audit records, the AI_RESULT entry with its routes), so nothing of it is
- * kept without the rest. */
+/* A result being taken: the script runs and everything is journaled in one
+ * batch (the result, its audit records, the AI_RESULT entry with its
+ * routes), so nothing of it is kept without the rest. Its SR (path and SOP
+ * Instance UID chosen first, so the script can route it) is written off the
+ * loop thread meanwhile: the ORU and the pages do not wait for the DICOM
+ * writer and its fsyncs; only the SR's own delivery does (rr_engine_sr_gate).
+ * The taking stays listed in e->taking until the SR is written. */
 typedef struct taking {
   struct taking *next;
   rr_engine_t *e;
@@ -60,6 +66,9 @@ typedef struct taking {
   json_t *study;     /* the study as routing saw it, or NULL */
   rr_ai_sr_prep_t *prep;
   char sr_path[1200], sr_uid[65];
+  rr_ai_result_t *sr_r; /* the SR writer's own copies (worker thread) */
+  json_t *sr_study;
+  bool again; /* the SR of a kept result, written again after a restart */
   int sr_rc;
   rr_buf_t sr_err;
   rr_journal_done_cb cb;
@@ -67,12 +76,29 @@ typedef struct taking {
   uv_work_t work;
 } taking_t;
 
+/* An SR file that could not be written: its delivery is dead, not retried. */
+typedef struct sr_failed {
+  struct sr_failed *next;
+  char path[1200];
+} sr_failed_t;
+#define SR_FAILED_KEPT 64
+
 static void taking_free(taking_t *t) {
   rr_ai_result_free(t->r);
   json_decref(t->study);
+  rr_ai_result_free(t->sr_r);
+  json_decref(t->sr_study);
   rr_ai_sr_prep_free(t->prep);
   rr_buf_close(&t->sr_err);
   free(t);
+}
+
+/* An own copy of a result (the caller's goes when its call returns). */
+static int copy_result(const rr_ai_result_t *r, rr_ai_result_t **out) {
+  char *copy = json_dumps(r->json, JSON_COMPACT);
+  int rc = copy ? rr_ai_parse_result(copy, strlen(copy), out, NULL) : RR_ENOMEM;
+  free(copy);
+  return rc;
 }
 
 static bool taking_has(rr_engine_t *e, const char *job_id) {
@@ -228,26 +254,72 @@ static int take_journal(taking_t *t) {
 
 static void on_sr_work(uv_work_t *w) {
   taking_t *t = w->data;
-  t->sr_rc = rr_ai_sr_build(t->prep, t->r, t->study, t->sr_path, t->sr_uid, &t->sr_err);
+  t->sr_rc = rr_ai_sr_build(t->prep, t->sr_r, t->sr_study, t->sr_path, t->sr_uid, &t->sr_err);
+}
+
+static void sr_remember_failed(rr_engine_t *e, const char *path) {
+  sr_failed_t *f = calloc(1, sizeof *f);
+  if (!f)
+    return;
+  snprintf(f->path, sizeof f->path, "%s", path);
+  f->next = e->sr_failed;
+  e->sr_failed = f;
+  size_t n = 0;
+  for (sr_failed_t **pp = &e->sr_failed; *pp; n++) {
+    if (n == SR_FAILED_KEPT) { /* the oldest go */
+      sr_failed_t *old = *pp;
+      *pp = old->next;
+      free(old);
+      continue;
+    }
+    pp = &(*pp)->next;
+  }
 }
 
 static void on_sr_done(uv_work_t *w, int status) {
   taking_t *t = w->data;
+  rr_engine_t *e = t->e;
   taking_unlink(t);
   if (status || t->sr_rc) {
     rr_log(RR_LOG_WARN, "ai", "event=sr_not_written channel=%s job=%s error=\"%s\"",
            t->ch->cfg.name, t->job_id,
            t->sr_err.len ? t->sr_err.data : rr_strerror(status ? status : t->sr_rc));
-    t->sr_path[0] = t->sr_uid[0] = '\0';
-  }
-  int rc = take_journal(t);
-  if (rc) {
-    rr_log(RR_LOG_ERROR, "ai", "event=result_not_kept destination=%s job=%s error=%s",
-           t->dest->name, t->job_id, rr_strerror(rc));
-    if (t->cb)
-      t->cb(t->ud, rc, 0);
+    sr_remember_failed(e, t->sr_path);
+  } else if (t->again) {
+    rr_log(RR_LOG_INFO, "ai", "event=sr_written_again channel=%s job=%s", t->ch->cfg.name,
+           t->job_id);
   }
   taking_free(t);
+  if (e->files_ready)
+    e->files_ready(e->files_ready_ud);
+}
+
+/* Starts writing t's SR in the thread pool (its path and UID chosen here
+ * unless set) and lists t in e->taking; 0, or an error (t not listed). */
+static int start_sr(taking_t *t) {
+  rr_engine_t *e = t->e;
+  char dir[1100];
+  snprintf(dir, sizeof dir, "%s/results", t->ch->cfg.dicom_spool);
+  if (!t->sr_path[0])
+    snprintf(t->sr_path, sizeof t->sr_path, "%s/%s.dcm", dir, t->job_id);
+  int rc = mkdir(dir, 0750) == 0 || errno == EEXIST ? 0 : -errno;
+  if (rc == 0 && !t->sr_uid[0])
+    rc = rr_dicom_sr_new_uid(t->sr_uid);
+  if (rc == 0)
+    rc = rr_ai_sr_prepare(e->journal, t->study_uid, &t->prep);
+  if (rc == 0)
+    rc = copy_result(t->r, &t->sr_r);
+  if (rc == 0 && !(t->sr_study = json_deep_copy(t->study)))
+    rc = RR_ENOMEM;
+  if (rc == 0) {
+    t->work.data = t;
+    rc = uv_queue_work(e->loop, &t->work, on_sr_work, on_sr_done);
+  }
+  if (rc)
+    return rc;
+  t->next = e->taking;
+  e->taking = t;
+  return 0;
 }
 
 int rr_engine_take_ai_result(rr_engine_t *e, const rr_destination_config_t *dest,
@@ -271,10 +343,7 @@ int rr_engine_take_ai_result(rr_engine_t *e, const rr_destination_config_t *dest
   snprintf(t->job_id, sizeof t->job_id, "%s", job_id);
   snprintf(t->study_uid, sizeof t->study_uid, "%s", study_uid);
   snprintf(t->via, sizeof t->via, "%s", via);
-  /* An own copy of the result: the caller's goes when this returns. */
-  char *copy = json_dumps(r->json, JSON_COMPACT);
-  int rc = copy ? rr_ai_parse_result(copy, strlen(copy), &t->r, NULL) : RR_ENOMEM;
-  free(copy);
+  int rc = copy_result(r, &t->r);
   if (rc) {
     taking_free(t);
     return rc;
@@ -288,32 +357,133 @@ int rr_engine_take_ai_result(rr_engine_t *e, const rr_destination_config_t *dest
                                &order_id, &method) == 0)
     t->study = json_loadb(text.data, text.len, 0, NULL);
   rr_buf_close(&text);
-  /* The SR of the result, for the script to route to the PACS (r.sr),
-   * written in libuv's thread pool; the rest follows once it is. */
+  /* The SR of the result, for the script to route to the PACS (r.sr). */
+  bool listed = false;
   if (t->study && ch->cfg.dicom && !ch->cfg.dicomweb && t->r->nfindings &&
       strcmp(t->r->status, "completed") == 0) {
-    char dir[1100];
-    snprintf(dir, sizeof dir, "%s/results", ch->cfg.dicom_spool);
-    snprintf(t->sr_path, sizeof t->sr_path, "%s/%s.dcm", dir, job_id);
-    rc = mkdir(dir, 0750) == 0 || errno == EEXIST ? 0 : -errno;
-    if (rc == 0)
-      rc = rr_ai_sr_prepare(e->journal, study_uid, &t->prep);
-    if (rc == 0) {
-      t->work.data = t;
-      rc = uv_queue_work(e->loop, &t->work, on_sr_work, on_sr_done);
+    rc = start_sr(t);
+    listed = rc == 0;
+    if (rc) {
+      rr_log(RR_LOG_WARN, "ai", "event=sr_not_written channel=%s job=%s error=\"%s\"", ch->cfg.name,
+             job_id, rr_strerror(rc));
+      t->sr_path[0] = t->sr_uid[0] = '\0';
     }
-    if (rc == 0) {
-      t->next = e->taking;
-      e->taking = t;
-      return 0;
-    }
-    rr_log(RR_LOG_WARN, "ai", "event=sr_not_written channel=%s job=%s error=\"%s\"", ch->cfg.name,
-           job_id, rr_strerror(rc));
-    t->sr_path[0] = '\0';
   }
   rc = take_journal(t);
-  taking_free(t);
+  if (rc && listed)
+    rr_log(RR_LOG_WARN, "ai", "event=sr_unused channel=%s job=%s", ch->cfg.name, job_id);
+  if (!listed)
+    taking_free(t);
   return rc;
+}
+
+/* ---- SR files and their deliveries ------------------------------------------ */
+
+/* The DICOM channel whose results folder holds path ("<spool>/results/
+ * <job>.dcm"), with the job's id; NULL when it is no result's SR. */
+static rr_channel_t *results_channel(rr_engine_t *e, const char *path, char *job, size_t cap) {
+  for (rr_channel_t *ch = e->channels; ch; ch = ch->next) {
+    if (!ch->cfg.dicom || ch->cfg.dicomweb)
+      continue;
+    size_t n = strlen(ch->cfg.dicom_spool);
+    if (strncmp(path, ch->cfg.dicom_spool, n) != 0 || strncmp(path + n, "/results/", 9) != 0)
+      continue;
+    const char *name = path + n + 9;
+    size_t len = strlen(name);
+    if (strchr(name, '/') || len <= 4 || len - 4 >= cap || strcmp(name + len - 4, ".dcm") != 0)
+      continue;
+    memcpy(job, name, len - 4);
+    job[len - 4] = '\0';
+    return ch;
+  }
+  return NULL;
+}
+
+/* The kept AI_RESULT entry of job that routed the SR at path: its result,
+ * the study as routing saw it and the SR's UID. */
+static int kept_result(rr_engine_t *e, const char *job, const char *path, taking_t *t) {
+  sqlite3 *db = rr_journal_reader(e->journal);
+  sqlite3_stmt *st;
+  if (sqlite3_prepare_v2(db,
+                         "SELECT m.raw FROM ai_jobs a JOIN messages m ON m.study_uid = a.study_uid"
+                         " WHERE a.job_id = ?1 AND m.message_type = 'AI_RESULT'"
+                         " ORDER BY m.id DESC",
+                         -1, &st, NULL) != SQLITE_OK)
+    return RR_EIO;
+  sqlite3_bind_text(st, 1, job, -1, SQLITE_TRANSIENT);
+  int rc = RR_ENOTFOUND, s;
+  while (rc == RR_ENOTFOUND && (s = sqlite3_step(st)) == SQLITE_ROW) {
+    json_t *o =
+        json_loadb(sqlite3_column_blob(st, 0), (size_t)sqlite3_column_bytes(st, 0), 0, NULL);
+    const char *id = json_string_value(json_object_get(json_object_get(o, "job"), "id"));
+    const char *sr = json_string_value(json_object_get(o, "sr"));
+    const char *uid = json_string_value(json_object_get(o, "sr_uid"));
+    json_t *study = json_object_get(o, "study");
+    const char *study_uid = json_string_value(json_object_get(study, "study_uid"));
+    char *res = json_dumps(json_object_get(o, "result"), JSON_COMPACT);
+    if (id && sr && uid && study_uid && res && strcmp(id, job) == 0 && strcmp(sr, path) == 0) {
+      rc = rr_ai_parse_result(res, strlen(res), &t->r, NULL);
+      if (rc == 0) {
+        t->study = json_incref(study);
+        snprintf(t->sr_uid, sizeof t->sr_uid, "%s", uid);
+        snprintf(t->study_uid, sizeof t->study_uid, "%s", study_uid);
+      }
+    }
+    free(res);
+    json_decref(o);
+  }
+  sqlite3_finalize(st);
+  return rc;
+}
+
+int rr_engine_sr_gate(void *ud, const char *path) {
+  rr_engine_t *e = ud;
+  for (taking_t *t = e->taking; t; t = t->next)
+    if (strcmp(t->sr_path, path) == 0)
+      return RR_EAGAIN;
+  for (sr_failed_t *f = e->sr_failed; f; f = f->next)
+    if (strcmp(f->path, path) == 0)
+      return RR_ENOTFOUND;
+  char job[RR_AI_JOB_ID_MAX];
+  rr_channel_t *ch = results_channel(e, path, job, sizeof job);
+  if (!ch || access(path, F_OK) == 0 || errno != ENOENT)
+    return 0; /* not an SR of ours, or there: the sender reads it */
+  /* Kept in the store, not on disk: the process ended between the two. */
+  taking_t *t = calloc(1, sizeof *t);
+  if (!t)
+    return RR_ENOMEM;
+  t->e = e;
+  t->ch = ch;
+  t->again = true;
+  rr_buf_init(&t->sr_err, 1024);
+  snprintf(t->job_id, sizeof t->job_id, "%s", job);
+  snprintf(t->sr_path, sizeof t->sr_path, "%s", path);
+  int rc = kept_result(e, job, path, t);
+  if (rc == 0)
+    rc = start_sr(t);
+  if (rc) {
+    rr_log(RR_LOG_ERROR, "ai", "event=sr_not_written channel=%s job=%s error=\"%s\"", ch->cfg.name,
+           job, rc == RR_ENOTFOUND ? "missing, and no kept result names it" : rr_strerror(rc));
+    taking_free(t);
+    sr_remember_failed(e, path);
+    return RR_ENOTFOUND;
+  }
+  rr_log(RR_LOG_WARN, "ai", "event=sr_missing channel=%s job=%s action=write_again", ch->cfg.name,
+         job);
+  return RR_EAGAIN;
+}
+
+void rr_engine_set_files_ready(rr_engine_t *e, void (*cb)(void *ud), void *ud) {
+  e->files_ready = cb;
+  e->files_ready_ud = ud;
+}
+
+void rr_engine_ai_results_free(rr_engine_t *e) {
+  for (sr_failed_t *f = e->sr_failed, *n; f; f = n) {
+    n = f->next;
+    free(f);
+  }
+  e->sr_failed = NULL;
 }
 
 void rr_engine_ai_result(void *ud, const rr_destination_config_t *dest, const char *job_id,

@@ -132,6 +132,16 @@ void rr_engine_ai_result(void *ud, const rr_destination_config_t *dest, const ch
 int rr_engine_ai_callback(rr_engine_t *e, const char *job_id, const char *token, const char *body,
                           size_t len, rr_journal_done_cb cb, void *ud, rr_buf_t *err);
 int rr_engine_ai_expire(rr_engine_t *e);
+/* rr_engine_sr_gate (an rr_dispatch_file_gate_fn, ud: the engine): a
+ * result's SR is written while its result, ORU and pages go out; a
+ * delivery of the SR file waits (RR_EAGAIN) until it is on disk. One a
+ * restart found missing (the process ended after the commit that kept its
+ * result, before the file was) is written again from the kept result,
+ * with the same SOP Instance UID. RR_ENOTFOUND: it cannot be written.
+ * rr_engine_set_files_ready: cb when a file held back that way is ready
+ * (the dispatcher's rr_dispatch_kick). */
+int rr_engine_sr_gate(void *ud, const char *path);
+void rr_engine_set_files_ready(rr_engine_t *e, void (*cb)(void *ud), void *ud);
 /* rr_engine_ai_poll (channel/ai_poll.c): GETs the status_url of running
  * jobs whose endpoint gave one, each at most every poll_s; a result found
  * there is taken like a callback's (via "poll"). Returns how many GETs

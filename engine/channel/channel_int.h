@@ -60,7 +60,10 @@ struct rr_engine {
   char public_url[1024]; /* for ack_url; "" = none */
   /* AI jobs whose results are polled (ai_poll.c) */
   struct poll *polls;
-  struct taking *taking; /* AI results whose SR is being written (ai_results.c) */
+  struct taking *taking;       /* AI results whose SR is being written (ai_results.c) */
+  struct sr_failed *sr_failed; /* SR files that could not be written (the last few) */
+  void (*files_ready)(void *ud);
+  void *files_ready_ud;
   struct poll_token *poll_tokens;
 };
 
@@ -122,6 +125,8 @@ int rr_channel_notify_route(rr_channel_t *ch, const rr_destination_config_t *d, 
                             rr_journal_route_t *route, char **owned);
 void rr_engine_notify_stop(rr_engine_t *e);
 void rr_engine_ai_poll_free(rr_engine_t *e);
+/* rr_engine_ai_results_free: what ai_results.c keeps (at shutdown). */
+void rr_engine_ai_results_free(rr_engine_t *e);
 void rr_engine_notify_free(rr_engine_t *e);
 
 /* rr_channel_start_dicomweb: the QIDO-RS poller of a DICOMweb source. */

@@ -1005,5 +1005,6 @@ void rr_engine_free(rr_engine_t *e) {
   }
   rr_engine_notify_free(e);
   rr_engine_ai_poll_free(e);
+  rr_engine_ai_results_free(e);
   free(e);
 }

@@ -255,6 +255,11 @@ int rr_cmd_check(int argc, char **argv) {
 
 /* The running engine's pid sits beside its store, so `radrelay reload -c`
  * finds it from the same configuration. */
+/* An SR file the dispatcher waited for is written. */
+static void files_ready(void *ud) {
+  rr_dispatch_kick(ud);
+}
+
 static void pid_path(const rr_config_t *cfg, char *out, size_t cap) {
   snprintf(out, cap, "%s.pid", cfg->store_path);
 }
@@ -346,6 +351,8 @@ int rr_cmd_run(int argc, char **argv) {
   rr_dispatch_set_replay(s.dispatch, rr_engine_replay, s.engine);
   rr_dispatch_set_inject(s.dispatch, rr_engine_inject, s.engine);
   rr_dispatch_set_study_complete(s.dispatch, rr_engine_study_complete, s.engine);
+  rr_dispatch_set_file_gate(s.dispatch, rr_engine_sr_gate, s.engine);
+  rr_engine_set_files_ready(s.engine, files_ready, s.dispatch);
   rr_dispatch_set_ai(s.dispatch, cfg.http_public_url[0] ? cfg.http_public_url : NULL,
                      rr_engine_ai_result, s.engine);
   /* The alerts' destination: an HTTP POST of each raise and clear. */

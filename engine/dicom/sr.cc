@@ -266,6 +266,8 @@ void validate(const rr_dicom_sr_input_t *in, const std::vector<Ref> &refs) {
     fail(RR_EINVAL, "device: invalid device UID");
   if (in->series_instance_uid && !valid_uid(in->series_instance_uid))
     fail(RR_EINVAL, "invalid series instance UID");
+  if (in->sop_instance_uid && !valid_uid(in->sop_instance_uid))
+    fail(RR_EINVAL, "invalid SOP instance UID");
   if (in->series_description && strlen(in->series_description) > 64)
     fail(RR_EINVAL, "series description longer than 64");
   if (!in->findings && in->n_findings)
@@ -527,7 +529,7 @@ int write_sr(const rr_dicom_sr_input_t *in, rr_dicom_sr_result_t *out) {
   DcmFileFormat ff;
   DcmDataset *ds = ff.getDataset();
   check(doc.write(*ds), "SR document");
-  std::string sop = new_uid();
+  std::string sop = in->sop_instance_uid ? in->sop_instance_uid : new_uid();
   std::string series = in->series_instance_uid ? in->series_instance_uid : new_uid();
   check(ds->putAndInsertString(DCM_SOPInstanceUID, sop.c_str()), "SOP instance UID");
   check(ds->putAndInsertString(DCM_SeriesInstanceUID, series.c_str()), "series instance UID");
@@ -805,6 +807,18 @@ extern "C" int rr_dicom_sr_write(const rr_dicom_sr_input_t *in, rr_dicom_sr_resu
   } catch (...) {
     set_error(err, "internal error");
     return RR_DICOM_EINTERNAL;
+  }
+}
+
+extern "C" int rr_dicom_sr_new_uid(char out[65]) {
+  out[0] = '\0';
+  try {
+    snprintf(out, 65, "%s", new_uid().c_str());
+    return 0;
+  } catch (const Fail &f) {
+    return f.code;
+  } catch (...) {
+    return RR_ENOMEM;
   }
 }
 

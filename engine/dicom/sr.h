@@ -148,6 +148,7 @@ typedef struct rr_dicom_sr_input {
   rr_dicom_code_t procedure; /* the imaging procedure reported; required */
   const rr_dicom_sr_finding_t *findings;
   size_t n_findings;
+  const char *sop_instance_uid;    /* NULL: new (given: the same document written again) */
   const char *series_instance_uid; /* NULL: new */
   const char *series_description;  /* NULL: "AI Results" */
   int series_number;               /* <= 0: 900 */
@@ -176,6 +177,10 @@ typedef struct rr_dicom_sr_error {
  * RR_DICOM_EINTERNAL. Any thread; blocking. */
 int rr_dicom_sr_write(const rr_dicom_sr_input_t *in, rr_dicom_sr_result_t *out,
                       rr_dicom_sr_error_t *err);
+
+/* rr_dicom_sr_new_uid: a new UID (2.25 and a random UUID, PS3.5 B.2), for
+ * an SR whose UID is needed before it is written. 0, or a negative errno. */
+int rr_dicom_sr_new_uid(char out[65]);
 
 /* What rr_dicom_sr_read_summary found. Every string and array is owned by
  * the summary (valid until rr_dicom_sr_summary_free) and never NULL ("" when

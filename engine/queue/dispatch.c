@@ -101,6 +101,8 @@ struct rr_dispatch {
   void *replay_ud;
   int (*complete)(void *ud, const char *study_uid);
   void *complete_ud;
+  rr_dispatch_file_gate_fn file_gate;
+  void *file_gate_ud;
   char *ai_callback_base;
   rr_dispatch_ai_result_fn ai_result;
   void *ai_result_ud;
@@ -838,6 +840,9 @@ static int delivery_files(dest_t *x, attempt_t *a) {
     rc = RR_EPARSE;
   }
   json_decref(o);
+  rr_dispatch_t *d = x->owner;
+  for (size_t i = 0; rc == 0 && d->file_gate && i < a->npaths; i++)
+    rc = d->file_gate(d->file_gate_ud, a->paths[i]);
   return rc;
 }
 
@@ -1011,6 +1016,16 @@ void rr_dispatch_set_study_complete(rr_dispatch_t *d, int (*fn)(void *ud, const 
                                     void *ud) {
   d->complete = fn;
   d->complete_ud = ud;
+}
+
+void rr_dispatch_set_file_gate(rr_dispatch_t *d, rr_dispatch_file_gate_fn fn, void *ud) {
+  d->file_gate = fn;
+  d->file_gate_ud = ud;
+}
+
+void rr_dispatch_kick(rr_dispatch_t *d) {
+  for (dest_t *x = d->dests; x; x = x->next)
+    pump(x);
 }
 
 void rr_dispatch_set_ai(rr_dispatch_t *d, const char *callback_base, rr_dispatch_ai_result_fn fn,

@@ -152,6 +152,14 @@ void rr_dispatch_set_ai(rr_dispatch_t *d, const char *callback_base, rr_dispatch
                         void *ud);
 void rr_dispatch_set_study_complete(rr_dispatch_t *d, int (*fn)(void *ud, const char *study_uid),
                                     void *ud);
+/* rr_dispatch_set_file_gate: asked before a DICOM (C-STORE or STOW-RS)
+ * delivery sends a file: 0 it may go, RR_EAGAIN it is still being written
+ * (the destination waits; rr_dispatch_kick when it is ready), RR_ENOTFOUND
+ * it never will be (the delivery is dead). */
+typedef int (*rr_dispatch_file_gate_fn)(void *ud, const char *path);
+void rr_dispatch_set_file_gate(rr_dispatch_t *d, rr_dispatch_file_gate_fn fn, void *ud);
+/* rr_dispatch_kick: every destination tries its next deliveries again. */
+void rr_dispatch_kick(rr_dispatch_t *d);
 /* rr_dispatch_add: a destination (cfg copied): opens its transport, loads
  * its queue's first window and starts delivering. On failure a description
  * is appended to err. */

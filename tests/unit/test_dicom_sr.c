@@ -403,6 +403,33 @@ static void test_caller_series_and_utf8(void) {
   free(text);
 }
 
+/* The same document written again (an SR whose file was lost): the SOP
+ * Instance UID is the caller's, from rr_dicom_sr_new_uid. */
+static void test_caller_sop_uid(void) {
+  char uid[65], path[512];
+  CHECK_EQ_INT(rr_dicom_sr_new_uid(uid), 0);
+  CHECK(strncmp(uid, "2.25.", 5) == 0 && strlen(uid) > 30 && strlen(uid) <= 64);
+  char other[65];
+  CHECK_EQ_INT(rr_dicom_sr_new_uid(other), 0);
+  CHECK(strcmp(uid, other) != 0);
+  snprintf(path, sizeof(path), "%s/again.dcm", g_work);
+  rr_dicom_sr_input_t in = base_input(path);
+  in.sop_instance_uid = uid;
+  rr_dicom_sr_result_t res;
+  rr_dicom_sr_error_t err;
+  CHECK_EQ_INT(rr_dicom_sr_write(&in, &res, &err), 0);
+  CHECK(streq(res.sop_instance_uid, uid));
+  rr_dicom_sr_summary_t *s = NULL;
+  CHECK_EQ_INT(rr_dicom_sr_read_summary(path, &s, &err), 0);
+  if (s) {
+    CHECK(streq(s->sop_instance_uid, uid));
+    rr_dicom_sr_summary_free(s);
+  }
+  in.sop_instance_uid = "2.25.x";
+  CHECK_EQ_INT(rr_dicom_sr_write(&in, NULL, &err), RR_EINVAL);
+  CHECK(strstr(err.text, "SOP instance UID") != NULL);
+}
+
 static void test_invalid_input(void) {
   char dir[400], path[512];
   snprintf(dir, sizeof(dir), "%s/bad", g_work);
@@ -502,6 +529,7 @@ int main(int argc, char **argv) {
   RUN(test_dsrdump);
   RUN(test_dcmdump_attributes);
   RUN(test_caller_series_and_utf8);
+  RUN(test_caller_sop_uid);
   RUN(test_invalid_input);
 
   int rc = TEST_SUMMARY();
