@@ -100,10 +100,7 @@ struct rr_journal {
   size_t queued_entries; /* non-barrier entries in the queue */
   rr_journal_stats_t stats;
   uint64_t flight_us; /* written by the worker */
-  /* WAL checkpoints: SQLite's automatic one would run inside the COMMIT
-   * that crosses the threshold, holding back that batch's answers. The
-   * journal runs it on the writer after the answers went out instead;
-   * commits wait for it (busy stays set), as they would for SQLite's. */
+  /* WAL checkpoints (see "checkpoints" below). */
   int wal_pages;      /* frames in the WAL after the last commit (worker) */
   int ckpt_pages;     /* frames in the WAL when the checkpoint started */
   bool ckpt_due;      /* a checkpoint follows the batch being answered */
@@ -111,6 +108,13 @@ struct rr_journal {
   int ckpt_rc;        /* written by the worker */
   char ckpt_err[128]; /* written by the worker */
   uint64_t ckpt_us;   /* written by the worker */
+  sqlite3 *cdb;       /* the checkpointer's connection (thread pool), or NULL */
+  uv_work_t bg_work;
+  bool bg_running;  /* a checkpoint on cdb is running */
+  bool bg_ran;      /* one ran since the WAL last started over */
+  int bg_rc;        /* written by the worker */
+  char bg_err[128]; /* written by the worker */
+  uint64_t bg_us;   /* written by the worker */
   /* Fingerprints of (sender, control id) of every message journaled or
    * queued: a resend check that misses here needs no read of the store. */
   uint32_t *fp;
@@ -489,6 +493,16 @@ int rr_journal_open(uv_loop_t *loop, const char *path, rr_journal_sync_t sync, r
     rc = fail(j->rdb, "open reader", errmsg);
     goto out;
   }
+  /* Without it the writer checkpoints alone; with it, the checkpoint's
+   * fsyncs are as the writer's (synchronous). */
+  if (sqlite3_open_v2(path, &j->cdb, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, NULL) !=
+          SQLITE_OK ||
+      sqlite3_exec(j->cdb, syncs[sync], NULL, NULL, NULL) != SQLITE_OK) {
+    rr_log(RR_LOG_WARN, "journal", "event=checkpointer_unavailable error=\"%s\"",
+           j->cdb ? sqlite3_errmsg(j->cdb) : "out of memory");
+    sqlite3_close(j->cdb);
+    j->cdb = NULL;
+  }
   if ((rc = prepare(j->wdb,
                     "INSERT INTO messages(channel, peer, received_ms, sending_app,"
                     " sending_facility, message_type, control_id, mrn, accession, study_uid,"
@@ -635,6 +649,8 @@ static void report(rr_journal_t *j, batch_t *b, int status) {
 void rr_journal_close(rr_journal_t *j) {
   if (!j)
     return;
+  while (j->loop && j->bg_running) /* its connection closes below */
+    uv_run(j->loop, UV_RUN_ONCE);
   if (j->loop && !uv_is_closing((uv_handle_t *)&j->gather)) {
     uv_close((uv_handle_t *)&j->gather, NULL);
     uv_run(j->loop, UV_RUN_NOWAIT); /* lets libuv finish closing it */
@@ -659,6 +675,7 @@ void rr_journal_close(rr_journal_t *j) {
     free(j->rstmt[i].sql);
   }
   sqlite3_close(j->rdb);
+  sqlite3_close(j->cdb);
   sqlite3_close(j->wdb);
   free(j->prev_sources);
   free(j->fp);
@@ -670,7 +687,7 @@ size_t rr_journal_pending(const rr_journal_t *j) {
 }
 
 bool rr_journal_idle(const rr_journal_t *j) {
-  return !j->busy && j->queue.n == 0;
+  return !j->busy && j->queue.n == 0 && !j->bg_running;
 }
 
 void rr_journal_set_idle_cb(rr_journal_t *j, void (*cb)(void *ud), void *ud) {
@@ -1250,8 +1267,32 @@ static void finish_flight(rr_journal_t *j) {
   free_batch(&b);
 }
 
-/* Worker thread: the checkpoint after an answered batch. PASSIVE: frames
- * a reader still needs stay in the WAL until a later one. */
+/* ---- checkpoints ------------------------------------------------------------
+ * SQLite's automatic checkpoint runs inside the COMMIT that takes the WAL
+ * past 1,000 pages, so that batch's answers would wait for it (copying
+ * the pages to the database file and two fsyncs: milliseconds). The
+ * journal's WAL hook replaces it. Once the WAL has 1,000 pages, a PASSIVE
+ * checkpoint runs on a connection of its own in the thread pool while
+ * commits go on; it copies what the WAL held when it started. The writer
+ * then, between two batches (after the first one's answers went out),
+ * runs one more PASSIVE checkpoint for what came meanwhile, short, so that
+ * the WAL starts over at the next commit: a checkpointer alone never
+ * catches up with a writer that never pauses, and the WAL would grow
+ * without end. Commits wait for the writer's checkpoint (busy stays set).
+ * Without the second connection the writer does it all. */
+
+static void note_checkpoint(rr_journal_t *j, bool ok, const char *err, uint64_t us) {
+  j->stats.checkpoints++;
+  j->stats.checkpoint_us_total += us;
+  if (!ok && !j->ckpt_failing)
+    rr_log(RR_LOG_WARN, "journal", "event=checkpoint_failed wal_pages=%d error=\"%s\"",
+           j->ckpt_pages, err);
+  else if (ok && j->ckpt_failing)
+    rr_log(RR_LOG_INFO, "journal", "event=checkpoint_recovered wal_pages=%d", j->ckpt_pages);
+  j->ckpt_failing = !ok;
+}
+
+/* Worker thread: the writer's checkpoint after an answered batch. */
 static void ckpt_work(uv_work_t *w) {
   rr_journal_t *j = w->data;
   uint64_t t0 = uv_hrtime();
@@ -1265,17 +1306,31 @@ static void ckpt_work(uv_work_t *w) {
 static void ckpt_done(uv_work_t *w, int status) {
   rr_journal_t *j = w->data;
   bool ok = status == 0 && j->ckpt_rc == SQLITE_OK;
-  j->stats.checkpoints++;
-  j->stats.checkpoint_us_total += j->ckpt_us;
-  if (!ok && !j->ckpt_failing)
-    rr_log(RR_LOG_WARN, "journal", "event=checkpoint_failed wal_pages=%d error=\"%s\"",
-           j->ckpt_pages, status ? "cancelled" : j->ckpt_err);
-  else if (ok && j->ckpt_failing)
-    rr_log(RR_LOG_INFO, "journal", "event=checkpoint_recovered wal_pages=%d", j->ckpt_pages);
-  j->ckpt_failing = !ok;
+  note_checkpoint(j, ok, status ? "cancelled" : j->ckpt_err, j->ckpt_us);
   j->ckpt_due = false;
+  j->bg_ran = false;
   j->busy = false;
   rr_journal_kick(j);
+}
+
+/* Worker thread: the checkpointer's, beside the commits. */
+static void bg_work(uv_work_t *w) {
+  rr_journal_t *j = w->data;
+  uint64_t t0 = uv_hrtime();
+  int log = 0, done = 0;
+  j->bg_rc = sqlite3_wal_checkpoint_v2(j->cdb, NULL, SQLITE_CHECKPOINT_PASSIVE, &log, &done);
+  if (j->bg_rc != SQLITE_OK)
+    snprintf(j->bg_err, sizeof j->bg_err, "%s", sqlite3_errmsg(j->cdb));
+  j->bg_us = (uv_hrtime() - t0) / 1000;
+}
+
+static void bg_done(uv_work_t *w, int status) {
+  rr_journal_t *j = w->data;
+  j->bg_running = false;
+  j->bg_ran = true; /* the writer finishes after its next batch, also after a failure */
+  bool ok = status == 0 && (j->bg_rc == SQLITE_OK || j->bg_rc == SQLITE_BUSY);
+  note_checkpoint(j, ok, status ? "cancelled" : j->bg_err, j->bg_us);
+  rr_journal_kick(j); /* a shutdown may have waited for it */
 }
 
 static void commit_done(uv_work_t *w, int status) {
@@ -1285,9 +1340,19 @@ static void commit_done(uv_work_t *w, int status) {
   if (j->flight_rc)
     rr_log(RR_LOG_ERROR, "journal", "event=commit_failed entries=%zu error=\"%s\"", j->flight.n,
            j->flight_err);
-  j->ckpt_due = j->flight_rc == 0 && j->wal_pages >= CKPT_PAGES;
-  j->ckpt_pages = j->wal_pages;
+  int pages = j->wal_pages;
   j->wal_pages = 0;
+  bool full = j->flight_rc == 0 && pages >= CKPT_PAGES;
+  if (j->flight_rc == 0 && pages > 0 && pages < CKPT_PAGES)
+    j->bg_ran = false; /* the WAL started over */
+  j->ckpt_due = full && (j->bg_ran || !j->cdb);
+  j->ckpt_pages = pages;
+  if (full && !j->ckpt_due && !j->bg_running) {
+    j->bg_work.data = j;
+    j->bg_running = uv_queue_work(j->loop, &j->bg_work, bg_work, bg_done) == 0;
+    if (!j->bg_running)
+      j->ckpt_due = true;
+  }
   finish_flight(j);
   if (j->ckpt_due) {
     j->work.data = j;
@@ -1312,7 +1377,7 @@ void rr_journal_kick(rr_journal_t *j) {
   if (j->busy)
     return;
   if (j->queue.n == 0) {
-    if (j->idle_cb) {
+    if (j->idle_cb && !j->bg_running) {
       void (*cb)(void *) = j->idle_cb;
       j->idle_cb = NULL;
       cb(j->idle_ud);
