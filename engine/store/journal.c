@@ -1305,7 +1305,8 @@ static void ckpt_work(uv_work_t *w) {
 
 static void ckpt_done(uv_work_t *w, int status) {
   rr_journal_t *j = w->data;
-  bool ok = status == 0 && j->ckpt_rc == SQLITE_OK;
+  /* BUSY: another connection (an operator's sqlite3) was checkpointing */
+  bool ok = status == 0 && (j->ckpt_rc == SQLITE_OK || j->ckpt_rc == SQLITE_BUSY);
   note_checkpoint(j, ok, status ? "cancelled" : j->ckpt_err, j->ckpt_us);
   j->ckpt_due = false;
   j->bg_ran = false;

@@ -124,6 +124,8 @@ static void run_checkpoints(bool hold) {
     if (stat(wal, &st) == 0 && st.st_size > wal_max)
       wal_max = st.st_size;
   }
+  while (!rr_journal_idle(r.j)) /* a checkpoint may still run */
+    uv_run(&loop, UV_RUN_ONCE);
   rr_journal_stats_t js;
   rr_journal_stats(r.j, &js);
   CHECK_EQ_INT(r.failed, 0);
