@@ -1,5 +1,6 @@
 /* radrelay run / check: load the configuration, open the store, serve. */
 #include <errno.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -306,6 +307,15 @@ int rr_cmd_run(int argc, char **argv) {
     rr_log_set_level((rr_log_level_t)l);
   }
   signal(SIGPIPE, SIG_IGN);
+  /* A SIGTERM or SIGINT while starting (a supervisor that stops the engine
+   * as soon as it says ready) waits until its handler is installed, and
+   * then stops the engine cleanly. Threads started meanwhile keep them
+   * blocked: the loop thread takes them. */
+  sigset_t stop_signals, old_mask;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, &old_mask);
   /* Every connection is a descriptor: take what the hard limit allows. */
   struct rlimit rl;
   if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
@@ -492,6 +502,7 @@ int rr_cmd_run(int argc, char **argv) {
   s.sigusr2.data = &s;
   uv_signal_start(&s.sigusr2, on_sigusr2, SIGUSR2);
   uv_unref((uv_handle_t *)&s.sigusr2);
+  pthread_sigmask(SIG_SETMASK, &old_mask, NULL);
   rr_dispatch_apply_ops(s.dispatch); /* left while no engine ran */
   s.journal = journal;
   s.retention_days = cfg.retention_days;
@@ -513,6 +524,7 @@ int rr_cmd_run(int argc, char **argv) {
   rr_log(RR_LOG_INFO, "engine", "event=stopped");
   status = 0;
 out:
+  pthread_sigmask(SIG_SETMASK, &old_mask, NULL);
   rr_engine_free(s.engine);
   rr_journal_close(journal); /* idle by now; anything left reports to the dispatcher */
   rr_dispatch_free(s.dispatch);
