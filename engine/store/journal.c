@@ -1292,15 +1292,20 @@ static void note_checkpoint(rr_journal_t *j, bool ok, const char *err, uint64_t 
   j->ckpt_failing = !ok;
 }
 
+/* Worker thread: one PASSIVE checkpoint on db; its status, error and time. */
+static void checkpoint(sqlite3 *db, int *rc, char err[128], uint64_t *us) {
+  uint64_t t0 = uv_hrtime();
+  int log = 0, done = 0;
+  *rc = sqlite3_wal_checkpoint_v2(db, NULL, SQLITE_CHECKPOINT_PASSIVE, &log, &done);
+  if (*rc != SQLITE_OK)
+    snprintf(err, 128, "%s", sqlite3_errmsg(db));
+  *us = (uv_hrtime() - t0) / 1000;
+}
+
 /* Worker thread: the writer's checkpoint after an answered batch. */
 static void ckpt_work(uv_work_t *w) {
   rr_journal_t *j = w->data;
-  uint64_t t0 = uv_hrtime();
-  int log = 0, done = 0;
-  j->ckpt_rc = sqlite3_wal_checkpoint_v2(j->wdb, NULL, SQLITE_CHECKPOINT_PASSIVE, &log, &done);
-  if (j->ckpt_rc != SQLITE_OK)
-    snprintf(j->ckpt_err, sizeof j->ckpt_err, "%s", sqlite3_errmsg(j->wdb));
-  j->ckpt_us = (uv_hrtime() - t0) / 1000;
+  checkpoint(j->wdb, &j->ckpt_rc, j->ckpt_err, &j->ckpt_us);
 }
 
 static void ckpt_done(uv_work_t *w, int status) {
@@ -1317,12 +1322,7 @@ static void ckpt_done(uv_work_t *w, int status) {
 /* Worker thread: the checkpointer's, beside the commits. */
 static void bg_work(uv_work_t *w) {
   rr_journal_t *j = w->data;
-  uint64_t t0 = uv_hrtime();
-  int log = 0, done = 0;
-  j->bg_rc = sqlite3_wal_checkpoint_v2(j->cdb, NULL, SQLITE_CHECKPOINT_PASSIVE, &log, &done);
-  if (j->bg_rc != SQLITE_OK)
-    snprintf(j->bg_err, sizeof j->bg_err, "%s", sqlite3_errmsg(j->cdb));
-  j->bg_us = (uv_hrtime() - t0) / 1000;
+  checkpoint(j->cdb, &j->bg_rc, j->bg_err, &j->bg_us);
 }
 
 static void bg_done(uv_work_t *w, int status) {
