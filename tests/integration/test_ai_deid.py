@@ -86,12 +86,8 @@ def parts(body, ctype):
 
 def configure(tmp, ai_url, ris_port, pager_port, api_port, result="sync"):
     wf.configure(tmp, ai_url, "active", result, ris_port, pager_port, api_port)
-    path = os.path.join(tmp, "channels", "imaging.json")
-    with open(path) as f:
-        imaging = json.load(f)
-    imaging["destinations"]["hemorrhage"]["deidentify"] = True
-    with open(path, "w") as f:
-        json.dump(imaging, f)
+    wf.edit_imaging(tmp, lambda imaging: imaging["destinations"]["hemorrhage"].update(
+        {"deidentify": True}))
 
 
 def main():

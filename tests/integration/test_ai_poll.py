@@ -32,12 +32,8 @@ SKIP = 77
 
 
 def set_poll(tmp, seconds):
-    path = os.path.join(tmp, "channels", "imaging.json")
-    with open(path) as f:
-        imaging = json.load(f)
-    imaging["destinations"]["hemorrhage"]["poll_s"] = seconds
-    with open(path, "w") as f:
-        json.dump(imaging, f)
+    wf.edit_imaging(tmp, lambda imaging: imaging["destinations"]["hemorrhage"].update(
+        {"poll_s": seconds}))
 
 
 def main():

@@ -42,13 +42,8 @@ from test_study_matching import Receiver, orm, send_hl7, store, wait_for  # noqa
 
 
 def pacs_port(tmp, port):
-    path = os.path.join(tmp, "channels", "imaging.json")
-    with open(path) as f:
-        imaging = json.load(f)
-    imaging["destinations"]["pacs"].update({"port": port, "backoff_base_ms": 200,
-                                            "backoff_max_ms": 500})
-    with open(path, "w") as f:
-        json.dump(imaging, f)
+    wf.edit_imaging(tmp, lambda imaging: imaging["destinations"]["pacs"].update(
+        {"port": port, "backoff_base_ms": 200, "backoff_max_ms": 500}))
 
 
 def main():

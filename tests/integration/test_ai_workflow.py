@@ -218,6 +218,16 @@ def configure(tmp, ai_url, ai_mode, result, ris_port, pager_port, api_port, max_
                             "public_url": f"http://{HOST}:{api_port}"}}, f)
 
 
+def edit_imaging(tmp, change):
+    """change(imaging) edits the test's copy of channels/imaging.json."""
+    path = os.path.join(tmp, "channels", "imaging.json")
+    with open(path) as f:
+        imaging = json.load(f)
+    change(imaging)
+    with open(path, "w") as f:
+        json.dump(imaging, f)
+
+
 IMAGES_ROOT = [""]
 PACS = [None]
 VERDICTS = [None]  # the AI audit's receiver of report records (reports.json)

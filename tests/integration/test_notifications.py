@@ -48,14 +48,11 @@ REPEAT_S, NEXT_S = 2, 5
 
 def configure(tmp, ai_url, ris_port, pager_port, api_port):
     wf.configure(tmp, ai_url, "active", "sync", ris_port, pager_port, api_port)
-    path = os.path.join(tmp, "channels", "imaging.json")
-    with open(path) as f:
-        imaging = json.load(f)
-    imaging["source"]["late_series"] = "reopen"
-    imaging["destinations"]["pager"]["escalation"] = {
-        "chain": CHAIN, "categories": {"1": {"repeat_s": REPEAT_S, "next_s": NEXT_S}}}
-    with open(path, "w") as f:
-        json.dump(imaging, f)
+    def change(imaging):
+        imaging["source"]["late_series"] = "reopen"
+        imaging["destinations"]["pager"]["escalation"] = {
+            "chain": CHAIN, "categories": {"1": {"repeat_s": REPEAT_S, "next_s": NEXT_S}}}
+    wf.edit_imaging(tmp, change)
     with open(os.path.join(tmp, "tokens"), "a") as f:
         f.write(f"operator pager-gateway {hashlib.sha256(OPERATOR.encode()).hexdigest()}\n")
 
