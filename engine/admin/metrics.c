@@ -234,6 +234,11 @@ void rr_admin_metrics(void *ud, rr_http_req_t *req) {
          "Time spent in WAL checkpoints.");
   rr_buf_printf(&o.b, "radrelay_store_checkpoint_seconds_total %.6f\n",
                 (double)js.checkpoint_us_total / 1e6);
+  family(&o, "radrelay_store_syncs_total", "counter",
+         "fdatasyncs of the WAL that made committed batches durable.");
+  rr_buf_printf(&o.b, "radrelay_store_syncs_total %llu\n", (unsigned long long)js.syncs);
+  family(&o, "radrelay_store_sync_seconds_total", "counter", "Time spent in those fdatasyncs.");
+  rr_buf_printf(&o.b, "radrelay_store_sync_seconds_total %.6f\n", (double)js.sync_us_total / 1e6);
   if (a->dispatch)
     for (int which = 0; which < 2; which++) {
       dest_pass_t p = {&o, which};

@@ -925,13 +925,16 @@ static void on_journal_idle(void *ud) {
   rr_journal_stats(e->journal, &js);
   rr_log(RR_LOG_INFO, "journal",
          "event=stats commits=%llu messages=%llu mean_batch=%.1f max_batch=%llu "
-         "mean_commit_us=%llu failed_commits=%llu checkpoints=%llu mean_checkpoint_us=%llu",
+         "mean_commit_us=%llu failed_commits=%llu checkpoints=%llu mean_checkpoint_us=%llu "
+         "syncs=%llu mean_sync_us=%llu",
          (unsigned long long)js.commits, (unsigned long long)js.entries,
          js.commits ? (double)js.entries / (double)js.commits : 0.0,
          (unsigned long long)js.max_batch,
          (unsigned long long)(js.commits ? js.commit_us_total / js.commits : 0),
          (unsigned long long)js.failed_commits, (unsigned long long)js.checkpoints,
-         (unsigned long long)(js.checkpoints ? js.checkpoint_us_total / js.checkpoints : 0));
+         (unsigned long long)(js.checkpoints ? js.checkpoint_us_total / js.checkpoints : 0),
+         (unsigned long long)js.syncs,
+         (unsigned long long)(js.syncs ? js.sync_us_total / js.syncs : 0));
   for (rr_channel_t *ch = e->channels; ch; ch = ch->next) {
     rr_log(RR_LOG_INFO, "channel",
            "event=stop channel=%s received=%llu accepted=%llu errored=%llu rejected=%llu "

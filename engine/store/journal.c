@@ -1,12 +1,14 @@
 /* SQLite journal: pipelined group commit on a libuv worker thread. */
 #include "store/journal.h"
 
+#include <errno.h>
 #include <jansson.h>
 #include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "audit/audit.h"
 #include "core/array.h"
@@ -50,6 +52,18 @@ typedef struct batch {
   size_t n, cap;
 } batch_t;
 
+/* A batch whose transaction has ended, waiting for its turn to be answered:
+ * batches are answered in the order they were committed, each once its
+ * commit is on disk (see "durability" below). */
+typedef struct done_batch {
+  batch_t b;
+  int rc;
+  uint64_t us;  /* BEGIN..COMMIT, plus the fdatasync that made it durable */
+  bool ready;   /* durable, failed, or nothing to wait for */
+  bool syncing; /* covered by the fdatasync running now */
+} done_batch_t;
+#define DONE_MAX 64 /* more committed and unanswered: the next commit waits */
+
 /* The reader's queries run on the loop thread after nearly every commit
  * (study contexts, orders, what to route); preparing one costs about as
  * much as running it, so they stay prepared, the least recently used
@@ -85,6 +99,17 @@ struct rr_journal {
   batch_t queue;  /* collecting (loop thread) */
   batch_t flight; /* being committed */
   bool busy;
+  /* Committed batches not yet answered, oldest first, and the fdatasync of
+   * the WAL that makes them durable (see "durability" below). */
+  done_batch_t done[DONE_MAX];
+  size_t ndone;
+  bool draining;
+  int wal_fd;        /* the WAL, for that fdatasync; -1: SQLite's commit syncs */
+  bool sync_failing; /* the last fdatasync failed (logged once per streak) */
+  uv_work_t sync_work;
+  bool sync_running;
+  int sync_errno;   /* written by the worker */
+  uint64_t sync_us; /* written by the worker */
   int flight_rc;
   char flight_err[256];
   uv_work_t work;
@@ -446,6 +471,7 @@ int rr_journal_open(uv_loop_t *loop, const char *path, rr_journal_sync_t sync, r
   if (!j)
     goto out;
   j->loop = loop;
+  j->wal_fd = -1;
   j->gather_us = 0;
   uv_timer_init(loop, &j->gather);
   j->gather.data = j;
@@ -600,6 +626,9 @@ int rr_journal_open(uv_loop_t *loop, const char *path, rr_journal_sync_t sync, r
                     &j->order_cancel, errmsg)) ||
       (rc = fp_load(j, errmsg)))
     goto out;
+  /* The WAL is open now (the schema was written through it). */
+  if (vfs)
+    j->wal_fd = rr_wal_vfs_wal_fd(j->wdb);
   *out = j;
   return 0;
 out:
@@ -649,7 +678,9 @@ static void report(rr_journal_t *j, batch_t *b, int status) {
 void rr_journal_close(rr_journal_t *j) {
   if (!j)
     return;
-  while (j->loop && j->bg_running) /* its connection closes below */
+  /* the checkpointer's connection closes below; committed batches are
+   * answered once durable */
+  while (j->loop && (j->bg_running || j->sync_running || j->ndone))
     uv_run(j->loop, UV_RUN_ONCE);
   if (j->loop && !uv_is_closing((uv_handle_t *)&j->gather)) {
     uv_close((uv_handle_t *)&j->gather, NULL);
@@ -677,6 +708,8 @@ void rr_journal_close(rr_journal_t *j) {
   sqlite3_close(j->rdb);
   sqlite3_close(j->cdb);
   sqlite3_close(j->wdb);
+  if (j->wal_fd >= 0)
+    close(j->wal_fd);
   free(j->prev_sources);
   free(j->fp);
   free(j);
@@ -687,7 +720,7 @@ size_t rr_journal_pending(const rr_journal_t *j) {
 }
 
 bool rr_journal_idle(const rr_journal_t *j) {
-  return !j->busy && j->queue.n == 0 && !j->bg_running;
+  return !j->busy && j->queue.n == 0 && !j->bg_running && !j->ndone && !j->sync_running;
 }
 
 void rr_journal_set_idle_cb(rr_journal_t *j, void (*cb)(void *ud), void *ud) {
@@ -1163,6 +1196,8 @@ static void commit_work(uv_work_t *w) {
   rr_journal_t *j = w->data;
   batch_t *b = &j->flight;
   uint64_t t0 = uv_hrtime();
+  if (j->wal_fd >= 0)
+    rr_wal_vfs_defer_sync(j->wdb, 1); /* the fdatasync follows outside the lock */
   int rc = step_once(j->begin);
   j->audit_tip = j->audit.head; /* appends advance this; kept only if the COMMIT is */
   for (size_t i = 0; rc == 0 && i < b->n; i++)
@@ -1198,6 +1233,8 @@ static void commit_work(uv_work_t *w) {
     if (!sqlite3_get_autocommit(j->wdb))
       step_once(j->rollback);
   }
+  if (j->wal_fd >= 0)
+    rr_wal_vfs_defer_sync(j->wdb, 0);
   j->flight_rc = rc;
   j->flight_us = (uv_hrtime() - t0) / 1000;
 }
@@ -1240,8 +1277,8 @@ static void learn_sources(rr_journal_t *j, const batch_t *b) {
   j->nprev = n;
 }
 
-static void finish_flight(rr_journal_t *j) {
-  batch_t b = j->flight;
+/* Answers one batch: statistics, then its callbacks in order. */
+static void complete(rr_journal_t *j, batch_t b, int rc, uint64_t us) {
   size_t entries = 0;
   for (size_t i = 0; i < b.n; i++)
     entries += !b.v[i].barrier && !b.v[i].kv && !b.v[i].delivery && !b.v[i].replay &&
@@ -1253,18 +1290,106 @@ static void finish_flight(rr_journal_t *j) {
   if (entries) {
     j->stats.commits++;
     j->stats.entries += entries;
-    j->stats.commit_us_total += j->flight_us;
+    j->stats.commit_us_total += us;
     if (entries > j->stats.max_batch)
       j->stats.max_batch = entries;
-    if (j->flight_rc)
+    if (rc)
       j->stats.failed_commits++;
-    rr_histo_observe(&j->stats.commit_latency, (double)j->flight_us / 1e6);
+    rr_histo_observe(&j->stats.commit_latency, (double)us / 1e6);
   }
-  j->stats.last_failed = j->flight_rc != 0;
-  memset(&j->flight, 0, sizeof j->flight);
-  j->busy = j->ckpt_due; /* what the answers queue waits for the checkpoint */
-  report(j, &b, j->flight_rc);
+  j->stats.last_failed = rc != 0;
+  report(j, &b, rc);
   free_batch(&b);
+}
+
+/* ---- durability ---------------------------------------------------------------
+ * With synchronous=FULL, SQLite would hold the write lock while its COMMIT
+ * waits for fdatasync of the WAL, so the next batch could not start until
+ * the disk answered. The journal's WAL shim instead writes the commit's
+ * frames and leaves the wait to the journal (store/wal_vfs.c): after the
+ * COMMIT, the next batch is written while the thread pool runs one
+ * fdatasync of the WAL for every batch committed so far. A batch is
+ * answered (ACKs, enqueue callbacks) only once that fdatasync returned, in
+ * commit order; one that failed to commit waits for those before it. A
+ * failed fdatasync fails the batches it covered (their senders get a
+ * negative answer and send again; the rows, already visible to readers,
+ * are then found as duplicates). What readers see before the sync is what
+ * a crash could still take back; nothing is answered on it. */
+
+static void start_sync(rr_journal_t *j);
+
+static void drain_done(rr_journal_t *j) {
+  if (j->draining)
+    return; /* an answer's callback committed more: the loop below takes it */
+  j->draining = true;
+  while (j->ndone && j->done[0].ready) {
+    done_batch_t d = j->done[0];
+    memmove(j->done, j->done + 1, --j->ndone * sizeof *j->done);
+    complete(j, d.b, d.rc, d.us);
+  }
+  j->draining = false;
+}
+
+/* Loop thread: a committed batch (or one that needs no commit) joins the
+ * answer queue (never full here: no commit starts while it is). */
+static void push_done(rr_journal_t *j, batch_t b, int rc, uint64_t us, bool ready) {
+  j->done[j->ndone++] = (done_batch_t){.b = b, .rc = rc, .us = us, .ready = ready};
+  drain_done(j);
+  start_sync(j);
+}
+
+static void sync_work(uv_work_t *w) {
+  rr_journal_t *j = w->data;
+  uint64_t t0 = uv_hrtime();
+  j->sync_errno = fdatasync(j->wal_fd) == 0 ? 0 : errno;
+  j->sync_us = (uv_hrtime() - t0) / 1000;
+}
+
+static void sync_done(uv_work_t *w, int status) {
+  rr_journal_t *j = w->data;
+  j->sync_running = false;
+  int err = status ? EINTR : j->sync_errno;
+  j->stats.syncs++;
+  j->stats.sync_us_total += j->sync_us;
+  if (err && !j->sync_failing)
+    rr_log(RR_LOG_ERROR, "journal", "event=sync_failed error=\"%s\"", strerror(err));
+  else if (!err && j->sync_failing)
+    rr_log(RR_LOG_INFO, "journal", "event=sync_recovered");
+  j->sync_failing = err != 0;
+  for (size_t i = 0; i < j->ndone; i++)
+    if (j->done[i].syncing) {
+      j->done[i].syncing = false;
+      j->done[i].ready = true;
+      j->done[i].us += j->sync_us;
+      if (err && !j->done[i].rc)
+        j->done[i].rc = RR_EIO;
+    }
+  drain_done(j);
+  start_sync(j);
+  rr_journal_kick(j); /* a shutdown may wait for it */
+}
+
+/* Starts an fdatasync for every committed batch that waits for one, unless
+ * one runs (its end starts the next). */
+static void start_sync(rr_journal_t *j) {
+  if (j->sync_running)
+    return;
+  size_t n = 0;
+  for (size_t i = 0; i < j->ndone; i++)
+    if (!j->done[i].ready) {
+      j->done[i].syncing = true;
+      n++;
+    }
+  if (!n)
+    return;
+  j->sync_work.data = j;
+  if (uv_queue_work(j->loop, &j->sync_work, sync_work, sync_done) == 0) {
+    j->sync_running = true;
+    return;
+  }
+  j->sync_running = true; /* cannot queue: wait here */
+  sync_work(&j->sync_work);
+  sync_done(&j->sync_work, 0);
 }
 
 /* ---- checkpoints ------------------------------------------------------------
@@ -1354,7 +1479,10 @@ static void commit_done(uv_work_t *w, int status) {
     if (!j->bg_running)
       j->ckpt_due = true;
   }
-  finish_flight(j);
+  batch_t b = j->flight;
+  memset(&j->flight, 0, sizeof j->flight);
+  j->busy = j->ckpt_due; /* what the answers queue waits for the checkpoint */
+  push_done(j, b, j->flight_rc, j->flight_us, j->flight_rc != 0 || j->wal_fd < 0);
   if (j->ckpt_due) {
     j->work.data = j;
     if (uv_queue_work(j->loop, &j->work, ckpt_work, ckpt_done) == 0)
@@ -1370,15 +1498,15 @@ static void start_commit(rr_journal_t *j);
 static void on_gather(uv_timer_t *t) {
   rr_journal_t *j = t->data;
   j->gather_armed = false;
-  if (!j->busy)
+  if (!j->busy && j->ndone < DONE_MAX)
     start_commit(j);
 }
 
 void rr_journal_kick(rr_journal_t *j) {
-  if (j->busy)
+  if (j->busy || j->ndone == DONE_MAX)
     return;
   if (j->queue.n == 0) {
-    if (j->idle_cb && !j->bg_running) {
+    if (j->idle_cb && !j->bg_running && !j->ndone && !j->sync_running) {
       void (*cb)(void *) = j->idle_cb;
       j->idle_cb = NULL;
       cb(j->idle_ud);
@@ -1415,18 +1543,22 @@ static void start_commit(rr_journal_t *j) {
   bool only_barriers = true;
   for (size_t i = 0; i < j->flight.n && only_barriers; i++)
     only_barriers = j->flight.v[i].barrier;
-  if (only_barriers) { /* nothing to write: answer now, in order */
+  if (only_barriers) { /* nothing to write: answered after what came before */
     size_t keep = j->last_batch;
-    finish_flight(j);
+    batch_t b = j->flight;
+    memset(&j->flight, 0, sizeof j->flight);
+    j->busy = false;
+    push_done(j, b, 0, 0, true);
     j->last_batch = keep;
     rr_journal_kick(j);
     return;
   }
   j->work.data = j;
   if (uv_queue_work(j->loop, &j->work, commit_work, commit_done) != 0) {
-    j->flight_rc = RR_EIO;
-    snprintf(j->flight_err, sizeof j->flight_err, "cannot queue work");
-    finish_flight(j);
+    batch_t b = j->flight;
+    memset(&j->flight, 0, sizeof j->flight);
+    j->busy = false;
+    push_done(j, b, RR_EIO, 0, true);
   }
 }
 

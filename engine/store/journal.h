@@ -165,11 +165,13 @@ int rr_journal_find(rr_journal_t *j, const char *channel, const char *app, const
 /* Counters since open (loop thread). */
 typedef struct rr_journal_stats {
   uint64_t commits, entries, max_batch, failed_commits;
-  uint64_t commit_us_total; /* time spent in BEGIN..COMMIT on the worker */
+  uint64_t commit_us_total; /* BEGIN..COMMIT on the worker plus the wait for the disk */
   uint64_t checkpoints;     /* WAL checkpoints run after answered batches */
   uint64_t checkpoint_us_total;
+  uint64_t syncs; /* fdatasyncs of the WAL that made commits durable */
+  uint64_t sync_us_total;
   bool last_failed;          /* the last batch's commit failed */
-  rr_histo_t commit_latency; /* BEGIN..COMMIT of batches with entries */
+  rr_histo_t commit_latency; /* the same, per batch with entries */
 } rr_journal_stats_t;
 void rr_journal_stats(const rr_journal_t *j, rr_journal_stats_t *out);
 

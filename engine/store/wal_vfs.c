@@ -21,16 +21,24 @@
  * synchronous=FULL, where every commit ends in xSync before its frames are
  * published; the journal uses it only then.
  *
+ * A commit's sync can be deferred (rr_wal_vfs_defer_sync): the held bytes
+ * are still written, and a failed write still fails the commit, but the
+ * fdatasync is left to the caller, who does it on a descriptor of its own
+ * outside SQLite's write lock, so the next commit's work overlaps this
+ * one's wait for the disk.
+ *
  * Every other file (database, shared memory, temporary files) passes
  * straight through to the default VFS. A file handle is used by one
  * connection, on one thread at a time, as SQLite does with
  * SQLITE_OPEN_NOMUTEX, so the buffer needs no lock. */
 #include "store/wal_vfs.h"
 
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define WAL_BUFFER_LIMIT (4u << 20) /* flushed once this much is held */
 /* Largest single write handed down: the unix VFS takes writes below 128 KiB
@@ -48,6 +56,8 @@ struct shim_file {
   size_t len, cap;
   sqlite3_int64 off; /* file offset of buf[0] */
   int err;           /* a failed late write, reported by the next call that can */
+  int sync_fd;       /* on a WAL file: its own descriptor (rr_wal_vfs_wal_fd), or -1 */
+  bool defer_sync;   /* on a database file: its WAL's syncs are left to the caller */
 };
 
 static sqlite3_vfs shim_vfs;
@@ -88,6 +98,9 @@ static int x_close(sqlite3_file *p) {
   if (!f->is_wal && f->wal)
     f->wal->db = NULL;
   int rc2 = f->real->pMethods ? f->real->pMethods->xClose(f->real) : SQLITE_OK;
+  if (f->sync_fd >= 0)
+    close(f->sync_fd);
+  f->sync_fd = -1;
   free(f->buf);
   f->buf = NULL;
   return rc != SQLITE_OK ? rc : rc2;
@@ -141,6 +154,8 @@ static int x_truncate(sqlite3_file *p, sqlite3_int64 size) {
 static int x_sync(sqlite3_file *p, int flags) {
   shim_file_t *f = (shim_file_t *)p;
   int rc = flush(f);
+  if (rc == SQLITE_OK && f->is_wal && f->db && f->db->defer_sync)
+    return SQLITE_OK; /* written; the caller waits for the disk */
   return rc != SQLITE_OK ? rc : f->real->pMethods->xSync(f->real, flags);
 }
 
@@ -242,6 +257,7 @@ static int x_open(sqlite3_vfs *vfs, sqlite3_filename name, sqlite3_file *p, int 
   (void)vfs;
   shim_file_t *f = (shim_file_t *)p;
   memset(f, 0, sizeof *f);
+  f->sync_fd = -1;
   f->real = (sqlite3_file *)((char *)p + real_offset());
   int rc = real_vfs->xOpen(real_vfs, name, f->real, flags, out_flags);
   if (rc != SQLITE_OK) {
@@ -251,6 +267,8 @@ static int x_open(sqlite3_vfs *vfs, sqlite3_filename name, sqlite3_file *p, int 
     return rc;
   }
   f->is_wal = (flags & SQLITE_OPEN_WAL) != 0;
+  if (f->is_wal && name)
+    f->sync_fd = open(name, O_RDONLY | O_CLOEXEC); /* the file SQLite just opened */
   if (f->is_wal && name) {
     sqlite3_file *db = sqlite3_database_file_object(name);
     if (db && db->pMethods == &shim_methods) {
@@ -369,4 +387,27 @@ int rr_wal_vfs_register(void) {
   static pthread_once_t once = PTHREAD_ONCE_INIT;
   pthread_once(&once, setup);
   return real_vfs ? 0 : -1;
+}
+
+static shim_file_t *main_file(sqlite3 *db) {
+  sqlite3_file *file = NULL;
+  if (!db || sqlite3_file_control(db, "main", SQLITE_FCNTL_FILE_POINTER, &file) != SQLITE_OK ||
+      !file || file->pMethods != &shim_methods)
+    return NULL;
+  return (shim_file_t *)file;
+}
+
+int rr_wal_vfs_defer_sync(sqlite3 *db, int on) {
+  shim_file_t *f = main_file(db);
+  if (!f)
+    return -1;
+  f->defer_sync = on != 0;
+  return 0;
+}
+
+int rr_wal_vfs_wal_fd(sqlite3 *db) {
+  shim_file_t *f = main_file(db);
+  if (!f || !f->wal || f->wal->sync_fd < 0)
+    return -1;
+  return fcntl(f->wal->sync_fd, F_DUPFD_CLOEXEC, 0);
 }

@@ -13,4 +13,20 @@
  * wrapped (then open connections without it). */
 int rr_wal_vfs_register(void);
 
+/* rr_wal_vfs_defer_sync: on db (a connection opened with the shim), while
+ * on, a sync of its WAL writes what is held but does not wait for the disk:
+ * SQLite's commit then releases the write lock at once, and the caller
+ * makes the commit durable itself with fdatasync on rr_wal_vfs_wal_fd
+ * before it tells anyone the commit happened. For commits only: a
+ * checkpoint needs the WAL on disk before it copies pages, so the caller
+ * turns this off around anything else. 0, or -1 when db does not use the
+ * shim. Only from the thread that uses db. */
+int rr_wal_vfs_defer_sync(sqlite3 *db, int on);
+
+/* rr_wal_vfs_wal_fd: a new descriptor (the caller closes it) of db's WAL
+ * file, opened when the WAL was, for fdatasync from another thread (a
+ * sync of any descriptor of a file flushes all of its written data). -1
+ * when db does not use the shim or has no WAL open. */
+int rr_wal_vfs_wal_fd(sqlite3 *db);
+
 #endif

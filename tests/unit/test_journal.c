@@ -3,7 +3,9 @@
  * the answers' callbacks (as MLLP clients send their next message on an
  * ACK): the WAL stays bounded, every entry is committed once and answered
  * in order. A reader holding an old snapshot makes the WAL grow meanwhile;
- * once it lets go, the WAL starts over again. */
+ * once it lets go, the WAL starts over again. With synchronous=FULL the
+ * fdatasync runs after the COMMIT, for several batches at a time, and the
+ * answers still come in commit order, barriers after what came before. */
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -22,15 +24,33 @@
 typedef struct run {
   rr_journal_t *j;
   const char *path;
-  bool hold; /* a reader holds a snapshot from TOTAL/4 to TOTAL/2 */
+  bool hold;    /* a reader holds a snapshot from TOTAL/4 to TOTAL/2 */
+  bool full;    /* synchronous=FULL: no answer before an fdatasync */
+  int unsynced; /* answers that came before any fdatasync had ended */
   sqlite3 *reader;
   int sent, answered, failed;
   int64_t last_id;
   int out_of_order;
+  int barriers, barrier_early; /* barriers answered; ... before an entry added earlier */
   char raw[1100];
 } run_t;
 
 static void send_one(run_t *r);
+
+typedef struct barrier {
+  run_t *r;
+  int before; /* entries added before it */
+} barrier_t;
+
+static void on_barrier(void *ud, int status, int64_t id) {
+  barrier_t *b = ud;
+  (void)id;
+  CHECK_EQ_INT(status, 0);
+  b->r->barriers++;
+  if (b->r->answered < b->before)
+    b->r->barrier_early++;
+  free(b);
+}
 
 static void on_done(void *ud, int status, int64_t id) {
   run_t *r = ud;
@@ -51,6 +71,11 @@ static void on_done(void *ud, int status, int64_t id) {
   if (status) {
     r->failed++;
     return;
+  }
+  if (r->full) {
+    rr_journal_stats_t js;
+    rr_journal_stats(r->j, &js);
+    r->unsynced += js.syncs == 0;
   }
   if (id <= r->last_id)
     r->out_of_order++;
@@ -79,6 +104,13 @@ static void send_one(run_t *r) {
                           .source = (uint64_t)(r->sent % CLIENTS) + 1};
   r->sent++;
   CHECK_EQ_INT(rr_journal_add(r->j, &e, on_done, r), 0);
+  if (r->sent % 50 == 0) { /* answered once every entry before it is */
+    barrier_t *b = malloc(sizeof *b);
+    CHECK(b != NULL);
+    b->r = r;
+    b->before = r->sent;
+    CHECK_EQ_INT(rr_journal_add_barrier(r->j, on_barrier, b), 0);
+  }
   rr_journal_kick(r->j);
 }
 
@@ -96,7 +128,7 @@ static int wal_frames(const char *path) {
   return frames;
 }
 
-static void run_checkpoints(bool hold) {
+static void run_checkpoints(bool hold, rr_journal_sync_t sync) {
   char dir[] = "/tmp/rr-journal-XXXXXX";
   CHECK(mkdtemp(dir) != NULL);
   char path[64], wal[80];
@@ -109,8 +141,9 @@ static void run_checkpoints(bool hold) {
   memset(r.raw, 'x', sizeof r.raw);
   r.path = path;
   r.hold = hold;
+  r.full = sync == RR_JOURNAL_SYNC_FULL;
   char *err = NULL;
-  CHECK_EQ_INT(rr_journal_open(&loop, path, RR_JOURNAL_SYNC_NORMAL, &r.j, &err), 0);
+  CHECK_EQ_INT(rr_journal_open(&loop, path, sync, &r.j, &err), 0);
   if (!r.j) {
     fprintf(stderr, "%s\n", err ? err : "open failed");
     return;
@@ -130,6 +163,13 @@ static void run_checkpoints(bool hold) {
   rr_journal_stats(r.j, &js);
   CHECK_EQ_INT(r.failed, 0);
   CHECK_EQ_INT(r.out_of_order, 0);
+  CHECK_EQ_INT(r.barriers, TOTAL / 50);
+  CHECK_EQ_INT(r.barrier_early, 0);
+  CHECK_EQ_INT(r.unsynced, 0);
+  if (sync == RR_JOURNAL_SYNC_FULL) /* one fdatasync may cover several commits */
+    CHECK(js.syncs > 0 && js.syncs <= js.commits);
+  else
+    CHECK_EQ_INT((long long)js.syncs, 0);
   CHECK_EQ_INT(rr_journal_count(r.j), TOTAL);
   CHECK_EQ_INT((long long)js.entries, TOTAL);
   CHECK(js.checkpoints >= 3); /* ~25 MB written through a 1000-page WAL */
@@ -140,8 +180,9 @@ static void run_checkpoints(bool hold) {
     CHECK(wal_max > (off_t)8 << 20);
   CHECK(frames >= 0 && frames < 2000); /* started over since */
   if (rr_test_failures)
-    fprintf(stderr, "hold=%d wal_max=%lld frames=%d checkpoints=%llu\n", hold, (long long)wal_max,
-            frames, (unsigned long long)js.checkpoints);
+    fprintf(stderr, "hold=%d sync=%d wal_max=%lld frames=%d checkpoints=%llu syncs=%llu\n", hold,
+            (int)sync, (long long)wal_max, frames, (unsigned long long)js.checkpoints,
+            (unsigned long long)js.syncs);
   rr_journal_close(r.j);
   uv_run(&loop, UV_RUN_DEFAULT);
   CHECK_EQ_INT(uv_loop_close(&loop), 0);
@@ -153,15 +194,20 @@ static void run_checkpoints(bool hold) {
 }
 
 static void test_checkpoints_bound_the_wal(void) {
-  run_checkpoints(false);
+  run_checkpoints(false, RR_JOURNAL_SYNC_NORMAL);
 }
 
 static void test_wal_starts_over_after_a_reader(void) {
-  run_checkpoints(true);
+  run_checkpoints(true, RR_JOURNAL_SYNC_NORMAL);
+}
+
+static void test_full_sync_answers_in_commit_order(void) {
+  run_checkpoints(false, RR_JOURNAL_SYNC_FULL);
 }
 
 int main(void) {
   RUN(test_checkpoints_bound_the_wal);
   RUN(test_wal_starts_over_after_a_reader);
+  RUN(test_full_sync_answers_in_commit_order);
   return TEST_SUMMARY();
 }
