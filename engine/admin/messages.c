@@ -113,7 +113,14 @@ void rr_admin_messages(void *ud, rr_http_req_t *req) {
       rr_http_reply_error(req, 400, "bad_query", "a search value is 1 to 256 characters");
       return;
     }
-    n += (size_t)snprintf(sql + n, sizeof sql - n, " AND %s = ?%zu", eq[i].column, nv + 1);
+    if (strcmp(eq[i].column, "control_id") == 0) /* through the journal's control-id index */
+      n += (size_t)snprintf(sql + n, sizeof sql - n,
+                            " AND id IN (SELECT message_id FROM dedupe WHERE control_id = ?%zu"
+                            " UNION ALL SELECT id FROM messages WHERE control_id = ?%zu AND id >"
+                            " (SELECT coalesce(max(upto), 0) FROM dedupe_merged))",
+                            nv + 1, nv + 1);
+    else
+      n += (size_t)snprintf(sql + n, sizeof sql - n, " AND %s = ?%zu", eq[i].column, nv + 1);
     vals[nv++] = v;
   }
   /* status is written into the query (one of the journal's few values), so

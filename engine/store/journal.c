@@ -52,17 +52,36 @@ typedef struct batch {
   size_t n, cap;
 } batch_t;
 
+/* A committed message's control id not yet merged into table dedupe. */
+typedef struct tail_ent {
+  int64_t id;
+  uint64_t h; /* fp_hash of the four strings */
+  char *keys; /* control id, sender, facility, channel: each NUL-terminated */
+} tail_ent_t;
+
 /* A batch whose transaction has ended, waiting for its turn to be answered:
  * batches are answered in the order they were committed, each once its
  * commit is on disk (see "durability" below). */
 typedef struct done_batch {
   batch_t b;
   int rc;
-  uint64_t us;  /* BEGIN..COMMIT, plus the fdatasync that made it durable */
-  bool ready;   /* durable, failed, or nothing to wait for */
-  bool syncing; /* covered by the fdatasync running now */
+  uint64_t us; /* BEGIN..COMMIT, plus the fdatasync that made it durable */
+  bool ready;  /* durable, failed, or nothing to wait for */
+  int sync;    /* the fdatasync (slot + 1) that covers it, 0: none yet */
 } done_batch_t;
 #define DONE_MAX 64 /* more committed and unanswered: the next commit waits */
+
+/* One fdatasync of the WAL in the thread pool. Two may run at once: a batch
+ * committed while one runs need not wait for it to end before its own
+ * starts (the disk serves two about 1.5 times as fast as one). */
+#define SYNC_MAX 2
+typedef struct sync_slot {
+  uv_work_t work;
+  struct rr_journal *j;
+  bool running;
+  int err;     /* written by the worker */
+  uint64_t us; /* written by the worker */
+} sync_slot_t;
 
 /* The reader's queries run on the loop thread after nearly every commit
  * (study contexts, orders, what to route); preparing one costs about as
@@ -106,10 +125,8 @@ struct rr_journal {
   bool draining;
   int wal_fd;        /* the WAL, for that fdatasync; -1: SQLite's commit syncs */
   bool sync_failing; /* the last fdatasync failed (logged once per streak) */
-  uv_work_t sync_work;
-  bool sync_running;
-  int sync_errno;   /* written by the worker */
-  uint64_t sync_us; /* written by the worker */
+  sync_slot_t syncs[SYNC_MAX];
+  unsigned sync_running; /* fdatasyncs running */
   int flight_rc;
   char flight_err[256];
   uv_work_t work;
@@ -140,6 +157,13 @@ struct rr_journal {
   int bg_rc;        /* written by the worker */
   char bg_err[128]; /* written by the worker */
   uint64_t bg_us;   /* written by the worker */
+  /* Control ids of committed messages not yet in table dedupe, in id
+   * order (see "duplicates" below). */
+  tail_ent_t *tail;
+  size_t ntail, tail_cap;
+  int64_t max_id;        /* the newest message committed */
+  bool merging;          /* a merge into table dedupe is queued or running */
+  sqlite3_stmt *id_find; /* on rdb: a tail entry's message */
   /* Fingerprints of (sender, control id) of every message journaled or
    * queued: a resend check that misses here needs no read of the store. */
   uint32_t *fp;
@@ -161,10 +185,16 @@ static const char schema[] =
     " raw BLOB NOT NULL,"
     " ack BLOB);"
     /* Duplicates are per channel (a resend comes to the channel it was sent
-     * to); the index also covers the fingerprint load at open. */
+     * to). Table dedupe is the control-id index of the messages up to
+     * dedupe_merged.upto, written in batches (see "duplicates" below); no
+     * sender, facility: ''. */
     "DROP INDEX IF EXISTS messages_control;"
-    "CREATE INDEX IF NOT EXISTS messages_dedupe ON messages(control_id, sending_app, "
-    "sending_facility, channel);"
+    "CREATE TABLE IF NOT EXISTS dedupe(control_id TEXT NOT NULL, sending_app TEXT NOT NULL,"
+    " sending_facility TEXT NOT NULL, channel TEXT NOT NULL, message_id INTEGER NOT NULL,"
+    " PRIMARY KEY(control_id, sending_app, sending_facility, channel, message_id))"
+    " WITHOUT ROWID;"
+    "CREATE TABLE IF NOT EXISTS dedupe_merged(one INTEGER PRIMARY KEY CHECK(one = 1),"
+    " upto INTEGER NOT NULL);"
     "CREATE INDEX IF NOT EXISTS messages_mrn ON messages(mrn) WHERE mrn IS NOT NULL;"
     "CREATE INDEX IF NOT EXISTS messages_accession ON messages(accession) WHERE accession IS NOT "
     "NULL;"
@@ -359,9 +389,9 @@ static int prepare(sqlite3 *db, const char *sql, sqlite3_stmt **st, char **errms
 /* ---- sender + control id fingerprints ------------------------------------ */
 
 static uint64_t fp_mix(uint64_t h, const char *s) {
-  /* FNV-1a over the string and its terminator (NULL hashes as one byte 1). */
+  /* FNV-1a over the string and its terminator (NULL as ""). */
   if (!s)
-    return (h ^ 1u) * 0x100000001b3ull;
+    s = "";
   for (;; s++) {
     h = (h ^ (unsigned char)*s) * 0x100000001b3ull;
     if (!*s)
@@ -427,12 +457,11 @@ static int fp_add(rr_journal_t *j, uint32_t t) {
   return 0;
 }
 
-/* Fills the set from the store (the control index covers the columns). */
+/* Fills the set from table dedupe (its key covers the columns; the tail is
+ * empty at open). */
 static int fp_load(rr_journal_t *j, char **errmsg) {
   sqlite3_stmt *st = NULL;
-  int rc = prepare(j->rdb,
-                   "SELECT sending_app, sending_facility, control_id, channel FROM messages"
-                   " INDEXED BY messages_dedupe WHERE control_id IS NOT NULL",
+  int rc = prepare(j->rdb, "SELECT sending_app, sending_facility, control_id, channel FROM dedupe",
                    &st, errmsg);
   while (rc == 0) {
     int step = sqlite3_step(st);
@@ -448,7 +477,36 @@ static int fp_load(rr_journal_t *j, char **errmsg) {
                                   (const char *)sqlite3_column_text(st, 2))));
   }
   sqlite3_finalize(st);
+  st = NULL;
+  if (rc == 0)
+    rc = prepare(j->rdb, "SELECT coalesce(max(id), 0) FROM messages", &st, errmsg);
+  if (rc == 0 && sqlite3_step(st) == SQLITE_ROW)
+    j->max_id = sqlite3_column_int64(st, 0);
+  sqlite3_finalize(st);
   return rc;
+}
+
+/* At open: the control ids of the messages after dedupe_merged.upto (the
+ * tail when the process ended) go into table dedupe, in key order. The
+ * first time, from a store that kept them in index messages_dedupe, that
+ * is every message, and the index goes. */
+static int dedupe_merge_all(sqlite3 *db) {
+  if (sqlite3_exec(db,
+                   "BEGIN IMMEDIATE;"
+                   "INSERT OR IGNORE INTO dedupe SELECT control_id, coalesce(sending_app, ''),"
+                   " coalesce(sending_facility, ''), channel, id FROM messages"
+                   " WHERE id > (SELECT coalesce(max(upto), 0) FROM dedupe_merged)"
+                   " AND control_id <> '' ORDER BY 1, 2, 3, 4, 5;"
+                   "INSERT OR REPLACE INTO dedupe_merged VALUES(1, max("
+                   "(SELECT coalesce(max(id), 0) FROM messages),"
+                   " (SELECT coalesce(max(upto), 0) FROM dedupe_merged)));"
+                   "DROP INDEX IF EXISTS messages_dedupe;"
+                   "COMMIT",
+                   NULL, NULL, NULL) != SQLITE_OK) {
+    sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
+    return RR_EIO;
+  }
+  return 0;
 }
 
 /* The frames a checkpoint is due at: SQLite's own default. */
@@ -497,7 +555,7 @@ int rr_journal_open(uv_loop_t *loop, const char *path, rr_journal_sync_t sync, r
       goto out;
     }
   }
-  if (migrate(j->wdb) != 0 ||
+  if (migrate(j->wdb) != 0 || dedupe_merge_all(j->wdb) != 0 ||
       sqlite3_exec(j->wdb,
                    "CREATE INDEX IF NOT EXISTS studies_order ON studies(order_id)"
                    " WHERE order_id IS NOT NULL;"
@@ -537,11 +595,18 @@ int rr_journal_open(uv_loop_t *loop, const char *path, rr_journal_sync_t sync, r
       (rc = prepare(j->wdb, "BEGIN IMMEDIATE", &j->begin, errmsg)) ||
       (rc = prepare(j->wdb, "COMMIT", &j->commit, errmsg)) ||
       (rc = prepare(j->wdb, "ROLLBACK", &j->rollback, errmsg)) ||
+      (rc =
+           prepare(j->rdb,
+                   "SELECT m.id, length(m.raw), m.ack FROM dedupe d JOIN messages m"
+                   " ON m.id = d.message_id WHERE d.control_id = ?1"
+                   " AND d.sending_app = coalesce(?2, '') AND d.sending_facility = coalesce(?3, '')"
+                   " AND d.channel = ?4 ORDER BY d.message_id LIMIT 1",
+                   &j->find, errmsg)) ||
       (rc = prepare(j->rdb,
-                    "SELECT id, length(raw), ack FROM messages WHERE control_id = ?1"
-                    " AND sending_app IS ?2 AND sending_facility IS ?3 AND channel = ?4"
-                    " ORDER BY id LIMIT 1",
-                    &j->find, errmsg)) ||
+                    "SELECT id, length(raw), ack FROM messages WHERE id = ?1 AND control_id = ?2"
+                    " AND coalesce(sending_app, '') = coalesce(?3, '')"
+                    " AND coalesce(sending_facility, '') = coalesce(?4, '') AND channel = ?5",
+                    &j->id_find, errmsg)) ||
       (rc = prepare(j->rdb, "SELECT raw FROM messages WHERE id = ?", &j->find_raw, errmsg)) ||
       (rc = prepare(j->rdb, "SELECT count(*) FROM messages", &j->count, errmsg)) ||
       (rc = prepare(j->wdb, "INSERT OR REPLACE INTO kv(key, value, updated_ms) VALUES(?,?,?)",
@@ -636,6 +701,12 @@ out:
   return rc;
 }
 
+/* An inbound message (a row of table messages), not another kind of write. */
+static bool is_message(const pending_t *p) {
+  return !p->barrier && !p->kv && !p->delivery && !p->replay && !p->ops_upto && !p->prune_before &&
+         !p->instance && !p->stable_before && !p->order && !p->custom && !p->audit;
+}
+
 static void free_batch(batch_t *b) {
   for (size_t i = 0; i < b->n; i++) {
     free(b->v[i].blob);
@@ -691,12 +762,12 @@ void rr_journal_close(rr_journal_t *j) {
   report(NULL, &q, RR_EIO);
   free_batch(&q);
   sqlite3_stmt *sts[] = {
-      j->insert,        j->begin,        j->commit,       j->rollback,    j->find,
-      j->find_raw,      j->count,        j->kv_put,       j->kv_del,      j->kv_get,
-      j->q_insert,      j->q_history,    j->q_keep_sent,  j->q_delete,    j->q_retry,
-      j->q_dead,        j->q_requeue,    j->q_load,       j->q_payload,   j->q_depth,
-      j->q_requeue_all, j->ops_delete,   j->ops_read,     j->msg_get,     j->study_routed,
-      j->order_find,    j->order_insert, j->order_update, j->order_cancel};
+      j->insert,        j->begin,        j->commit,       j->rollback,     j->find,
+      j->find_raw,      j->count,        j->kv_put,       j->kv_del,       j->kv_get,
+      j->q_insert,      j->q_history,    j->q_keep_sent,  j->q_delete,     j->q_retry,
+      j->q_dead,        j->q_requeue,    j->q_load,       j->q_payload,    j->q_depth,
+      j->q_requeue_all, j->ops_delete,   j->ops_read,     j->msg_get,      j->study_routed,
+      j->order_find,    j->order_insert, j->order_update, j->order_cancel, j->id_find};
   for (size_t i = 0; i < sizeof sts / sizeof sts[0]; i++)
     sqlite3_finalize(sts[i]);
   if (j->audit_open)
@@ -711,6 +782,9 @@ void rr_journal_close(rr_journal_t *j) {
   if (j->wal_fd >= 0)
     close(j->wal_fd);
   free(j->prev_sources);
+  for (size_t i = 0; i < j->ntail; i++)
+    free(j->tail[i].keys);
+  free(j->tail);
   free(j->fp);
   free(j);
 }
@@ -1023,6 +1097,10 @@ static int replay_write(rr_journal_t *j, pending_t *p) {
 
 static int prune_write(rr_journal_t *j, pending_t *p) {
   static const char *const sql[] = {
+      "DELETE FROM dedupe WHERE (control_id, sending_app, sending_facility, channel, message_id)"
+      " IN (SELECT control_id, coalesce(sending_app, ''), coalesce(sending_facility, ''),"
+      " channel, id FROM messages WHERE received_ms < ?1 AND status <> 'error'"
+      " AND id NOT IN (SELECT message_id FROM queue) ORDER BY id LIMIT ?2)",
       "DELETE FROM sent WHERE message_id IN (SELECT id FROM messages"
       " WHERE received_ms < ?1 AND status <> 'error'"
       " AND id NOT IN (SELECT message_id FROM queue) ORDER BY id LIMIT ?2)",
@@ -1032,7 +1110,7 @@ static int prune_write(rr_journal_t *j, pending_t *p) {
       "DELETE FROM messages WHERE id IN (SELECT id FROM messages"
       " WHERE received_ms < ?1 AND status <> 'error'"
       " AND id NOT IN (SELECT message_id FROM queue) ORDER BY id LIMIT ?2)"};
-  for (int i = 0; i < 3; i++) {
+  for (size_t i = 0; i < sizeof sql / sizeof sql[0]; i++) {
     sqlite3_stmt *st;
     if (sqlite3_prepare_v2(j->wdb, sql[i], -1, &st, NULL) != SQLITE_OK)
       return RR_EIO;
@@ -1281,9 +1359,7 @@ static void learn_sources(rr_journal_t *j, const batch_t *b) {
 static void complete(rr_journal_t *j, batch_t b, int rc, uint64_t us) {
   size_t entries = 0;
   for (size_t i = 0; i < b.n; i++)
-    entries += !b.v[i].barrier && !b.v[i].kv && !b.v[i].delivery && !b.v[i].replay &&
-               !b.v[i].ops_upto && !b.v[i].prune_before && !b.v[i].instance &&
-               !b.v[i].stable_before && !b.v[i].order && !b.v[i].custom && !b.v[i].audit;
+    entries += is_message(&b.v[i]);
   j->last_batch = entries;
   if (entries)
     learn_sources(j, &b);
@@ -1300,6 +1376,165 @@ static void complete(rr_journal_t *j, batch_t b, int rc, uint64_t us) {
   j->stats.last_failed = rc != 0;
   report(j, &b, rc);
   free_batch(&b);
+}
+
+/* ---- duplicates: the control-id index ---------------------------------------
+ * A resend is found by (control id, sender, facility, channel). Kept as an
+ * index of table messages, every commit would write one of its leaf pages
+ * per message: each sender's control ids grow in a part of the index of
+ * their own, so a batch from sixteen senders touched some twelve leaves,
+ * half of what a commit wrote to the WAL. Instead, the control ids of
+ * committed messages wait in memory (the tail, in id order) and are merged
+ * into table dedupe every DEDUPE_MERGE messages, sorted, in one write that
+ * touches each sender's last leaves once; dedupe_merged.upto says how far
+ * the table goes, and at open the messages after it are merged (what was
+ * the tail when the process ended). A lookup reads table dedupe, then the
+ * tail, then the batches not yet committed. */
+
+#define DEDUPE_MERGE 4096
+#define DEDUPE_MERGE_MAX (4 * DEDUPE_MERGE) /* entries in one merge at most */
+
+static char *tail_keys(const char *ctl, const char *app, const char *fac, const char *channel) {
+  const char *part[4] = {ctl, app ? app : "", fac ? fac : "", channel ? channel : ""};
+  size_t len[4], n = 0;
+  for (int i = 0; i < 4; i++)
+    n += (len[i] = strlen(part[i])) + 1;
+  char *k = malloc(n), *w = k;
+  if (!k)
+    return NULL;
+  for (int i = 0; i < 4; i++) {
+    memcpy(w, part[i], len[i] + 1);
+    w += len[i] + 1;
+  }
+  return k;
+}
+
+static int tail_add(rr_journal_t *j, int64_t id, const char *channel, const char *app,
+                    const char *fac, const char *ctl) {
+  if (rr_array_grow((void **)&j->tail, &j->tail_cap, j->ntail + 1, sizeof *j->tail, 256))
+    return RR_ENOMEM;
+  char *k = tail_keys(ctl, app, fac, channel);
+  if (!k)
+    return RR_ENOMEM;
+  j->tail[j->ntail++] = (tail_ent_t){.id = id, .h = fp_hash(channel, app, fac, ctl), .keys = k};
+  return 0;
+}
+
+/* Orders keys as table dedupe's primary key does (BINARY: bytes). */
+static int keys_cmp(const char *a, const char *b) {
+  for (int i = 0; i < 4; i++) {
+    int c = strcmp(a, b);
+    if (c)
+      return c;
+    a += strlen(a) + 1;
+    b += strlen(b) + 1;
+  }
+  return 0;
+}
+
+static int tail_cmp(const void *x, const void *y) {
+  const tail_ent_t *a = x, *b = y;
+  int c = keys_cmp(a->keys, b->keys);
+  return c ? c : (a->id > b->id) - (a->id < b->id);
+}
+
+typedef struct merge {
+  rr_journal_t *j;
+  int64_t upto;  /* every message up to this id is in v or has no control id */
+  tail_ent_t *v; /* sorted copies; keys belong to the tail */
+  size_t n;
+  uint64_t us;
+} merge_t;
+
+/* Worker thread, inside a batch's transaction. A message pruned meanwhile
+ * is left out. */
+static int merge_write(sqlite3 *db, void *data) {
+  merge_t *m = data;
+  uint64_t t0 = uv_hrtime();
+  sqlite3_stmt *ins = NULL, *upto = NULL;
+  int rc = RR_EIO;
+  if (sqlite3_prepare_v2(db,
+                         "INSERT OR IGNORE INTO dedupe SELECT ?1, ?2, ?3, ?4, ?5"
+                         " WHERE EXISTS (SELECT 1 FROM messages WHERE id = ?5)",
+                         -1, &ins, NULL) != SQLITE_OK ||
+      sqlite3_prepare_v2(db, "UPDATE dedupe_merged SET upto = ?1 WHERE upto < ?1", -1, &upto,
+                         NULL) != SQLITE_OK)
+    goto out;
+  for (size_t i = 0; i < m->n; i++) {
+    const char *k = m->v[i].keys;
+    for (int c = 1; c <= 4; c++) {
+      sqlite3_bind_text(ins, c, k, -1, SQLITE_STATIC);
+      k += strlen(k) + 1;
+    }
+    sqlite3_bind_int64(ins, 5, m->v[i].id);
+    int step = sqlite3_step(ins);
+    sqlite3_reset(ins);
+    if (step != SQLITE_DONE)
+      goto out;
+  }
+  sqlite3_bind_int64(upto, 1, m->upto);
+  rc = sqlite3_step(upto) == SQLITE_DONE ? 0 : RR_EIO;
+out:
+  sqlite3_finalize(ins);
+  sqlite3_finalize(upto);
+  m->us = (uv_hrtime() - t0) / 1000;
+  return rc;
+}
+
+static void merge_free(void *data) {
+  merge_t *m = data;
+  free(m->v);
+  free(m);
+}
+
+/* Loop thread: the merge's batch was answered; on success its ids leave
+ * the tail (they are at its front, in id order). */
+static void merge_done(void *ud, int status, int64_t id) {
+  merge_t *m = ud;
+  rr_journal_t *j = m->j;
+  (void)id;
+  j->merging = false;
+  if (status) {
+    rr_log(RR_LOG_WARN, "journal", "event=dedupe_merge_failed entries=%zu", m->n);
+    return;
+  }
+  size_t k = 0;
+  while (k < j->ntail && j->tail[k].id <= m->upto)
+    free(j->tail[k++].keys);
+  memmove(j->tail, j->tail + k, (j->ntail - k) * sizeof *j->tail);
+  j->ntail -= k;
+  j->stats.dedupe_merges++;
+  j->stats.dedupe_merge_us_total += m->us;
+}
+
+/* Loop thread, after a commit: its messages' control ids join the tail; a
+ * merge is queued once enough wait. */
+static void tail_note(rr_journal_t *j, const batch_t *b) {
+  for (size_t i = 0; i < b->n; i++) {
+    const pending_t *p = &b->v[i];
+    if (!is_message(p))
+      continue;
+    if (p->id > j->max_id)
+      j->max_id = p->id;
+    const rr_journal_entry_t *e = &p->e;
+    if (e->control_id && *e->control_id &&
+        tail_add(j, p->id, e->channel, e->sending_app, e->sending_facility, e->control_id) != 0)
+      rr_log(RR_LOG_WARN, "journal", "event=dedupe_tail_full id=%lld", (long long)p->id);
+  }
+  if (j->merging || j->ntail < DEDUPE_MERGE)
+    return;
+  merge_t *m = calloc(1, sizeof *m);
+  if (!m || !(m->v = malloc(j->ntail * sizeof *m->v))) {
+    free(m);
+    return;
+  }
+  m->j = j;
+  m->n = j->ntail < DEDUPE_MERGE_MAX ? j->ntail : DEDUPE_MERGE_MAX;
+  m->upto = m->n == j->ntail ? j->max_id : j->tail[m->n - 1].id;
+  memcpy(m->v, j->tail, m->n * sizeof *m->v);
+  qsort(m->v, m->n, sizeof *m->v, tail_cmp);
+  if (rr_journal_custom(j, merge_write, m, merge_free, merge_done, m) == 0)
+    j->merging = true;
 }
 
 /* ---- durability ---------------------------------------------------------------
@@ -1339,28 +1574,31 @@ static void push_done(rr_journal_t *j, batch_t b, int rc, uint64_t us, bool read
 }
 
 static void sync_work(uv_work_t *w) {
-  rr_journal_t *j = w->data;
+  sync_slot_t *sl = w->data;
   uint64_t t0 = uv_hrtime();
-  j->sync_errno = fdatasync(j->wal_fd) == 0 ? 0 : errno;
-  j->sync_us = (uv_hrtime() - t0) / 1000;
+  sl->err = fdatasync(sl->j->wal_fd) == 0 ? 0 : errno;
+  sl->us = (uv_hrtime() - t0) / 1000;
 }
 
 static void sync_done(uv_work_t *w, int status) {
-  rr_journal_t *j = w->data;
-  j->sync_running = false;
-  int err = status ? EINTR : j->sync_errno;
+  sync_slot_t *sl = w->data;
+  rr_journal_t *j = sl->j;
+  int slot = (int)(sl - j->syncs) + 1;
+  sl->running = false;
+  j->sync_running--;
+  int err = status ? EINTR : sl->err;
   j->stats.syncs++;
-  j->stats.sync_us_total += j->sync_us;
+  j->stats.sync_us_total += sl->us;
   if (err && !j->sync_failing)
     rr_log(RR_LOG_ERROR, "journal", "event=sync_failed error=\"%s\"", strerror(err));
   else if (!err && j->sync_failing)
     rr_log(RR_LOG_INFO, "journal", "event=sync_recovered");
   j->sync_failing = err != 0;
   for (size_t i = 0; i < j->ndone; i++)
-    if (j->done[i].syncing) {
-      j->done[i].syncing = false;
+    if (j->done[i].sync == slot) {
+      j->done[i].sync = 0;
       j->done[i].ready = true;
-      j->done[i].us += j->sync_us;
+      j->done[i].us += sl->us;
       if (err && !j->done[i].rc)
         j->done[i].rc = RR_EIO;
     }
@@ -1369,27 +1607,33 @@ static void sync_done(uv_work_t *w, int status) {
   rr_journal_kick(j); /* a shutdown may wait for it */
 }
 
-/* Starts an fdatasync for every committed batch that waits for one, unless
- * one runs (its end starts the next). */
+/* Starts an fdatasync for every committed batch that waits for one and is
+ * not covered by one running, if a slot is free (an ending one starts the
+ * next). */
 static void start_sync(rr_journal_t *j) {
-  if (j->sync_running)
+  int slot = 0;
+  for (int k = 0; k < SYNC_MAX && !slot; k++)
+    if (!j->syncs[k].running)
+      slot = k + 1;
+  if (!slot)
     return;
   size_t n = 0;
   for (size_t i = 0; i < j->ndone; i++)
-    if (!j->done[i].ready) {
-      j->done[i].syncing = true;
+    if (!j->done[i].ready && !j->done[i].sync) {
+      j->done[i].sync = slot;
       n++;
     }
   if (!n)
     return;
-  j->sync_work.data = j;
-  if (uv_queue_work(j->loop, &j->sync_work, sync_work, sync_done) == 0) {
-    j->sync_running = true;
-    return;
+  sync_slot_t *sl = &j->syncs[slot - 1];
+  sl->j = j;
+  sl->work.data = sl;
+  sl->running = true;
+  j->sync_running++;
+  if (uv_queue_work(j->loop, &sl->work, sync_work, sync_done) != 0) {
+    sync_work(&sl->work); /* cannot queue: wait here */
+    sync_done(&sl->work, 0);
   }
-  j->sync_running = true; /* cannot queue: wait here */
-  sync_work(&j->sync_work);
-  sync_done(&j->sync_work, 0);
 }
 
 /* ---- checkpoints ------------------------------------------------------------
@@ -1481,6 +1725,8 @@ static void commit_done(uv_work_t *w, int status) {
   }
   batch_t b = j->flight;
   memset(&j->flight, 0, sizeof j->flight);
+  if (j->flight_rc == 0)
+    tail_note(j, &b);
   j->busy = j->ckpt_due; /* what the answers queue waits for the checkpoint */
   push_done(j, b, j->flight_rc, j->flight_us, j->flight_rc != 0 || j->wal_fd < 0);
   if (j->ckpt_due) {
@@ -1572,9 +1818,7 @@ static bool find_in(const batch_t *b, const char *channel, const char *app, cons
                     const char *ctl, const void *raw, size_t raw_len, rr_journal_dup_t *out) {
   for (size_t i = 0; i < b->n; i++) {
     const rr_journal_entry_t *e = &b->v[i].e;
-    if (b->v[i].barrier || b->v[i].kv || b->v[i].delivery || b->v[i].replay || b->v[i].ops_upto ||
-        b->v[i].prune_before || b->v[i].instance || b->v[i].stable_before || b->v[i].order ||
-        b->v[i].custom || b->v[i].audit || !e->control_id || strcmp(e->control_id, ctl) != 0 ||
+    if (!is_message(&b->v[i]) || !e->control_id || strcmp(e->control_id, ctl) != 0 ||
         !same_str(e->sending_app, app) || !same_str(e->sending_facility, fac) ||
         !same_str(e->channel, channel))
       continue;
@@ -1588,21 +1832,11 @@ static bool find_in(const batch_t *b, const char *channel, const char *app, cons
   return false;
 }
 
-int rr_journal_find(rr_journal_t *j, const char *channel, const char *app, const char *facility,
-                    const char *control_id, const void *raw, size_t raw_len,
+/* Steps st (id, length(raw), ack of a message) once: the message found,
+ * the answer it got and whether its content is raw. Resets st. */
+static int take_row(rr_journal_t *j, sqlite3_stmt *st, const void *raw, size_t raw_len,
                     rr_journal_dup_t *out) {
-  memset(out, 0, sizeof *out);
-  if (!control_id || !*control_id ||
-      !fp_has(j, fp_tag(fp_hash(channel, app, facility, control_id))))
-    return 0;
-  /* Oldest first: committed rows, then the batch in flight, then the queue. */
-  sqlite3_stmt *st = j->find;
-  bind_text(st, 1, control_id);
-  bind_text(st, 2, app);
-  bind_text(st, 3, facility);
-  bind_text(st, 4, channel);
-  int rc = sqlite3_step(st);
-  int result = 0;
+  int rc = sqlite3_step(st), result = 0;
   if (rc == SQLITE_ROW) {
     out->found = true;
     out->committed = true;
@@ -1629,6 +1863,36 @@ int rr_journal_find(rr_journal_t *j, const char *channel, const char *app, const
   }
   sqlite3_reset(st);
   sqlite3_clear_bindings(st);
+  return result;
+}
+
+int rr_journal_find(rr_journal_t *j, const char *channel, const char *app, const char *facility,
+                    const char *control_id, const void *raw, size_t raw_len,
+                    rr_journal_dup_t *out) {
+  memset(out, 0, sizeof *out);
+  if (!control_id || !*control_id ||
+      !fp_has(j, fp_tag(fp_hash(channel, app, facility, control_id))))
+    return 0;
+  /* Oldest first: table dedupe, the tail of committed messages not yet in
+   * it, then the batch in flight, then the queue. */
+  sqlite3_stmt *st = j->find;
+  bind_text(st, 1, control_id);
+  bind_text(st, 2, app);
+  bind_text(st, 3, facility);
+  bind_text(st, 4, channel);
+  int result = take_row(j, st, raw, raw_len, out);
+  uint64_t h = fp_hash(channel, app, facility, control_id);
+  for (size_t i = 0; i < j->ntail && !out->found && result == 0; i++) {
+    if (j->tail[i].h != h)
+      continue;
+    st = j->id_find;
+    sqlite3_bind_int64(st, 1, j->tail[i].id);
+    bind_text(st, 2, control_id);
+    bind_text(st, 3, app);
+    bind_text(st, 4, facility);
+    bind_text(st, 5, channel);
+    result = take_row(j, st, raw, raw_len, out);
+  }
   if (!out->found && !find_in(&j->flight, channel, app, facility, control_id, raw, raw_len, out))
     find_in(&j->queue, channel, app, facility, control_id, raw, raw_len, out);
   return result;

@@ -170,6 +170,8 @@ typedef struct rr_journal_stats {
   uint64_t checkpoint_us_total;
   uint64_t syncs; /* fdatasyncs of the WAL that made commits durable */
   uint64_t sync_us_total;
+  uint64_t dedupe_merges; /* control ids merged into table dedupe, in batches */
+  uint64_t dedupe_merge_us_total;
   bool last_failed;          /* the last batch's commit failed */
   rr_histo_t commit_latency; /* the same, per batch with entries */
 } rr_journal_stats_t;

@@ -174,11 +174,14 @@ static void run_checkpoints(bool hold, rr_journal_sync_t sync) {
   CHECK_EQ_INT((long long)js.entries, TOTAL);
   CHECK(js.checkpoints >= 3); /* ~25 MB written through a 1000-page WAL */
   int frames = wal_frames(path);
-  if (!hold) /* 1000 pages of 4 KiB, what came during the checkpoint, the batch */
-    CHECK(wal_max > 0 && wal_max < (off_t)8 << 20);
+  /* Bounded: 1000 pages of 4 KiB, what came during the checkpoint (more on
+   * a loaded machine, whose disk is slow to checkpoint), the batch; well
+   * under the 20-40 MB of a WAL that never starts over. */
+  if (!hold)
+    CHECK(wal_max > 0 && wal_max < (off_t)16 << 20);
   else /* grown while the reader held on */
-    CHECK(wal_max > (off_t)8 << 20);
-  CHECK(frames >= 0 && frames < 2000); /* started over since */
+    CHECK(wal_max > (off_t)16 << 20);
+  CHECK(frames >= 0 && frames < 4000); /* started over since */
   if (rr_test_failures)
     fprintf(stderr, "hold=%d sync=%d wal_max=%lld frames=%d checkpoints=%llu syncs=%llu\n", hold,
             (int)sync, (long long)wal_max, frames, (unsigned long long)js.checkpoints,
