@@ -926,7 +926,7 @@ static void on_journal_idle(void *ud) {
   rr_log(RR_LOG_INFO, "journal",
          "event=stats commits=%llu messages=%llu mean_batch=%.1f max_batch=%llu "
          "mean_commit_us=%llu failed_commits=%llu checkpoints=%llu mean_checkpoint_us=%llu "
-         "syncs=%llu mean_sync_us=%llu",
+         "syncs=%llu mean_sync_us=%llu dedupe_merges=%llu mean_dedupe_merge_us=%llu",
          (unsigned long long)js.commits, (unsigned long long)js.entries,
          js.commits ? (double)js.entries / (double)js.commits : 0.0,
          (unsigned long long)js.max_batch,
@@ -934,7 +934,9 @@ static void on_journal_idle(void *ud) {
          (unsigned long long)js.failed_commits, (unsigned long long)js.checkpoints,
          (unsigned long long)(js.checkpoints ? js.checkpoint_us_total / js.checkpoints : 0),
          (unsigned long long)js.syncs,
-         (unsigned long long)(js.syncs ? js.sync_us_total / js.syncs : 0));
+         (unsigned long long)(js.syncs ? js.sync_us_total / js.syncs : 0),
+         (unsigned long long)js.dedupe_merges,
+         (unsigned long long)(js.dedupe_merges ? js.dedupe_merge_us_total / js.dedupe_merges : 0));
   for (rr_channel_t *ch = e->channels; ch; ch = ch->next) {
     rr_log(RR_LOG_INFO, "channel",
            "event=stop channel=%s received=%llu accepted=%llu errored=%llu rejected=%llu "

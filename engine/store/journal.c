@@ -1391,7 +1391,7 @@ static void complete(rr_journal_t *j, batch_t b, int rc, uint64_t us) {
  * the tail when the process ended). A lookup reads table dedupe, then the
  * tail, then the batches not yet committed. */
 
-#define DEDUPE_MERGE 4096
+#define DEDUPE_MERGE 512
 #define DEDUPE_MERGE_MAX (4 * DEDUPE_MERGE) /* entries in one merge at most */
 
 static char *tail_keys(const char *ctl, const char *app, const char *fac, const char *channel) {
@@ -1739,17 +1739,28 @@ static void commit_done(uv_work_t *w, int status) {
   rr_journal_kick(j);
 }
 
+/* A committed batch waits for an fdatasync slot: the next commit waits too,
+ * gathering what comes meanwhile, since its own fdatasync could not start
+ * sooner (each commit rewrites some pages, so fewer and larger ones write
+ * less). */
+static bool sync_backlog(const rr_journal_t *j) {
+  for (size_t i = 0; i < j->ndone; i++)
+    if (!j->done[i].ready && !j->done[i].sync)
+      return true;
+  return false;
+}
+
 static void start_commit(rr_journal_t *j);
 
 static void on_gather(uv_timer_t *t) {
   rr_journal_t *j = t->data;
   j->gather_armed = false;
-  if (!j->busy && j->ndone < DONE_MAX)
+  if (!j->busy && j->ndone < DONE_MAX && !sync_backlog(j))
     start_commit(j);
 }
 
 void rr_journal_kick(rr_journal_t *j) {
-  if (j->busy || j->ndone == DONE_MAX)
+  if (j->busy || j->ndone == DONE_MAX || sync_backlog(j))
     return;
   if (j->queue.n == 0) {
     if (j->idle_cb && !j->bg_running && !j->ndone && !j->sync_running) {

@@ -1,5 +1,5 @@
 /* The journal's duplicate lookup across its two halves: control ids merged
- * into table dedupe (every 4,096 messages) and the tail of committed
+ * into table dedupe (every 512 messages) and the tail of committed
  * messages not yet merged, which is merged at the next open. Also: two
  * senders with the same control id, a missing sender matching an empty one,
  * pruned messages leaving table dedupe, and a store written with the old
@@ -17,7 +17,7 @@
 #include "rr_test.h"
 #include "store/journal.h"
 
-#define MESSAGES 5000 /* more than one merge's worth */
+#define MESSAGES 5000 /* several merges' worth */
 
 static int answered, failed;
 
@@ -117,7 +117,7 @@ static void test_merged_tail_restart_prune(void) {
   CHECK_EQ_INT(failed, 0);
   rr_journal_stats_t js;
   rr_journal_stats(j, &js);
-  CHECK_EQ_INT((long long)js.dedupe_merges, 1);
+  CHECK((long long)js.dedupe_merges >= MESSAGES / 512 - 1);
 
   bool same = false;
   raw_of(raw, sizeof raw, 7);
@@ -137,7 +137,7 @@ static void test_merged_tail_restart_prune(void) {
   uv_run(&loop, UV_RUN_DEFAULT);
 
   long long upto = scalar(path, "SELECT upto FROM dedupe_merged");
-  CHECK(upto >= 4096 && upto < MESSAGES);
+  CHECK(upto >= MESSAGES - 2 * 512 && upto < MESSAGES); /* the tail was not merged */
   CHECK_EQ_INT(scalar(path, "SELECT count(*) FROM dedupe"), upto);
   CHECK_EQ_INT(scalar(path, "SELECT count(*) FROM sqlite_master WHERE name = 'messages_dedupe'"),
                0);
