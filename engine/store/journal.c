@@ -1566,7 +1566,9 @@ static void tail_note(rr_journal_t *j, const batch_t *b) {
  * failed fdatasync fails the batches it covered (their senders get a
  * negative answer and send again; the rows, already visible to readers,
  * are then found as duplicates). What readers see before the sync is what
- * a crash could still take back; nothing is answered on it. */
+ * a crash could still take back: no callback runs on it before (a
+ * dispatcher refilling its window from the store may deliver it early; its
+ * sender, never acknowledged, would send it again). */
 
 static void drain_done(rr_journal_t *j) {
   if (j->draining)
