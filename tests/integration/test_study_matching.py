@@ -294,8 +294,11 @@ def main():
             assert rows == [("accession", "RRACC-A1"), ("none", None),
                             ("patient_modality_time", "RRACC-T1"),
                             ("study_uid", "RRACC-U1")], rows
-            lanes = e.sql("SELECT m.accession, d.outcome FROM deliveries d JOIN messages m"
-                          " ON m.id = d.message_id WHERE m.message_type = 'STUDY'")
+            # (the outcome is recorded in the commit after the receiver's answer)
+            lanes_sql = ("SELECT m.accession, d.outcome FROM deliveries d JOIN messages m"
+                         " ON m.id = d.message_id WHERE m.message_type = 'STUDY'")
+            wait_for(lambda: len(e.sql(lanes_sql)) >= 4, 10, "the four deliveries recorded")
+            lanes = e.sql(lanes_sql)
             assert len(lanes) == 4 and all(o == "delivered" for _, o in lanes), lanes
             assert e.grep("event=study_routed", "match=accession")
             # a cancelled order still matches by accession, with its status
