@@ -77,8 +77,8 @@ typedef struct done_batch {
  * run at once: once the first has committed (and tells the loop so), the
  * next batch is written while the first waits for the disk (which serves
  * two fdatasyncs about 1.5 times as fast as one). */
-#define SYNC_MAX 2
-typedef struct sync_slot {
+#define JOBS_MAX 2
+typedef struct job {
   uv_work_t work;
   struct rr_journal *j;
   bool running;         /* its work item runs */
@@ -87,7 +87,7 @@ typedef struct sync_slot {
   bool synced;          /* worker: it ran an fdatasync */
   int err;              /* written by the worker */
   uint64_t us;          /* written by the worker */
-} sync_slot_t;
+} job_t;
 
 /* The reader's queries run on the loop thread after nearly every commit
  * (study contexts, orders, what to route); preparing one costs about as
@@ -131,10 +131,9 @@ struct rr_journal {
   bool draining;
   int wal_fd;        /* the WAL, for that fdatasync; -1: SQLite's commit syncs */
   bool sync_failing; /* the last fdatasync failed (logged once per streak) */
-  sync_slot_t syncs[SYNC_MAX];
-  unsigned sync_running;   /* work items running */
-  sync_slot_t *committing; /* the one whose transaction has not been taken */
-  uv_async_t committed;    /* a work item's transaction ended */
+  job_t jobs[JOBS_MAX];
+  job_t *committing;    /* the one whose transaction has not been taken */
+  uv_async_t committed; /* a work item's transaction ended */
   bool committed_open;
   int flight_rc;
   char flight_err[256];
@@ -531,6 +530,14 @@ static int on_wal_commit(void *ud, sqlite3 *db, const char *name, int pages) {
 
 static void on_committed(uv_async_t *a);
 
+/* Work items running (a transaction, or an fdatasync after it). */
+static bool jobs_running(const rr_journal_t *j) {
+  for (int k = 0; k < JOBS_MAX; k++)
+    if (j->jobs[k].running)
+      return true;
+  return false;
+}
+
 int rr_journal_open(uv_loop_t *loop, const char *path, rr_journal_sync_t sync, rr_journal_t **out,
                     char **errmsg) {
   rr_journal_t *j = calloc(1, sizeof *j);
@@ -767,7 +774,7 @@ void rr_journal_close(rr_journal_t *j) {
     return;
   /* the checkpointer's connection closes below; committed batches are
    * answered once durable */
-  while (j->loop && (j->bg_running || j->sync_running || j->ndone))
+  while (j->loop && (j->bg_running || jobs_running(j) || j->ndone))
     uv_run(j->loop, UV_RUN_ONCE);
   if (j->loop && !uv_is_closing((uv_handle_t *)&j->gather)) {
     uv_close((uv_handle_t *)&j->gather, NULL);
@@ -812,7 +819,7 @@ size_t rr_journal_pending(const rr_journal_t *j) {
 }
 
 bool rr_journal_idle(const rr_journal_t *j) {
-  return !j->busy && j->queue.n == 0 && !j->bg_running && !j->ndone && !j->sync_running;
+  return !j->busy && j->queue.n == 0 && !j->bg_running && !j->ndone && !jobs_running(j);
 }
 
 void rr_journal_set_idle_cb(rr_journal_t *j, void (*cb)(void *ud), void *ud) {
@@ -1659,7 +1666,7 @@ static void bg_done(uv_work_t *w, int status) {
 
 /* Loop thread: the transaction of sl's batch ended; the writer is free. The
  * batch waits for sl's fdatasync (if any) to be answered. */
-static void take_commit(rr_journal_t *j, sync_slot_t *sl) {
+static void take_commit(rr_journal_t *j, job_t *sl) {
   sl->seen = true;
   j->committing = NULL;
   if (j->flight_rc)
@@ -1684,7 +1691,7 @@ static void take_commit(rr_journal_t *j, sync_slot_t *sl) {
     tail_note(j, &b);
   j->busy = j->ckpt_due; /* what the answers queue waits for the checkpoint */
   push_done(j, b, j->flight_rc, j->flight_us,
-            j->flight_rc == 0 && j->wal_fd >= 0 ? (int)(sl - j->syncs) + 1 : 0);
+            j->flight_rc == 0 && j->wal_fd >= 0 ? (int)(sl - j->jobs) + 1 : 0);
   if (j->ckpt_due) {
     j->work.data = j;
     if (uv_queue_work(j->loop, &j->work, ckpt_work, ckpt_done) == 0)
@@ -1698,7 +1705,7 @@ static void take_commit(rr_journal_t *j, sync_slot_t *sl) {
 /* Worker thread: the batch's transaction; the loop hears when it ended (the
  * writer is then free for the next batch); then the fdatasync. */
 static void job_work(uv_work_t *w) {
-  sync_slot_t *sl = w->data;
+  job_t *sl = w->data;
   rr_journal_t *j = sl->j;
   write_flight(j);
   if (j->flight_rc == 0 && j->wal_fd >= 0) { /* otherwise job_done takes it all */
@@ -1714,13 +1721,13 @@ static void job_work(uv_work_t *w) {
 
 static void on_committed(uv_async_t *a) {
   rr_journal_t *j = a->data;
-  sync_slot_t *sl = j->committing;
+  job_t *sl = j->committing;
   if (sl && !sl->seen && atomic_load(&sl->committed))
     take_commit(j, sl);
 }
 
 static void job_done(uv_work_t *w, int status) {
-  sync_slot_t *sl = w->data;
+  job_t *sl = w->data;
   rr_journal_t *j = sl->j;
   if (!sl->seen) { /* before on_committed ran, or the work never did */
     if (status == UV_ECANCELED)
@@ -1728,9 +1735,8 @@ static void job_done(uv_work_t *w, int status) {
     take_commit(j, sl);
   }
   sl->running = false;
-  j->sync_running--;
   if (sl->synced) {
-    int slot = (int)(sl - j->syncs) + 1, err = sl->err;
+    int slot = (int)(sl - j->jobs) + 1, err = sl->err;
     sl->synced = false;
     j->stats.syncs++;
     j->stats.sync_us_total += sl->us;
@@ -1752,10 +1758,10 @@ static void job_done(uv_work_t *w, int status) {
   rr_journal_kick(j); /* the next batch, or a shutdown waiting */
 }
 
-static sync_slot_t *free_slot(rr_journal_t *j) {
-  for (int k = 0; k < SYNC_MAX; k++)
-    if (!j->syncs[k].running)
-      return &j->syncs[k];
+static job_t *free_slot(rr_journal_t *j) {
+  for (int k = 0; k < JOBS_MAX; k++)
+    if (!j->jobs[k].running)
+      return &j->jobs[k];
   return NULL;
 }
 
@@ -1771,7 +1777,7 @@ static void start_commit(rr_journal_t *j);
 #define OVERLAP_MIN 4
 
 static bool may_start(rr_journal_t *j) {
-  if (j->sync_running > 0 && j->queued_entries < OVERLAP_MIN && !j->idle_cb)
+  if (jobs_running(j) && j->queued_entries < OVERLAP_MIN && !j->idle_cb)
     return false;
   return free_slot(j) != NULL;
 }
@@ -1787,7 +1793,7 @@ void rr_journal_kick(rr_journal_t *j) {
   if (j->busy || j->ndone == DONE_MAX || !may_start(j))
     return;
   if (j->queue.n == 0) {
-    if (j->idle_cb && !j->bg_running && !j->ndone && !j->sync_running) {
+    if (j->idle_cb && !j->bg_running && !j->ndone && !jobs_running(j)) {
       void (*cb)(void *) = j->idle_cb;
       j->idle_cb = NULL;
       cb(j->idle_ud);
@@ -1834,7 +1840,7 @@ static void start_commit(rr_journal_t *j) {
     rr_journal_kick(j);
     return;
   }
-  sync_slot_t *sl = free_slot(j); /* kick checked there is one */
+  job_t *sl = free_slot(j); /* kick checked there is one */
   sl->j = j;
   sl->running = true;
   sl->seen = false;
@@ -1842,10 +1848,8 @@ static void start_commit(rr_journal_t *j) {
   atomic_store(&sl->committed, 0);
   sl->work.data = sl;
   j->committing = sl;
-  j->sync_running++;
   if (uv_queue_work(j->loop, &sl->work, job_work, job_done) != 0) {
     sl->running = false;
-    j->sync_running--;
     j->committing = NULL;
     batch_t b = j->flight;
     memset(&j->flight, 0, sizeof j->flight);
