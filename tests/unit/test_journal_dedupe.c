@@ -90,15 +90,21 @@ static void cleanup(const char *dir, const char *path) {
   rmdir(dir);
 }
 
-static void test_merged_tail_restart_prune(void) {
-  char dir[] = "/tmp/rr-dedupe-XXXXXX";
+/* A new store in a new folder dir (a mkdtemp template), opened on loop. */
+static rr_journal_t *open_new(char *dir, char *path, size_t cap, uv_loop_t *loop,
+                              rr_journal_sync_t sync) {
   CHECK(mkdtemp(dir) != NULL);
-  char path[64];
-  snprintf(path, sizeof path, "%s/journal.db", dir);
-  uv_loop_t loop;
-  uv_loop_init(&loop);
+  snprintf(path, cap, "%s/journal.db", dir);
+  uv_loop_init(loop);
   rr_journal_t *j = NULL;
-  CHECK_EQ_INT(rr_journal_open(&loop, path, RR_JOURNAL_SYNC_FULL, &j, NULL), 0);
+  CHECK_EQ_INT(rr_journal_open(loop, path, sync, &j, NULL), 0);
+  return j;
+}
+
+static void test_merged_tail_restart_prune(void) {
+  char dir[] = "/tmp/rr-dedupe-XXXXXX", path[64];
+  uv_loop_t loop;
+  rr_journal_t *j = open_new(dir, path, sizeof path, &loop, RR_JOURNAL_SYNC_FULL);
   if (!j)
     return;
   char raw[128], ctl[16];
@@ -169,14 +175,9 @@ static void test_merged_tail_restart_prune(void) {
 
 /* A store from before table dedupe: the index is turned into the table. */
 static void test_upgrade_from_index(void) {
-  char dir[] = "/tmp/rr-dedupe-XXXXXX";
-  CHECK(mkdtemp(dir) != NULL);
-  char path[64];
-  snprintf(path, sizeof path, "%s/journal.db", dir);
+  char dir[] = "/tmp/rr-dedupe-XXXXXX", path[64];
   uv_loop_t loop;
-  uv_loop_init(&loop);
-  rr_journal_t *j = NULL;
-  CHECK_EQ_INT(rr_journal_open(&loop, path, RR_JOURNAL_SYNC_NORMAL, &j, NULL), 0);
+  rr_journal_t *j = open_new(dir, path, sizeof path, &loop, RR_JOURNAL_SYNC_NORMAL);
   if (!j)
     return;
   answered = failed = 0;
